@@ -1,0 +1,72 @@
+"""Expert backend contract.
+
+Shape suffixes: T tokens, D model width, F expert hidden width, E experts, K routed slots per token.
+
+A backend owns the expert weights and computes ``y_TD = sum_k weights_TK[:, k] * expert[ids_TK[:, k]](x_TD)``.
+Where the experts live (this process, other expert-parallel ranks) and how tokens get there (local
+grouping, all-to-all) is the backend's business; routers and the S2MoE layer only see this interface.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...configtools import check_choice, check_positive
+
+ACTIVATIONS = ("gelu", "swiglu")
+
+
+@dataclass
+class ExpertSpec:
+    num_experts: int
+    d_model: int
+    d_ff: int
+    activation: str = "gelu"
+
+    def validate(self, prefix: str = "moe") -> None:
+        check_positive(f"{prefix}.num_experts", self.num_experts)
+        check_positive(f"{prefix}.d_ff", self.d_ff)
+        check_choice(f"{prefix}.activation", self.activation, ACTIVATIONS)
+
+
+class ExpertBackend(nn.Module):
+    """2-layer FFN experts (GELU, or SwiGLU with a third matrix), weights stacked per expert."""
+
+    def __init__(self, spec: ExpertSpec):
+        super().__init__()
+        spec.validate()
+        self.spec = spec
+        E, D, Fh = spec.num_experts, spec.d_model, spec.d_ff
+        self.w1 = nn.Parameter(torch.randn(E, D, Fh) / math.sqrt(D))
+        self.w2 = nn.Parameter(torch.randn(E, Fh, D) / math.sqrt(Fh))
+        self.w3 = nn.Parameter(torch.randn(E, D, Fh) / math.sqrt(D)) if spec.activation == "swiglu" else None
+
+    def hidden(self, x_ND: Tensor, e: int) -> Tensor:
+        h = x_ND @ self.w1[e]
+        if self.w3 is None:
+            return F.gelu(h)
+        return F.silu(h) * (x_ND @ self.w3[e])
+
+    def expert(self, x_ND: Tensor, e: int) -> Tensor:
+        return self.hidden(x_ND, e) @ self.w2[e]
+
+    def forward_all(self, x_TD: Tensor) -> Tensor:
+        """Every expert on every token: ``out_TED`` (CompeteSMoE's competition, diagnostics)."""
+        h_TEF = torch.einsum("td,edf->tef", x_TD, self.w1)
+        if self.w3 is None:
+            h_TEF = F.gelu(h_TEF)
+        else:
+            h_TEF = F.silu(h_TEF) * torch.einsum("td,edf->tef", x_TD, self.w3)
+        return torch.einsum("tef,efd->ted", h_TEF, self.w2)
+
+    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def flops_per_slot(self) -> int:
+        """Forward FLOPs of one expert on one token (multiply-add = 2)."""
+        mats = 3 if self.w3 is not None else 2
+        return 2 * mats * self.spec.d_model * self.spec.d_ff

@@ -1,0 +1,133 @@
+"""The MoE feed-forward layer: a router from the registry, an expert backend, one dispatch.
+
+Shape suffixes: T tokens, D model width, K routed slots per token.
+
+forward(x):
+  1. flatten ``x`` to tokens ``x_TD``;
+  2. the router picks K (expert, weight) slots per token (k = ``moe.k`` in training, ``moe.eval_k`` in
+     evaluation), returning its auxiliary losses and metrics;
+  3. the backend runs the routed slots (or the router already did: CompeteSMoE competition);
+  4. return the output with the router's losses and metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ..configtools import check_choice, check_positive, fail
+from .backends import BACKENDS, ExpertSpec, build_backend
+from .backends.local import IMPLS
+from .routers import ROUTERS, RouterOutput, build_router, router_config
+
+
+@dataclass
+class S2MoEConfig:
+    """S2MoE: the same SMoE on the input and on a Gaussian-noise copy, mixed by a learned gate."""
+
+    enabled: bool = False
+    """Wrap the MoE layer in S2MoE's two pathways."""
+    noise: str = "fixed"
+    """'fixed' sigmas, or 'learnable' per-feature log-sigmas (reparameterised sampling)."""
+    sigma1: float = 0.1
+    """Std of the multiplicative noise N1 ~ Normal(1, sigma1^2) (project default)."""
+    sigma2: float = 0.1
+    """Std of the additive noise N2 ~ Normal(0, sigma2^2) (project default)."""
+    uncertainty_coef: float = 0.1
+    """beta: weight of the InfoNCE uncertainty loss (project default 0.1)."""
+    temperature: float = 0.1
+    """tau: InfoNCE temperature over cosine similarities (project default 0.1)."""
+    uncertainty_on: str = "inputs"
+    """Take InfoNCE on the pathway 'inputs' (x, x_hat; default) or on the pathway 'outputs'."""
+    num_negatives: int = 256
+    """Negatives per anchor, sampled from the micro-batch's other noisy tokens; 0 uses all tokens."""
+    inference: str = "clean"
+    """At evaluation: 'clean' runs the clean pathway only; 'both' samples noise and mixes both."""
+
+    def validate(self, prefix: str = "moe.s2moe") -> None:
+        check_choice(f"{prefix}.noise", self.noise, ("fixed", "learnable"))
+        check_positive(f"{prefix}.sigma1", self.sigma1, allow_zero=self.noise == "fixed")
+        check_positive(f"{prefix}.sigma2", self.sigma2, allow_zero=self.noise == "fixed")
+        check_positive(f"{prefix}.uncertainty_coef", self.uncertainty_coef, allow_zero=True)
+        check_positive(f"{prefix}.temperature", self.temperature)
+        check_choice(f"{prefix}.uncertainty_on", self.uncertainty_on, ("inputs", "outputs"))
+        check_positive(f"{prefix}.num_negatives", self.num_negatives, allow_zero=True)
+        check_choice(f"{prefix}.inference", self.inference, ("clean", "both"))
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    """Experts per MoE layer."""
+    k: int = 2
+    """Experts per token in training (per pathway under S2MoE)."""
+    eval_k: int = 0
+    """Experts per token at evaluation/inference; 0 means the same as ``k``."""
+    d_ff: int = 0
+    """Expert hidden width; 0 means 4 x d_model."""
+    activation: str = "gelu"
+    """Expert activation: 'gelu' (2 matrices) or 'swiglu' (3 matrices)."""
+    router: str = "smoe"
+    """Router name: one of the registry's (smoe, xmoe, stablemoe, competesmoe, vqmoe)."""
+    router_args: dict = field(default_factory=dict)
+    """Fields of the chosen router's config dataclass (see ``s2moe_ds/moe/routers``)."""
+    backend: str = "local"
+    """Expert backend: 'local' (dropless, any device)."""
+    backend_impl: str = "auto"
+    """Local backend implementation: auto, loop, grouped_mm, padded_bmm, reference."""
+    s2moe: S2MoEConfig = field(default_factory=S2MoEConfig)
+
+    @property
+    def inference_k(self) -> int:
+        return self.eval_k or self.k
+
+    def validate(self, prefix: str = "moe") -> None:
+        check_positive(f"{prefix}.num_experts", self.num_experts)
+        for name in ("k", "eval_k"):
+            value = getattr(self, name)
+            if value < (1 if name == "k" else 0) or value > self.num_experts:
+                fail(f"{prefix}.{name}", f"must be between {1 if name == 'k' else 0} and num_experts "
+                     f"({self.num_experts}), got {value}")
+        check_positive(f"{prefix}.d_ff", self.d_ff, allow_zero=True)
+        check_choice(f"{prefix}.router", self.router, ROUTERS)
+        router_config(self.router, self.router_args, prefix=f"{prefix}.router_args")
+        check_choice(f"{prefix}.backend", self.backend, BACKENDS)
+        check_choice(f"{prefix}.backend_impl", self.backend_impl, IMPLS)
+        check_choice(f"{prefix}.activation", self.activation, ("gelu", "swiglu"))
+        self.s2moe.validate(f"{prefix}.s2moe")
+
+
+@dataclass
+class MoEOutput:
+    y: Tensor
+    aux_losses: dict
+    metrics: dict
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.layer_id = layer_id
+        self.router = build_router(cfg.router, cfg.router_args, d_model, cfg.num_experts, layer_id=layer_id, seed=seed)
+        spec = ExpertSpec(cfg.num_experts, d_model, cfg.d_ff or 4 * d_model, cfg.activation)
+        self.experts = build_backend(cfg.backend, spec, impl=cfg.backend_impl)
+
+    def current_k(self) -> int:
+        return self.cfg.k if self.training else self.cfg.inference_k
+
+    def route(self, x_TD: Tensor, k: Optional[int] = None) -> RouterOutput:
+        return self.router(x_TD, k or self.current_k(), experts=self.experts)
+
+    def dispatch(self, x_TD: Tensor, route: RouterOutput) -> Tensor:
+        if route.precomputed_TD is not None:
+            return route.precomputed_TD
+        return self.experts(x_TD, route.expert_ids_TK, route.weights_TK)
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        x_TD = x.reshape(-1, x.shape[-1])
+        route = self.route(x_TD)
+        y_TD = self.dispatch(x_TD, route)
+        return MoEOutput(y_TD.view_as(x), route.aux_losses, route.metrics)

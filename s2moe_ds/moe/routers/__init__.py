@@ -1,0 +1,41 @@
+"""Router registry: name -> router class (its ``config_cls`` is the config dataclass).
+
+Adding a router is one new module and one line here.
+"""
+from __future__ import annotations
+
+from ...configtools import ConfigError, from_dict
+from .base import Router, RouterConfig, RouterOutput
+from .competesmoe import CompeteSMoERouter
+from .cosine import StableMoERouter, XMoERouter
+from .smoe import SMoERouter
+from .vqmoe import VQMoERouter
+
+ROUTERS: dict[str, type[Router]] = {
+    "smoe": SMoERouter,
+    "xmoe": XMoERouter,
+    "stablemoe": StableMoERouter,
+    "competesmoe": CompeteSMoERouter,
+    "vqmoe": VQMoERouter,
+}
+
+
+def router_class(name: str) -> type[Router]:
+    if name not in ROUTERS:
+        raise ConfigError(f"config field 'moe.router': unknown router {name!r}; valid values: {', '.join(ROUTERS)}")
+    return ROUTERS[name]
+
+
+def router_config(name: str, args: dict | None, prefix: str = "moe.router_args") -> RouterConfig:
+    """Build and validate the config dataclass of router ``name`` from a dict of its fields."""
+    cfg = from_dict(router_class(name).config_cls, args or {}, prefix=prefix)
+    cfg.validate(prefix)
+    return cfg
+
+
+def build_router(name: str, args: dict | None, d_model: int, num_experts: int, layer_id: int = 0, seed: int = 0) -> Router:
+    cls = router_class(name)
+    return cls(router_config(name, args), d_model, num_experts, layer_id=layer_id, seed=seed)
+
+
+__all__ = ["ROUTERS", "Router", "RouterConfig", "RouterOutput", "build_router", "router_class", "router_config"]

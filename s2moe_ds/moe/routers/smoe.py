@@ -1,0 +1,44 @@
+"""SMoE (Switch/GShard style): linear router, top-k, softmax over the selected logits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...configtools import check_positive, fail
+from .base import Router, RouterConfig, RouterOutput, router_z_loss, topk_softmax, with_balance
+
+
+@dataclass
+class SMoEConfig(RouterConfig):
+    z_loss_coef: float = 0.0
+    """Weight of the ST-MoE router z-loss (0 disables it)."""
+    jitter_eps: float = 0.0
+    """Training-time multiplicative input jitter: x * U(1 - eps, 1 + eps) before the router (0 disables)."""
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        check_positive(f"{prefix}.z_loss_coef", self.z_loss_coef, allow_zero=True)
+        if not 0 <= self.jitter_eps < 1:
+            fail(f"{prefix}.jitter_eps", f"must be in [0, 1), got {self.jitter_eps!r}")
+
+
+class SMoERouter(Router):
+    config_cls = SMoEConfig
+
+    def __init__(self, cfg: SMoEConfig, d_model: int, num_experts: int, **kw):
+        super().__init__(cfg, d_model, num_experts, **kw)
+        self.proj = nn.Linear(d_model, num_experts, bias=False)
+
+    def route(self, x_TD, k, experts=None) -> RouterOutput:
+        if self.training and self.cfg.jitter_eps > 0:
+            eps = self.cfg.jitter_eps
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - eps, 1 + eps)
+        logits_TE = self.proj(x_TD)
+        weights_TK, ids_TK = topk_softmax(logits_TE, k)
+        probs_TE = logits_TE.softmax(-1)
+        losses = with_balance(self.cfg, probs_TE, ids_TK, self.num_experts, {})
+        if self.cfg.z_loss_coef > 0:
+            losses["z"] = self.cfg.z_loss_coef * router_z_loss(logits_TE)
+        return RouterOutput(weights_TK, ids_TK, probs_TE, losses)

@@ -1,0 +1,105 @@
+"""S2MoE: one SMoE applied to the input and to a Gaussian-noise-augmented copy, mixed by a learned gate.
+
+Shape suffixes: T tokens, D model width, M sampled negatives.
+
+Training forward (and evaluation with ``s2moe.inference='both'``):
+  1. ``x_hat = N1 * x + N2`` with N1 ~ Normal(1, sigma1^2), N2 ~ Normal(0, sigma2^2) per element;
+  2. clean and noisy tokens are concatenated and routed + dispatched **once** (so a distributed backend
+     pays one all-to-all), each pathway with the layer's k (top-1 by default: the expert FLOPs of top-2);
+  3. ``y = g(x) * f(x) + (1 - g(x)) * f(x_hat)`` with ``g = sigmoid(Linear(D, 1))`` per token;
+  4. losses: the router's (balance ...) over both pathways, plus ``uncertainty_coef`` x InfoNCE between
+     clean and noisy representations (inputs by default) with sampled negatives.
+Evaluation (default): noise is off, ``x_hat = x`` in expectation, so only the clean pathway runs, with
+``moe.eval_k`` experts (top-1 by default): ``y = f(x)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layer import MoEConfig, MoELayer, MoEOutput
+
+
+def info_nce(anchor_TD: Tensor, positive_TD: Tensor, temperature: float, num_negatives: int = 0) -> Tensor:
+    """InfoNCE: token i's anchor should be closer (cosine / tau) to its positive than to other positives.
+
+    Negatives are the positives of ``num_negatives`` tokens sampled without replacement from the batch
+    (shared by all anchors; an anchor's own positive is masked out of them); 0 uses every other token.
+    Cost is O(T * M * D) instead of O(T^2 * D): with T=4096 and M=256 that is 16x cheaper than all pairs.
+    """
+    a_TD = F.normalize(anchor_TD.float(), dim=-1)
+    p_TD = F.normalize(positive_TD.float(), dim=-1)
+    T = a_TD.shape[0]
+    pos_T = (a_TD * p_TD).sum(-1) / temperature
+    if num_negatives == 0 or num_negatives >= T:
+        idx_M = torch.arange(T, device=a_TD.device)
+    else:
+        idx_M = torch.randperm(T, device=a_TD.device)[:num_negatives]
+    neg_TM = a_TD @ p_TD[idx_M].t() / temperature
+    own = idx_M.unsqueeze(0) == torch.arange(T, device=a_TD.device).unsqueeze(1)
+    logits = torch.cat([pos_T.unsqueeze(1), neg_TM.masked_fill(own, float("-inf"))], dim=1)
+    return F.cross_entropy(logits, torch.zeros(T, dtype=torch.long, device=a_TD.device))
+
+
+class GaussianNoise(nn.Module):
+    """``x_hat = N1 * x + N2``; fixed sigmas, or learnable per-feature log-sigmas (reparameterised)."""
+
+    def __init__(self, sigma1: float, sigma2: float, d_model: int, learnable: bool):
+        super().__init__()
+        if learnable:
+            self.log_sigma1 = nn.Parameter(torch.full((d_model,), math.log(sigma1)))
+            self.log_sigma2 = nn.Parameter(torch.full((d_model,), math.log(sigma2)))
+        else:
+            self.register_buffer("log_sigma1", torch.full((1,), math.log(sigma1) if sigma1 > 0 else -math.inf))
+            self.register_buffer("log_sigma2", torch.full((1,), math.log(sigma2) if sigma2 > 0 else -math.inf))
+
+    def sigmas(self) -> tuple[Tensor, Tensor]:
+        return self.log_sigma1.exp(), self.log_sigma2.exp()
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        s1, s2 = self.sigmas()
+        return (1 + s1 * torch.randn_like(x_TD)) * x_TD + s2 * torch.randn_like(x_TD)
+
+
+class S2MoELayer(MoELayer):
+    def __init__(self, cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0, fused_dispatch: bool = True):
+        super().__init__(cfg, d_model, layer_id=layer_id, seed=seed)
+        s = cfg.s2moe
+        self.noise = GaussianNoise(s.sigma1, s.sigma2, d_model, learnable=s.noise == "learnable")
+        self.gate = nn.Linear(d_model, 1)
+        self.fused_dispatch = fused_dispatch
+
+    def pathways(self, x_TD: Tensor, x_hat_TD: Tensor) -> tuple[Tensor, Tensor, dict, dict]:
+        """``f(x)`` and ``f(x_hat)`` through one routing + dispatch (or two, for comparison)."""
+        if self.fused_dispatch:
+            xx = torch.cat([x_TD, x_hat_TD])
+            route = self.route(xx)
+            yy = self.dispatch(xx, route)
+            return yy[: len(x_TD)], yy[len(x_TD):], dict(route.aux_losses), route.metrics
+        r1, r2 = self.route(x_TD), self.route(x_hat_TD)
+        losses = {n: (r1.aux_losses[n] + r2.aux_losses[n]) / 2 for n in r1.aux_losses}
+        return self.dispatch(x_TD, r1), self.dispatch(x_hat_TD, r2), losses, r1.metrics
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        s = self.cfg.s2moe
+        if not self.training and s.inference == "clean":
+            return super().forward(x)
+        x_TD = x.reshape(-1, x.shape[-1])
+        x_hat_TD = self.noise(x_TD)
+        y_clean, y_noisy, losses, metrics = self.pathways(x_TD, x_hat_TD)
+        g_T1 = torch.sigmoid(self.gate(x_TD))
+        y_TD = g_T1 * y_clean + (1 - g_T1) * y_noisy
+        if self.training and s.uncertainty_coef > 0:
+            a, p = (x_TD, x_hat_TD) if s.uncertainty_on == "inputs" else (y_clean, y_noisy)
+            losses["uncertainty"] = s.uncertainty_coef * info_nce(a, p, s.temperature, s.num_negatives)
+        s1, s2 = self.noise.sigmas()
+        metrics = dict(metrics, gate_mean=g_T1.detach().mean(), sigma1=s1.detach().mean(), sigma2=s2.detach().mean())
+        return MoEOutput(y_TD.view_as(x), losses, metrics)
+
+
+def build_moe_layer(cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0) -> MoELayer:
+    cls = S2MoELayer if cfg.s2moe.enabled else MoELayer
+    return cls(cfg, d_model, layer_id=layer_id, seed=seed)

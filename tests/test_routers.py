@@ -1,0 +1,140 @@
+"""Router math against hand-computed values, and where gradients flow."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from s2moe_ds.moe.routers import build_router
+from s2moe_ds.moe.routers.base import switch_balance_loss
+from s2moe_ds.moe.backends import ExpertSpec, build_backend
+
+
+def test_switch_balance_loss_hand_values():
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    # f = [0.5, 0.5], P = [0.55, 0.45] -> 2 * (0.275 + 0.225) = 1.0
+    assert switch_balance_loss(probs, torch.tensor([[0], [1]]), 2).item() == pytest.approx(1.0)
+    # f = [1, 0] -> 2 * 0.55 = 1.1
+    assert switch_balance_loss(probs, torch.tensor([[0], [0]]), 2).item() == pytest.approx(1.1)
+
+
+def test_smoe_weights_balance_and_z_loss_by_hand():
+    r = build_router("smoe", {"balance_coef": 0.5, "z_loss_coef": 0.1}, d_model=2, num_experts=3)
+    with torch.no_grad():
+        r.proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    logits = torch.tensor([[1.0, 2.0, 3.0], [3.0, -1.0, 2.0]])
+    out = r(x, k=2)
+    assert out.expert_ids_TK.tolist() == [[2, 1], [0, 2]]
+    expected_w = torch.stack([torch.tensor([3.0, 2.0]).softmax(0), torch.tensor([3.0, 2.0]).softmax(0)])
+    torch.testing.assert_close(out.weights_TK, expected_w)
+    probs = logits.softmax(-1)
+    f = torch.tensor([1, 1, 2]) / 4.0
+    balance = 3 * (f * probs.mean(0)).sum()
+    torch.testing.assert_close(out.aux_losses["balance"], 0.5 * balance)
+    z = torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(out.aux_losses["z"], 0.1 * z)
+    assert out.metrics["tokens_per_expert"].tolist() == [1, 1, 2]
+    assert out.metrics["load_imbalance"].item() == pytest.approx(2 / (4 / 3))
+
+
+def test_xmoe_cosine_logits_by_hand():
+    r = build_router("xmoe", {"proj_dim": 2, "temperature": 0.5, "balance_coef": 0.0}, d_model=2, num_experts=2)
+    with torch.no_grad():
+        r.proj.weight.copy_(torch.eye(2))
+        r.embeddings.copy_(torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
+    x = torch.tensor([[1.0, 0.0]])
+    out = r(x, k=2)
+    # cos with [1,0] is 1; with [1,1]/sqrt2 is 1/sqrt2; divided by 0.5
+    logits = torch.tensor([2.0, 2.0 / math.sqrt(2)])
+    torch.testing.assert_close(out.probs_TE[0], logits.softmax(0))
+    torch.testing.assert_close(out.weights_TK[0], logits.softmax(0))
+    assert out.aux_losses == {}
+
+
+def test_stablemoe_freezes_router_after_freeze_step():
+    r = build_router("stablemoe", {"freeze_step": 3}, d_model=4, num_experts=4)
+    r.train()
+    x = torch.randn(8, 4)
+    r.set_step(2)
+    out = r(x, k=1)
+    (out.weights_TK.sum() + out.aux_losses["balance"]).backward()
+    assert r.embeddings.grad is not None and r.embeddings.grad.abs().sum() > 0
+    r.zero_grad(set_to_none=True)
+    r.set_step(3)
+    out = r(x, k=1)
+    assert not out.weights_TK.requires_grad and not out.aux_losses["balance"].requires_grad
+    assert r.embeddings.grad is None
+
+
+def _experts(E=4, D=8):
+    torch.manual_seed(0)
+    return build_backend("local", ExpertSpec(E, D, 16), impl="reference")
+
+
+def test_competesmoe_competition_by_hand_and_stop_gradient():
+    E, D, k = 4, 8, 2
+    experts = _experts(E, D)
+    r = build_router("competesmoe", {"compete_prob": 1.0, "router_loss_coef": 0.5, "balance_coef": 0.0}, D, E)
+    r.train()
+    x = torch.randn(6, D)
+    out = r(x, k, experts=experts)
+    assert out.metrics["competed"].item() == 1
+    all_out = experts.forward_all(x).detach()
+    resp = F.softplus(all_out).mean(-1)
+    top, ids = resp.topk(k, -1)
+    assert torch.equal(out.expert_ids_TK, ids)
+    torch.testing.assert_close(out.weights_TK, top / top.sum(-1, keepdim=True))
+    expected = (out.weights_TK.unsqueeze(-1) * all_out.gather(1, ids.unsqueeze(-1).expand(-1, -1, D))).sum(1)
+    torch.testing.assert_close(out.precomputed_TD, expected)
+    target = resp / resp.sum(-1, keepdim=True)
+    torch.testing.assert_close(out.aux_losses["compete_router"], 0.5 * F.mse_loss(r.proj(x).softmax(-1), target))
+    # the router loss trains the router only: the response target is stop-gradient
+    out.aux_losses["compete_router"].backward()
+    assert r.proj.weight.grad.abs().sum() > 0
+    assert experts.w1.grad is None and experts.w2.grad is None
+
+
+def test_competesmoe_schedule_is_deterministic_and_off_at_inference():
+    r = build_router("competesmoe", {"compete_prob": 0.5, "warmup_steps": 10}, 4, 4, layer_id=1, seed=7)
+    r.train()
+    draws = []
+    for step in range(200):
+        r.set_step(step)
+        draws.append(r.competes())
+    assert not any(draws[:10])
+    assert 40 < sum(draws[10:]) < 150  # about half of the 190 post-warm-up steps
+    r2 = build_router("competesmoe", {"compete_prob": 0.5, "warmup_steps": 10}, 4, 4, layer_id=1, seed=7)
+    r2.train()
+    again = []
+    for step in range(200):
+        r2.set_step(step)
+        again.append(r2.competes())
+    assert again == draws
+    r.eval()
+    assert not r.competes()
+
+
+def test_vqmoe_losses_and_gradients_by_hand():
+    D, E = 3, 2
+    r = build_router("vqmoe", {"beta_vq": 0.1, "commitment": 0.25, "balance_coef": 0.0}, D, E)
+    with torch.no_grad():
+        r.codebook.copy_(torch.tensor([[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]]))
+    x = torch.tensor([[0.5, 0.0, 0.0], [1.5, 2.0, 2.5]], requires_grad=True)
+    out = r(x, k=1)
+    # nearest codes: token0 -> code0 -> expert0, token1 -> code1 -> expert1 (in the last slot)
+    assert out.expert_ids_TK[:, -1].tolist() == [0, 1]
+    code = r.codebook.detach()[[0, 1]]
+    mse = ((x.detach() - code) ** 2).mean()
+    torch.testing.assert_close(out.aux_losses["vq"], 0.1 * 1.25 * mse)
+    torch.testing.assert_close(out.weights_TK.sum(-1), torch.ones(2))  # mix weights sum to one
+    out.aux_losses["vq"].backward()
+    n = x.numel()
+    torch.testing.assert_close(x.grad, 0.1 * 0.25 * 2 * (x.detach() - code) / n)
+    torch.testing.assert_close(r.codebook.grad[[0, 1]], 0.1 * 2 * (code - x.detach()) / n)
+
+
+def test_vqmoe_vq_only_routes_by_codebook():
+    r = build_router("vqmoe", {"vq_only": True}, 4, 4)
+    out = r(torch.randn(5, 4), k=2)
+    assert out.expert_ids_TK.shape == (5, 1) and torch.all(out.weights_TK == 1)

@@ -1,0 +1,102 @@
+"""S2MoE layer: fused dispatch, train/eval behaviour, InfoNCE, determinism, gradient flow."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from s2moe_ds.moe import MoEConfig, S2MoEConfig, build_moe_layer, info_nce
+from s2moe_ds.moe.routers import ROUTERS
+
+
+def s2_cfg(router="smoe", **s2):
+    return MoEConfig(num_experts=4, k=1, eval_k=1, d_ff=32, router=router, s2moe=S2MoEConfig(enabled=True, **s2))
+
+
+def test_info_nce_all_negatives_is_the_textbook_loss():
+    torch.manual_seed(0)
+    a, p = torch.randn(10, 8), torch.randn(10, 8)
+    expected = F.cross_entropy(F.normalize(a, dim=-1) @ F.normalize(p, dim=-1).t() / 0.1, torch.arange(10))
+    torch.testing.assert_close(info_nce(a, p, 0.1, num_negatives=0), expected)
+
+
+def test_info_nce_sampled_negatives_masks_the_positive():
+    torch.manual_seed(0)
+    a = torch.randn(50, 8)
+    # identical anchor/positive: the loss must stay finite and below log(M+1) (positive is the best match)
+    loss = info_nce(a, a.clone(), 0.1, num_negatives=8)
+    assert torch.isfinite(loss) and loss < torch.log(torch.tensor(9.0))
+
+
+def test_fused_single_dispatch_equals_two_separate_calls():
+    torch.manual_seed(0)
+    fused = build_moe_layer(s2_cfg(), 16)
+    separate = build_moe_layer(s2_cfg(), 16)
+    separate.load_state_dict(fused.state_dict())
+    separate.fused_dispatch = False
+    x = torch.randn(2, 7, 16)
+    ys, grads = [], []
+    for layer in (fused, separate):
+        torch.manual_seed(5)  # same noise draw
+        xi = x.clone().requires_grad_()
+        y = layer(xi).y
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        ys.append(y.detach())
+        grads.append([xi.grad] + [p.grad for p in layer.parameters()])
+    torch.testing.assert_close(ys[0], ys[1])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_runs_clean_pathway_top1_without_noise():
+    torch.manual_seed(0)
+    layer = build_moe_layer(s2_cfg(), 16).eval()
+    x = torch.randn(3, 5, 16)
+    state = torch.get_rng_state()
+    out = layer(x)
+    assert torch.equal(torch.get_rng_state(), state), "evaluation must not draw noise"
+    x_TD = x.reshape(-1, 16)
+    route = layer.router(x_TD, 1)
+    expected = layer.experts(x_TD, route.expert_ids_TK, route.weights_TK).view_as(x)
+    torch.testing.assert_close(out.y, expected)
+    assert out.metrics["tokens_per_expert"].sum() == 15  # one expert per token
+    assert "uncertainty" not in out.aux_losses
+
+
+def test_training_routes_both_pathways_and_eval_k_override():
+    torch.manual_seed(0)
+    layer = build_moe_layer(s2_cfg(), 16).train()
+    out = layer(torch.randn(15, 16))
+    assert out.metrics["tokens_per_expert"].sum() == 30  # top-1 on each of the two pathways
+    assert 0 < out.metrics["gate_mean"] < 1 and "uncertainty" in out.aux_losses
+    layer.cfg.eval_k = 2
+    layer.eval()
+    assert layer(torch.randn(15, 16)).metrics["tokens_per_expert"].sum() == 30
+
+
+def test_both_pathways_at_inference_option_is_stochastic():
+    torch.manual_seed(0)
+    layer = build_moe_layer(s2_cfg(inference="both"), 16).eval()
+    x = torch.randn(10, 16)
+    assert not torch.allclose(layer(x).y, layer(x).y)
+
+
+def test_determinism_under_seed():
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        layer = build_moe_layer(s2_cfg(noise="learnable"), 16).train()
+        outs.append(layer(torch.randn(4, 16)).y)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("s2", [False, True])
+def test_gradients_reach_every_learnable_parameter(router, s2):
+    args = {"compete_prob": 1.0} if router == "competesmoe" else {}
+    cfg = MoEConfig(num_experts=4, k=2, d_ff=32, router=router, router_args=args,
+                    s2moe=S2MoEConfig(enabled=s2, noise="learnable", uncertainty_on="inputs"))
+    torch.manual_seed(0)
+    layer = build_moe_layer(cfg, 16).train()
+    out = layer(torch.randn(64, 16))
+    (out.y.pow(2).mean() + sum(out.aux_losses.values())).backward()
+    missing = [n for n, p in layer.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
