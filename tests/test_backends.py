@@ -62,3 +62,29 @@ def test_forward_all_matches_each_expert():
     out = backend.forward_all(x)
     for e in range(3):
         torch.testing.assert_close(out[:, e], backend.expert(x, e), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS[1:])
+def test_num_out_folds_pathways_into_one_output(impl):
+    """S2MoE's combine: rows t and t + T of a 2T-row dispatch land in row t."""
+    torch.manual_seed(0)
+    backend = build_backend("local", ExpertSpec(4, 16, 32), impl=impl)
+    x = torch.randn(20, 16)
+    ids, w = torch.randint(4, (20, 1)), torch.rand(20, 1)
+    full = backend(x, ids, w)
+    torch.testing.assert_close(backend(x, ids, w, num_out=10), full[:10] + full[10:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_inference_loop_matches_reference(activation, k):
+    """The no-grad fast path (preallocated buffers, in-place ops) equals the reference."""
+    torch.manual_seed(0)
+    ref = build_backend("local", ExpertSpec(6, 16, 32, activation), impl="reference")
+    fast = build_backend("local", ExpertSpec(6, 16, 32, activation), impl="loop")
+    fast.load_state_dict(ref.state_dict())
+    ids, w = uneven_routing(K=k)
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, ids, w), ref(x, ids, w), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x, ids, w, num_out=20), ref(x, ids, w, num_out=20), rtol=1e-5, atol=1e-5)

@@ -121,7 +121,7 @@ def test_vqmoe_losses_and_gradients_by_hand():
     with torch.no_grad():
         r.codebook.copy_(torch.tensor([[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]]))
     x = torch.tensor([[0.5, 0.0, 0.0], [1.5, 2.0, 2.5]], requires_grad=True)
-    out = r(x, k=1)
+    out = r(x, k=2)
     # nearest codes: token0 -> code0 -> expert0, token1 -> code1 -> expert1 (in the last slot)
     assert out.expert_ids_TK[:, -1].tolist() == [0, 1]
     code = r.codebook.detach()[[0, 1]]

@@ -26,10 +26,12 @@ def test_info_nce_sampled_negatives_masks_the_positive():
     assert torch.isfinite(loss) and loss < torch.log(torch.tensor(9.0))
 
 
-def test_fused_single_dispatch_equals_two_separate_calls():
+@pytest.mark.parametrize("uncertainty_on", ["inputs", "outputs"])
+def test_fused_single_dispatch_equals_two_separate_calls(uncertainty_on):
+    """inputs: the gate-folded single dispatch; outputs: one dispatch split into the two pathways."""
     torch.manual_seed(0)
-    fused = build_moe_layer(s2_cfg(), 16)
-    separate = build_moe_layer(s2_cfg(), 16)
+    fused = build_moe_layer(s2_cfg(uncertainty_on=uncertainty_on, uncertainty_coef=0.0), 16)
+    separate = build_moe_layer(s2_cfg(uncertainty_on=uncertainty_on, uncertainty_coef=0.0), 16)
     separate.load_state_dict(fused.state_dict())
     separate.fused_dispatch = False
     x = torch.randn(2, 7, 16)

@@ -40,8 +40,10 @@ class S2MoEConfig:
     """tau: InfoNCE temperature over cosine similarities (project default 0.1)."""
     uncertainty_on: str = "inputs"
     """Take InfoNCE on the pathway 'inputs' (x, x_hat; default) or on the pathway 'outputs'."""
-    num_negatives: int = 256
-    """Negatives per anchor, sampled from the micro-batch's other noisy tokens; 0 uses all tokens."""
+    num_negatives: int = 64
+    """Negatives per anchor, sampled from the micro-batch's other noisy tokens; 0 uses all tokens.
+    All pairs of a 4096-token batch cost more than the experts (~545 ms vs ~250 ms fwd+bwd on 2 CPU
+    cores); 256 negatives ~27 ms, 64 ~12 ms (``benchmarks/bench_infonce.py``)."""
     inference: str = "clean"
     """At evaluation: 'clean' runs the clean pathway only; 'both' samples noise and mixes both."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,13 @@ class ExpertBackend(nn.Module):
             h_TEF = F.silu(h_TEF) * torch.einsum("td,edf->tef", x_TD, self.w3)
         return torch.einsum("tef,efd->ted", h_TEF, self.w2)
 
-    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, num_out: Optional[int] = None) -> Tensor:
+        """Weighted sum of the routed experts' outputs per token.
+
+        ``num_out`` (a divisor of T, default T) folds row ``t`` of the result into row ``t % num_out``:
+        S2MoE routes ``[x; x_hat]`` once and, with the gate folded into the weights, gets
+        ``g f(x) + (1 - g) f(x_hat)`` straight from the combine, with no 2T-row intermediate.
+        """
         raise NotImplementedError
 
     def flops_per_slot(self) -> int:

@@ -81,8 +81,15 @@ class Router(nn.Module):
 
 
 def topk_softmax(logits_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k experts by logit, combine weights = softmax over the selected logits."""
+    """Top-k experts by logit; combine weights = softmax over the selected logits.
+
+    For k = 1 the weight is the expert's probability under the softmax over *all* logits (Switch,
+    and fairseq's top1gating that the XMoE/StableMoE/S2MoE code descends from): a softmax over one
+    selected logit is constantly 1 and would give the router no gradient from the task loss.
+    """
     top_logits_TK, ids_TK = logits_TE.topk(k, dim=-1)
+    if k == 1:
+        return logits_TE.softmax(dim=-1).gather(-1, ids_TK), ids_TK
     return top_logits_TK.softmax(dim=-1), ids_TK
 
 
