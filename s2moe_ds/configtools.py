@@ -78,6 +78,11 @@ def _coerce(field: str, tp: Any, value: Any) -> Any:
             fail(field, f"expected a mapping, got {value!r}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(field, f"expected a number, got {value!r}")
         return float(value)

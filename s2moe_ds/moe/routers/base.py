@@ -79,6 +79,16 @@ class Router(nn.Module):
     def route(self, x_TD: Tensor, k: int, experts: Optional[AllExperts]) -> RouterOutput:
         raise NotImplementedError
 
+    @classmethod
+    def flops_per_token(cls, cfg: RouterConfig, d_model: int, num_experts: int) -> float:
+        """Forward FLOPs of routing one token (multiply-add = 2); a linear router by default."""
+        return 2 * d_model * num_experts
+
+    @classmethod
+    def expected_slots(cls, cfg: RouterConfig, k: int, num_experts: int, training: bool) -> float:
+        """Expected expert evaluations per token (what the expert FLOPs scale with)."""
+        return k
+
 
 def topk_softmax(logits_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k experts by logit; combine weights = softmax over the selected logits.

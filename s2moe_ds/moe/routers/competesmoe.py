@@ -80,6 +80,11 @@ class CompeteSMoERouter(Router):
         super().__init__(cfg, d_model, num_experts, **kw)
         self.proj = nn.Linear(d_model, num_experts, bias=False)
 
+    @classmethod
+    def expected_slots(cls, cfg, k, num_experts, training):
+        # on a competition step every expert runs (the winners' outputs are reused, not recomputed)
+        return cfg.compete_prob * num_experts + (1 - cfg.compete_prob) * k if training else k
+
     def competes(self) -> bool:
         if not self.training or self.step < self.cfg.warmup_steps or self.cfg.compete_prob == 0:
             return False

@@ -67,6 +67,10 @@ class _CosineRouter(Router):
 class XMoERouter(_CosineRouter):
     config_cls = XMoEConfig
 
+    @classmethod
+    def flops_per_token(cls, cfg, d_model, num_experts):
+        return 2 * d_model * cfg.proj_dim + 2 * cfg.proj_dim * num_experts
+
     def __init__(self, cfg: XMoEConfig, d_model: int, num_experts: int, **kw):
         super().__init__(cfg, d_model, num_experts, route_dim=cfg.proj_dim, **kw)
 

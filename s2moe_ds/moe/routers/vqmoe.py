@@ -59,6 +59,15 @@ class VQMoERouter(Router):
         self.embeddings = nn.Parameter(embed)
         self.mix = nn.Linear(d_model, 2)
 
+    @classmethod
+    def flops_per_token(cls, cfg, d_model, num_experts):
+        codes = cfg.codebook_size or num_experts
+        return 2 * d_model * codes + 2 * d_model * num_experts + 2 * d_model * 2  # codebook, cosine gate, mix
+
+    @classmethod
+    def expected_slots(cls, cfg, k, num_experts, training):
+        return 1 if cfg.vq_only else k + 1
+
     def route(self, x_TD, k, experts=None) -> RouterOutput:
         with torch.no_grad():
             code_idx_T = torch.cdist(x_TD.float(), self.codebook.float()).argmin(-1)

@@ -1,0 +1,104 @@
+"""Checkpoints through DeepSpeed's save/load, with the resolved config and data position beside them.
+
+Layout: ``{out_dir}/checkpoints/{tag}/`` (DeepSpeed's files) + ``{out_dir}/checkpoints/latest`` (the
+newest tag, written by DeepSpeed) + ``{out_dir}/config.yaml``. The client state saved with every tag
+holds the step (the data position: batches are a function of (seed, step, rank)), the resolved config
+and the dataset's vocabulary fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from .configtools import ConfigError
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit this run; the message says what to do."""
+
+
+def vocab_fingerprint(meta: dict) -> str:
+    key = {k: meta.get(k) for k in ("tokenizer", "unit", "vocab_size", "symbols")}
+    if meta.get("tokenizer") == "sentencepiece":
+        key["source_sha256"] = meta.get("source_sha256")
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ckpt_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def latest_tag(root: Path) -> Optional[str]:
+    f = root / "latest"
+    if not f.exists():
+        return None
+    tag = f.read_text().strip()
+    return tag if (root / tag).is_dir() else None
+
+
+def resolve_resume(resume: str, out_dir: str) -> Optional[tuple[Path, str]]:
+    """(checkpoint root, tag) to resume from, or None to start fresh. Refuses to start fresh over a run
+    that already has checkpoints, so a forgotten ``train.resume=auto`` never overwrites them."""
+    root = ckpt_root(out_dir)
+    if resume == "":
+        if latest_tag(root):
+            raise ConfigError(f"train.out_dir {out_dir!r} already holds checkpoints (latest: {latest_tag(root)}); "
+                              f"pass train.resume=auto to continue that run, or choose a new train.out_dir")
+        return None
+    if resume == "auto":
+        tag = latest_tag(root)
+        return (root, tag) if tag else None
+    path = Path(resume)
+    if (path / "latest").exists():
+        tag = latest_tag(path)
+        if tag is None:
+            raise CheckpointError(f"{path}/latest names a tag that does not exist")
+        return path, tag
+    if path.is_dir() and any(path.glob("*model_states.pt")):
+        return path.parent, path.name
+    raise CheckpointError(f"train.resume={resume!r}: not 'auto' and not a checkpoint folder "
+                          f"(expected a folder with *model_states.pt, or a checkpoints/ folder with 'latest')")
+
+
+def check_compatible(client_state: dict, meta: dict, source: str) -> None:
+    saved = client_state.get("vocab_fingerprint")
+    if saved and saved != vocab_fingerprint(meta):
+        raise CheckpointError(f"checkpoint {source} was trained on a different vocabulary than the dataset in "
+                              f"data.data_dir (vocab fingerprint {saved} vs {vocab_fingerprint(meta)}); "
+                              f"use the data.data_dir it was trained with")
+
+
+def model_state_file(ckpt_dir: Path) -> Path:
+    files = sorted(ckpt_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{ckpt_dir} has no mp_rank_*_model_states.pt: not a DeepSpeed checkpoint")
+    return files[0]
+
+
+def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
+    """(model state dict, client state, checkpoint folder) from a run dir, checkpoints dir or tag dir."""
+    path = Path(path)
+    for root in (path / "checkpoints", path):
+        tag = latest_tag(root)
+        if tag:
+            path = root / tag
+            break
+    f = model_state_file(path)
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or corrupt file
+        raise CheckpointError(f"cannot read {f} ({type(e).__name__}: {e}); the file is corrupt or truncated") from None
+    client = {k: v for k, v in state.items() if k in ("step", "config", "vocab_fingerprint")}
+    return state["module"], client, path
+
+
+def write_config(out_dir: Path, config: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp.replace(out_dir / "config.yaml")

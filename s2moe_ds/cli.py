@@ -1,0 +1,62 @@
+"""The `s2moe` command: prepare data, train (one process; use the `deepspeed` launcher for more),
+evaluate, sample.
+
+    s2moe prepare --config configs/tiny.yaml
+    s2moe train --config configs/tiny.yaml train.steps=50      # single process
+    deepspeed --num_gpus 2 --module s2moe_ds.train --config configs/tiny.yaml
+    s2moe eval runs/tiny
+    s2moe sample runs/tiny --prompt "def "
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .configtools import ConfigError
+
+
+def main_prepare(argv=None) -> int:
+    from .config import load_config
+    from .data.prepare import prepare
+
+    ap = argparse.ArgumentParser(prog="s2moe prepare", description="Tokenise a corpus into data.data_dir.")
+    ap.add_argument("--config", help="config whose data section to use (configs/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="e.g. data.dataset=shakespeare data.source=PATH data.data_dir=DIR")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides).data
+    meta = prepare(cfg.dataset, cfg.data_dir, cfg.source, cfg.tokenizer, cfg.vocab_size)
+    print(f"[s2moe prepare] {cfg.dataset} -> {cfg.data_dir}: vocab {meta['vocab_size']} ({meta['tokenizer']}), "
+          + ", ".join(f"{s} {n:,}" for s, n in meta["splits"].items()) + " tokens")
+    return 0
+
+
+def main_train(argv=None) -> int:
+    from .train import main
+
+    return main(argv)
+
+
+COMMANDS = {"prepare": main_prepare, "train": main_train}
+
+
+def main(argv=None) -> int:
+    from .evaluate import main_eval, main_sample
+
+    commands = {**COMMANDS, "eval": main_eval, "sample": main_sample}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown command {argv[0]!r}; valid commands: {', '.join(commands)}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        return commands[argv[0]](argv[1:])
+    except (ConfigError, ValueError) as e:
+        # configuration and data errors: one clear line, no traceback
+        print(f"s2moe {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

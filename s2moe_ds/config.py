@@ -1,0 +1,179 @@
+"""The one config tree: model (with its MoE layer), data, training. Loaded from YAML/JSON files,
+overridden from the command line with dotted keys (``train.steps=100``), validated up front."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Union
+
+import yaml
+
+from .configtools import ConfigError, apply_overrides, check_choice, check_positive, check_range, fail, from_dict, to_dict
+from .moe.layer import MoEConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the prepared dataset's meta.json."""
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int = 0
+    """Dense FFN hidden width (dense layers and the dense baseline); 0 means 4 x d_model."""
+    context: int = 64
+    """Tokens per training window (and the attention span)."""
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    """Share the input embedding and output projection."""
+    moe_layers: Union[str, List[int]] = "all"
+    """Which FFN blocks are MoE: 'all', 'every_other' (1, 3, ...), 'none' (dense baseline), or a list."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def moe_layer_ids(self) -> list[int]:
+        if isinstance(self.moe_layers, list):
+            return sorted(self.moe_layers)
+        return {"all": list(range(self.n_layer)), "every_other": list(range(1, self.n_layer, 2)), "none": []}[self.moe_layers]
+
+    def validate(self) -> None:
+        for name in ("n_layer", "n_head", "d_model", "context"):
+            check_positive(f"model.{name}", getattr(self, name))
+        check_positive("model.vocab_size", self.vocab_size, allow_zero=True)
+        check_positive("model.d_ff", self.d_ff, allow_zero=True)
+        if self.d_model % self.n_head:
+            fail("model.d_model", f"must be divisible by model.n_head ({self.n_head}), got {self.d_model}")
+        check_range("model.dropout", self.dropout, 0.0, 1.0)
+        if isinstance(self.moe_layers, str):
+            check_choice("model.moe_layers", self.moe_layers, ("all", "every_other", "none"))
+        elif any(not 0 <= i < self.n_layer for i in self.moe_layers):
+            fail("model.moe_layers", f"layer indices must be in [0, {self.n_layer}), got {self.moe_layers}")
+        self.moe.validate("model.moe")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "pydoc"
+    """What ``s2moe prepare`` builds: pydoc (built in), shakespeare, text8, enwik8, wikitext103, text."""
+    source: str = ""
+    """Raw input: a text file, a dataset archive or folder; '' uses the dataset's default location."""
+    data_dir: str = "data_cache/pydoc"
+    """Where the prepared token files and meta.json live."""
+    tokenizer: str = "char"
+    """'char' (characters; bytes for enwik8) or 'sentencepiece' (trained on the train split)."""
+    vocab_size: int = 8000
+    """SentencePiece vocabulary size."""
+
+    def validate(self) -> None:
+        from .data.prepare import DATASETS
+
+        check_choice("data.dataset", self.dataset, DATASETS)
+        check_choice("data.tokenizer", self.tokenizer, ("char", "sentencepiece"))
+        check_positive("data.vocab_size", self.vocab_size)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps (the length of the learning-rate schedule)."""
+    stop_at_step: int = 0
+    """Save and exit once this step is reached, as a time-limited or pre-empted job would, so a later
+    ``train.resume=auto`` continues the same schedule; 0 runs to ``steps``."""
+    micro_batch_size: int = 12
+    """Windows per process per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    seed: int = 1337
+    eval_interval: int = 100
+    """Evaluate on the validation split every this many steps (and at the end)."""
+    eval_iters: int = 20
+    """Validation batches per evaluation during training."""
+    log_interval: int = 10
+    save_interval: int = 100
+    """Checkpoint every this many steps (and at the end); 0 saves only at the end."""
+    out_dir: str = "runs/default"
+    """Run directory: checkpoints/, tensorboard/, metrics.jsonl, config.yaml."""
+    ds_config: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON config (ZeRO stage, offload); batch, clipping and precision are filled in from here."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16 (bf16 matmuls are very slow on these CPUs: use fp32 there)."""
+    resume: str = ""
+    """'' starts fresh (refusing to overwrite a run that has checkpoints); 'auto' resumes the latest
+    checkpoint in out_dir; or a checkpoint directory/tag path."""
+    tensorboard: bool = True
+    progress: bool = True
+    """Progress bar on rank 0."""
+    dist_timeout_s: int = 600
+    """Process-group timeout: a rank waiting on a dead peer fails after this long instead of hanging."""
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum", "lr", "eval_interval", "eval_iters", "log_interval",
+                     "dist_timeout_s"):
+            check_positive(f"train.{name}", getattr(self, name))
+        for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "save_interval", "stop_at_step"):
+            check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        check_range("train.beta1", self.beta1, 0.0, 1.0)
+        check_range("train.beta2", self.beta2, 0.0, 1.0)
+        check_choice("train.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist (configs live in {REPO_ROOT / 'configs'})")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model, data, train)")
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    data = read_config_file(path) if path else {}
+    data = apply_overrides(data, overrides)
+    return from_dict(Config, data).validate()
+
+
+def config_from_dict(data: dict) -> Config:
+    return from_dict(Config, data).validate()
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, else relative to the repository (so ``ds_configs/zero2.json`` works anywhere)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p

@@ -1,0 +1,1 @@
+"""Data: ``prepare`` writes token files + meta.json; ``loader`` samples training windows from them."""

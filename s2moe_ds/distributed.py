@@ -1,0 +1,104 @@
+"""Process-group start-up and the DeepSpeed engine: one code path for `deepspeed`, mpirun, SLURM
+and a plain single process, on CPU (gloo) or GPU (nccl)."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, resolve_path
+from .configtools import ConfigError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int]:
+    """Join (or create) the process group; returns (rank, world size).
+
+    Under a launcher (deepspeed, torchrun, SLURM with our sbatch script, mpirun via mpi4py discovery)
+    the environment says who we are; a bare ``python -m s2moe_ds.train`` becomes a world of one.
+    """
+    import deepspeed
+
+    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")) and "RANK" not in os.environ
+    if "RANK" not in os.environ and not mpi:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    deepspeed.init_distributed(auto_mpi_discovery=mpi, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    """The DeepSpeed JSON config with batch size, clipping and precision filled in from our config."""
+    path = resolve_path(cfg.train.ds_config)
+    if not path.exists():
+        raise ConfigError(f"config field 'train.ds_config': {cfg.train.ds_config!r} does not exist "
+                          f"(the repository's ds_configs/ has zero0.json, zero1.json, zero2.json, zero2_offload.json)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config field 'train.ds_config': {path} is not valid JSON ({e})") from None
+    t = cfg.train
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise ConfigError(f"config field 'train.ds_config': {path} selects ZeRO stage 3, which DeepSpeed rejects "
+                          f"for MoE models; use ds_configs/zero2.json (or zero2_offload.json for CPU offload)")
+    ds.pop("train_batch_size", None)
+    ds.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
+              gradient_clipping=t.grad_clip, steps_per_print=ds.get("steps_per_print", 10**9))
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": t.precision == "fp16"}
+    if ds.get("zero_optimization", {}).get("offload_optimizer"):
+        ds["zero_force_ds_cpu_optimizer"] = False  # keep our torch AdamW with the optimizer on the CPU
+    return ds
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up, then cosine decay from lr to min_lr over the remaining steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, world: int):
+    import deepspeed
+
+    t = cfg.train
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=t.lr, betas=(t.beta1, t.beta2))
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / t.lr)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                   config=deepspeed_config(cfg, world))
+    return engine, scheduler
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values

@@ -1,0 +1,127 @@
+"""Evaluate a trained run: loss, bits per character (or perplexity), FLOPs per token, on val or test.
+
+    s2moe eval runs/tiny                         # latest checkpoint, val split, the trained eval_k
+    s2moe eval runs/tiny --split test --k 2      # inference top-k override
+    s2moe eval runs/tiny --pathways both         # S2MoE: noisy pathway too at inference
+    s2moe sample runs/tiny --prompt "def " --tokens 200
+
+The split is walked in consecutive non-overlapping windows of the model's context (every token
+scored once, each with between 1 and ``context`` tokens of history).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .checkpoint import check_compatible, load_for_eval
+from .config import config_from_dict
+from .data.loader import WindowSampler
+from .data.prepare import Decoder, load_split, read_meta
+from .flops import flops_per_token
+from .model import MoELanguageModel
+from .monitor import quality
+
+
+def load_model(run: str, data_dir: Optional[str] = None) -> tuple[MoELanguageModel, dict, dict]:
+    state, client, path = load_for_eval(run)
+    cfg = config_from_dict(client["config"])
+    if data_dir:
+        cfg.data.data_dir = data_dir
+    meta = read_meta(cfg.data.data_dir)
+    check_compatible(client, meta, str(path))
+    model = MoELanguageModel(cfg.model)
+    model.load_state_dict(state)
+    model.eval()
+    return model, meta, {"checkpoint": str(path), "step": client.get("step"), "config": cfg}
+
+
+@dataclass
+class EvalResult:
+    split: str
+    tokens: int
+    loss: float
+    metric: str
+    value: float
+    k: int
+    pathways: str
+    inference_gflops_per_token: float
+    tokens_per_sec: float
+    params_total: int
+    params_active: int
+
+    def line(self) -> str:
+        return (f"{self.split}: loss {self.loss:.4f} nats/token, {self.metric} {self.value:.4f} over {self.tokens:,} tokens | "
+                f"inference top-{self.k} ({self.pathways} pathway{'s' if self.pathways == 'both' else ''}): "
+                f"{self.inference_gflops_per_token * 1e3:.3f} MFLOPs/token, {self.tokens_per_sec:,.0f} tokens/s, "
+                f"params {self.params_active:,} active of {self.params_total:,}")
+
+
+@torch.no_grad()
+def evaluate_model(model: MoELanguageModel, meta: dict, data_dir: str, split: str = "val", k: Optional[int] = None,
+                   pathways: Optional[str] = None, batch_size: int = 32, max_batches: int = 0) -> EvalResult:
+    model.set_inference(k=k, pathways=pathways)
+    mcfg = model.cfg
+    sampler = WindowSampler(load_split(data_dir, split, meta), mcfg.context)
+    total, count = 0.0, 0
+    t0 = time.perf_counter()
+    for x, y in sampler.sequential(batch_size, max_batches):
+        out = model(x, y)
+        total += float(out.loss) * y.numel()
+        count += y.numel()
+    elapsed = time.perf_counter() - t0
+    loss = total / max(count, 1)
+    metric, value = quality(loss, meta["tokenizer"])
+    counts = model.param_counts()
+    eff_k = mcfg.moe.inference_k
+    return EvalResult(split, count, loss, metric, value, eff_k, mcfg.moe.s2moe.inference if mcfg.moe.s2moe.enabled else "clean",
+                      flops_per_token(mcfg, training=False) / 1e9, count / max(elapsed, 1e-9),
+                      counts["total"], counts["active_per_token"])
+
+
+def main_eval(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="s2moe eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="run directory (train.out_dir), its checkpoints/ folder, or one checkpoint tag folder")
+    ap.add_argument("--split", default="val", choices=["train", "val", "test"])
+    ap.add_argument("--k", type=int, default=None, help="inference top-k (default: the config's eval_k)")
+    ap.add_argument("--pathways", choices=["clean", "both"], default=None, help="S2MoE pathways at inference")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0: whole split)")
+    ap.add_argument("--data-dir", default=None, help="prepared data folder (default: the one in the run's config)")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model, meta, info = load_model(args.run, args.data_dir)
+    res = evaluate_model(model, meta, info["config"].data.data_dir, args.split, args.k, args.pathways,
+                         args.batch_size, args.max_batches)
+    if args.json:
+        print(json.dumps({**res.__dict__, "checkpoint": info["checkpoint"], "step": info["step"]}))
+    else:
+        print(f"[s2moe eval] {info['checkpoint']} (step {info['step']})")
+        print(f"[s2moe eval] {res.line()}")
+    return 0
+
+
+def main_sample(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="s2moe sample", description="Generate text from a trained run.")
+    ap.add_argument("run")
+    ap.add_argument("--prompt", default="\n")
+    ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--k", type=int, default=None, help="inference top-k experts")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, meta, info = load_model(args.run)
+    model.set_inference(k=args.k)
+    dec = Decoder(info["config"].data.data_dir, meta)
+    idx = torch.tensor([dec.encode(args.prompt)], dtype=torch.long)
+    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k)
+    print(dec.decode(out[0].tolist()))
+    return 0

@@ -1,0 +1,47 @@
+"""FLOPs per token, counted from the config (a multiply-add is 2 FLOPs; elementwise ops ignored).
+
+Per layer, forward:
+- attention: QKV ``6 d^2`` + output ``2 d^2`` + scores and weighted values ``4 n d`` over the full context
+  ``n`` (the PaLM / Chinchilla convention: an upper bound for causal attention);
+- dense FFN: ``4 d f``;
+- MoE FFN: the router's FLOPs plus (expected experts evaluated per token) x (one expert's FLOPs);
+  under S2MoE in training both pathways route and run (twice the router and experts), plus the gate
+  ``2 d`` and the InfoNCE negatives ``2 M d``; at inference with the clean pathway only, one pass;
+- the LM head ``2 d V``.
+Training FLOPs are 3x forward (backward costs twice the forward).
+"""
+from __future__ import annotations
+
+from .config import ModelConfig
+from .moe.routers import router_class, router_config
+
+
+def expert_flops(d_model: int, d_ff: int, activation: str) -> int:
+    return 2 * (3 if activation == "swiglu" else 2) * d_model * d_ff
+
+
+def moe_layer_flops(cfg: ModelConfig, training: bool, k: int | None = None) -> float:
+    m = cfg.moe
+    cls = router_class(m.router)
+    rcfg = router_config(m.router, m.router_args)
+    d, E = cfg.d_model, m.num_experts
+    k = k or (m.k if training else m.inference_k)
+    per_pass = cls.flops_per_token(rcfg, d, E) + cls.expected_slots(rcfg, k, E, training) * expert_flops(d, m.d_ff or 4 * d, m.activation)
+    if not m.s2moe.enabled or (not training and m.s2moe.inference == "clean"):
+        return per_pass
+    extra = 2 * d
+    if training and m.s2moe.uncertainty_coef > 0:
+        extra += 2 * m.s2moe.num_negatives * d + 2 * d  # negatives + the positive's dot product
+    return 2 * per_pass + extra
+
+
+def flops_per_token(cfg: ModelConfig, training: bool, k: int | None = None) -> float:
+    """Forward(+backward when ``training``) FLOPs per token; ``k`` overrides the MoE top-k."""
+    d, n = cfg.d_model, cfg.context
+    moe_ids = set(cfg.moe_layer_ids())
+    total = 0.0
+    for i in range(cfg.n_layer):
+        total += 8 * d * d + 4 * n * d
+        total += moe_layer_flops(cfg, training, k) if i in moe_ids else 4 * d * (cfg.d_ff or 4 * d)
+    total += 2 * d * cfg.vocab_size
+    return 3 * total if training else total

@@ -1,0 +1,167 @@
+"""Decoder-only transformer language model whose FFN blocks are dense or MoE (any router, S2MoE on/off).
+
+Shape suffixes: B batch, L sequence length, D model width, V vocabulary.
+Pre-LayerNorm blocks; causal attention through ``F.scaled_dot_product_attention``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .moe import MoELayer, build_moe_layer
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BLD: Tensor) -> Tensor:
+        B, L, D = x_BLD.shape
+        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, L, D)))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff)
+        self.proj = nn.Linear(d_ff, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool, seed: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        if moe:
+            self.ffn = build_moe_layer(cfg.moe, cfg.d_model, layer_id=layer_id, seed=seed)
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict, dict]:
+        x = x + self.attn(self.ln1(x))
+        h = self.ln2(x)
+        if isinstance(self.ffn, MoELayer):
+            out = self.ffn(h)
+            return x + self.drop(out.y), out.aux_losses, out.metrics
+        return x + self.ffn(h), {}, {}
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor
+    loss: Optional[Tensor] = None
+    """Task loss: mean cross-entropy in nats per token."""
+    aux_loss: Optional[Tensor] = None
+    """Sum of every MoE layer's (coefficient-scaled) auxiliary losses."""
+    aux_losses: dict = field(default_factory=dict)
+    """'layer{i}/{name}' -> scaled auxiliary loss."""
+    metrics: dict = field(default_factory=dict)
+    """'layer{i}/{name}' -> MoE diagnostic."""
+
+
+class MoELanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size <= 0:
+            raise ValueError("config field 'model.vocab_size': must be set (> 0) before building the model; "
+                             "the trainer takes it from the dataset's meta.json")
+        self.cfg = cfg
+        moe_ids = set(cfg.moe_layer_ids())
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.context, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i, i in moe_ids, seed) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("ffn.proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def moe_layers(self) -> list[tuple[int, MoELayer]]:
+        return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)]
+
+    def set_step(self, step: int) -> None:
+        """Tell the routers the training step (CompeteSMoE schedule, StableMoE freeze)."""
+        for _, layer in self.moe_layers():
+            layer.router.set_step(step)
+
+    def set_inference(self, k: Optional[int] = None, pathways: Optional[str] = None) -> None:
+        """Override each MoE layer's evaluation top-k and S2MoE inference pathways ('clean'/'both')."""
+        for _, layer in self.moe_layers():
+            if k is not None:
+                if not 1 <= k <= layer.cfg.num_experts:
+                    raise ValueError(f"inference top-k must be in [1, {layer.cfg.num_experts}], got {k}")
+                layer.cfg.eval_k = k
+            if pathways is not None:
+                layer.cfg.s2moe.inference = pathways
+
+    def forward(self, idx_BL: Tensor, targets_BL: Optional[Tensor] = None) -> ModelOutput:
+        B, L = idx_BL.shape
+        if L > self.cfg.context:
+            raise ValueError(f"sequence length {L} exceeds model.context ({self.cfg.context})")
+        pos = torch.arange(L, device=idx_BL.device)
+        x = self.drop(self.tok_emb(idx_BL) + self.pos_emb(pos))
+        aux_losses, metrics = {}, {}
+        for i, block in enumerate(self.blocks):
+            x, aux, met = block(x)
+            aux_losses.update({f"layer{i}/{k}": v for k, v in aux.items()})
+            metrics.update({f"layer{i}/{k}": v for k, v in met.items()})
+        logits = self.head(self.ln_f(x))
+        out = ModelOutput(logits, aux_losses=aux_losses, metrics=metrics)
+        out.aux_loss = sum(aux_losses.values()) if aux_losses else logits.new_zeros(())
+        if targets_BL is not None:
+            out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BL.reshape(-1))
+        return out
+
+    def param_counts(self) -> dict:
+        """Parameters in total and active per token at inference (only eval_k experts of each MoE layer)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for _, layer in self.moe_layers():
+            per_expert = sum(p[0].numel() for p in layer.experts.parameters())
+            slots = layer.router.expected_slots(layer.router.cfg, layer.cfg.inference_k, layer.cfg.num_experts, False)
+            inactive += per_expert * max(layer.cfg.num_experts - slots, 0)
+        return {"total": total, "active_per_token": total - int(inactive)}
+
+    @torch.no_grad()
+    def generate(self, idx_BL: Tensor, new_tokens: int, temperature: float = 1.0, top_k: int = 0) -> Tensor:
+        for _ in range(new_tokens):
+            logits = self(idx_BL[:, -self.cfg.context:]).logits[:, -1] / max(temperature, 1e-6)
+            if top_k:
+                v, _ = logits.topk(min(top_k, logits.shape[-1]))
+                logits[logits < v[:, -1:]] = -float("inf")
+            idx_BL = torch.cat([idx_BL, torch.multinomial(logits.softmax(-1), 1)], dim=1)
+        return idx_BL

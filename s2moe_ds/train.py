@@ -1,0 +1,171 @@
+"""Train an MoE language model under the DeepSpeed engine.
+
+    # 2 CPU processes (gloo) or 2 GPUs (nccl), ZeRO from the config's ds_config
+    deepspeed --num_gpus 2 --module s2moe_ds.train --config configs/tiny.yaml train.steps=200
+    # one plain process
+    python -m s2moe_ds.train --config configs/tiny.yaml
+    # resume the latest checkpoint of a run
+    deepspeed --num_gpus 2 --module s2moe_ds.train --config configs/tiny.yaml train.resume=auto
+
+Every random stream is re-seeded from (seed, step, micro-step, rank) before each micro-step, and
+batches are drawn from the same key, so a resumed run repeats an uninterrupted one step for step.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, check_compatible, resolve_resume, vocab_fingerprint, write_config
+from .config import Config, load_config
+from .data.loader import WindowSampler, stream_seed
+from .configtools import ConfigError
+from .data.prepare import DataError, load_split, read_meta
+from .distributed import all_reduce_mean, build_engine, device, init_distributed
+from .flops import flops_per_token
+from .model import MoELanguageModel
+from .monitor import Monitor, quality, reduce_metrics
+
+
+def tqdm_write(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML/JSON config (configs/*.yaml); built-in defaults if omitted")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.moe.router=xmoe")
+    return ap.parse_args(argv)
+
+
+@torch.no_grad()
+def evaluate(engine, sampler: WindowSampler, cfg: Config, rank: int, dev) -> float:
+    engine.eval()
+    losses = []
+    for i in range(cfg.train.eval_iters):
+        x, y = sampler.batch(cfg.train.micro_batch_size, cfg.train.seed, step=-1, micro=i, rank=rank)
+        losses.append(engine(x.to(dev), y.to(dev)).loss.float())
+    engine.train()
+    return float(all_reduce_mean(torch.stack(losses).mean()))
+
+
+def train(cfg: Config) -> dict:
+    t = cfg.train
+    rank, world = init_distributed(t.dist_timeout_s)
+    dev = device()
+    meta = read_meta(cfg.data.data_dir)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = meta["vocab_size"]
+    elif cfg.model.vocab_size != meta["vocab_size"]:
+        raise ValueError(f"config field 'model.vocab_size' is {cfg.model.vocab_size} but the dataset in "
+                         f"{cfg.data.data_dir} has {meta['vocab_size']} symbols; set it to 0 (take it from the data)")
+    train_windows = WindowSampler(load_split(cfg.data.data_dir, "train", meta), cfg.model.context)
+    val_windows = WindowSampler(load_split(cfg.data.data_dir, "val", meta), cfg.model.context)
+    resume = resolve_resume(t.resume, t.out_dir)
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = MoELanguageModel(cfg.model, seed=t.seed).to(dev)
+    engine, scheduler = build_engine(model, cfg, world)
+    start = 0
+    if resume:
+        root, tag = resume
+        path, client = engine.load_checkpoint(str(root), tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {root}/{tag}")
+        check_compatible(client, meta, f"{root}/{tag}")
+        start = client["step"]
+
+    out_dir = Path(t.out_dir)
+    resolved = cfg.to_dict()
+    if rank == 0:
+        write_config(out_dir, resolved)
+    mon = Monitor(out_dir, rank == 0, t.tensorboard, resolved)
+    counts = model.param_counts()
+    flops_train = flops_per_token(cfg.model, training=True)
+    qname = quality(0.0, meta["tokenizer"])[0]
+    if rank == 0:
+        print(f"[s2moe] world={world} device={dev} params total={counts['total']:,} "
+              f"active/token={counts['active_per_token']:,} train GFLOPs/token={flops_train / 1e9:.4f} "
+              f"steps {start}->{t.steps}" + (f" (resumed from {resume[0]}/{resume[1]})" if resume else ""), flush=True)
+
+    def save(step: int) -> None:
+        client = {"step": step, "config": resolved, "vocab_fingerprint": vocab_fingerprint(meta)}
+        engine.save_checkpoint(str(out_dir / "checkpoints"), tag=f"step{step:07d}", client_state=client)
+
+    tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.model.context
+    progress = None
+    if rank == 0 and t.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t.steps, initial=start, desc="train", mininterval=2, file=sys.stderr, disable=None)
+    result = {}
+    engine.train()
+    t_last, last_logged = time.perf_counter(), start
+    end = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
+    for step in range(start, end):
+        model.set_step(step)
+        for micro in range(t.grad_accum):
+            torch.manual_seed(stream_seed(t.seed, step, micro, rank, 1))
+            x, y = train_windows.batch(t.micro_batch_size, t.seed, step, micro, rank)
+            out = engine(x.to(dev), y.to(dev))
+            engine.backward(out.loss + out.aux_loss)
+            engine.step()
+        stats = all_reduce_mean(torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()]))
+        loss, aux = float(stats[0]), float(stats[1])
+        if not torch.isfinite(stats).all():
+            raise NonFiniteLoss(f"step {step}: training loss is {loss} (aux {aux}); the weights are diverging. "
+                                f"Lower train.lr, keep train.grad_clip > 0, or train in fp32; the last good "
+                                f"checkpoint is in {out_dir / 'checkpoints'} (resume with train.resume=auto)")
+        done = step + 1
+        if progress:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.3f}")
+        if done % t.log_interval == 0 or done == end:
+            metrics = reduce_metrics(out.metrics)
+            now = time.perf_counter()
+            mon.scalars(done, {"train/loss": loss, f"train/{qname}": quality(loss, meta["tokenizer"])[1],
+                               "train/aux_loss": aux, "train/lr": scheduler.get_last_lr()[0],
+                               "train/tokens_per_sec": tokens_per_step * (done - last_logged) / max(now - t_last, 1e-9)})
+            mon.moe(done, {k: float(v.detach()) for k, v in out.aux_losses.items()}, metrics)
+            t_last, last_logged = now, done
+        if done % t.eval_interval == 0 or done == end:
+            val = evaluate(engine, val_windows, cfg, rank, dev)
+            result = {"step": done, "val_loss": val, f"val_{qname}": quality(val, meta["tokenizer"])[1]}
+            mon.scalars(done, {"val/loss": val, f"val/{qname}": result[f"val_{qname}"]}, record="val")
+            if rank == 0:
+                msg = f"[s2moe] step {done}: train loss {loss:.4f}  val loss {val:.4f}  val {qname} {result[f'val_{qname}']:.4f}"
+                tqdm_write(msg) if progress else print(msg, flush=True)
+        if (t.save_interval and done % t.save_interval == 0) or done == end:
+            save(done)
+        mon.flush()
+    if progress:
+        progress.close()
+    mon.close()
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        train(load_config(args.config, args.overrides))
+    except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as e:
+        # a problem with the inputs or the run itself: one clear message per rank, no traceback
+        rank = os.environ.get("RANK", "0")
+        print(f"s2moe train [rank {rank}]: error: {e}", file=sys.stderr, flush=True)
+        return 3 if isinstance(e, NonFiniteLoss) else 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Helpers for end-to-end tests that run the real `deepspeed` launcher and CLI in subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e["PYTHONPATH"] = f"{REPO}{os.pathsep}{e.get('PYTHONPATH', '')}"
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def run(cmd: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a command; a hang fails the test at ``timeout`` instead of hanging CI."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def deepspeed_train(nproc: int, overrides: list[str], config: str = "configs/tiny.yaml", timeout: int = 300):
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+           "--module", "s2moe_ds.train", "--config", config, *overrides]
+    return run(cmd, timeout=timeout)
+
+
+def single_train(overrides: list[str], config: str = "configs/tiny.yaml", timeout: int = 300):
+    return run([sys.executable, "-m", "s2moe_ds.train", "--config", config, *overrides], timeout=timeout)
+
+
+def cli(*args: str, timeout: int = 300):
+    return run([sys.executable, "-m", "s2moe_ds.cli", *args], timeout=timeout)
+
+
+def train_losses(out_dir: Path) -> dict[int, float]:
+    losses = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "train":
+            losses[rec["step"]] = rec["train/loss"]
+    return losses
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"

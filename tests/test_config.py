@@ -1,0 +1,75 @@
+"""Config loading, overrides and validation errors that name the field and the valid values."""
+import pytest
+
+from s2moe_ds.config import REPO_ROOT, Config, load_config
+from s2moe_ds.configtools import ConfigError
+from s2moe_ds.distributed import deepspeed_config
+
+
+def test_tiny_config_loads_with_overrides():
+    cfg = load_config(REPO_ROOT / "configs/tiny.yaml", ["train.steps=7", "model.moe.router=xmoe",
+                                                        "model.moe.router_args.temperature=0.5", "model.moe_layers=[1]"])
+    assert cfg.train.steps == 7 and cfg.model.moe.router == "xmoe"
+    assert cfg.model.moe.router_args == {"temperature": 0.5}
+    assert cfg.model.moe_layer_ids() == [1]
+    assert cfg.model.moe.s2moe.enabled is True  # from the file
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    assert isinstance(load_config(path), Config)
+
+
+BAD = [
+    (["train.stpes=5"], ["train.stpes", "did you mean 'steps'"]),
+    (["model.moe.k=9"], ["model.moe.k", "num_experts (8)"]),
+    (["model.moe.router=topk"], ["model.moe.router", "smoe", "xmoe", "stablemoe", "competesmoe", "vqmoe"]),
+    (["model.moe.router=xmoe", "model.moe.router_args.temperature=0"], ["model.moe.router_args.temperature", "> 0"]),
+    (["model.moe.router_args.temprature=0.3"], ["temprature", "valid keys", "z_loss_coef"]),
+    (["train.lr=fast"], ["train.lr", "expected a number"]),
+    (["train.steps=1.5"], ["train.steps", "expected an integer"]),
+    (["model.d_model=130"], ["model.d_model", "divisible by model.n_head"]),
+    (["model.moe.s2moe.noise=uniform"], ["model.moe.s2moe.noise", "fixed", "learnable"]),
+    (["model.moe.s2moe.temperature=-1"], ["model.moe.s2moe.temperature"]),
+    (["model.moe.s2moe.sigma1=-0.1"], ["model.moe.s2moe.sigma1"]),
+    (["model.moe_layers=[0, 9]"], ["model.moe_layers", "[0, 4)"]),
+    (["train.precision=fp8"], ["train.precision", "bf16"]),
+    (["data.dataset=imagenet"], ["data.dataset", "text8"]),
+    (["model.moe.backend=tutel"], ["model.moe.backend", "local"]),
+    (["model.moe.router=competesmoe", "model.moe.router_args.compete_prob=2"], ["compete_prob", "[0.0, 1.0]"]),
+    (["trainsteps"], ["section.field=value"]),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", BAD, ids=[b[0][-1] for b in BAD])
+def test_bad_config_names_field_and_valid_values(overrides, needles):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    for needle in needles:
+        assert needle in str(e.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_zero3_is_rejected_with_a_pointer(tmp_path):
+    ds = tmp_path / "z3.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}}')
+    cfg = load_config(None, [f"train.ds_config={ds}"])
+    with pytest.raises(ConfigError, match="ZeRO stage 3.*zero2.json"):
+        deepspeed_config(cfg, world=1)
+
+
+def test_deepspeed_config_filled_from_ours():
+    cfg = load_config(None, ["train.micro_batch_size=3", "train.grad_accum=2", "train.precision=bf16",
+                             "train.ds_config=ds_configs/zero2_offload.json"])
+    ds = deepspeed_config(cfg, world=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

@@ -1,0 +1,99 @@
+"""End to end through the real `deepspeed` launcher: 2 CPU processes (gloo), ZeRO 2, TensorBoard
+events read back with TensorBoard's own reader, checkpoints, evaluation, and exact resume."""
+import json
+import math
+
+import pytest
+
+from e2e import assert_ok, cli, deepspeed_train, single_train, train_losses
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data") / "pydoc"
+    assert_ok(cli("prepare", "--config", "configs/tiny.yaml", f"data.data_dir={d}"))
+    return d
+
+
+COMMON = ["train.log_interval=1", "train.eval_iters=2", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    proc = deepspeed_train(2, [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=16",
+                               "train.save_interval=8", "train.eval_interval=8", *COMMON])
+    assert_ok(proc)
+    return out
+
+
+def test_two_process_zero2_run_writes_tensorboard_checkpoint_and_evaluates(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ckpt = full_run / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step0000016"
+    files = {p.name for p in (ckpt / "step0000016").iterdir()}
+    assert "mp_rank_00_model_states.pt" in files
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= files
+    assert (full_run / "config.yaml").exists()
+
+    acc = EventAccumulator(str(full_run / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    needed = ["train/loss", "train/bpc", "train/lr", "train/tokens_per_sec", "train/aux_loss", "val/loss", "val/bpc"]
+    for layer in (0, 1):
+        needed += [f"moe/layer{layer}/{m}" for m in ("aux_balance", "aux_uncertainty", "load_imbalance",
+                                                      "routing_entropy", "gate_mean", "sigma1", "sigma2")]
+    missing = [t for t in needed if t not in tags["scalars"]]
+    assert not missing, f"missing scalars {missing}; have {tags['scalars']}"
+    for tag in needed:
+        values = [e.value for e in acc.Scalars(tag)]
+        assert values and all(math.isfinite(v) for v in values), tag
+    assert len(acc.Scalars("train/loss")) == 16
+    assert acc.Scalars("train/loss")[-1].value < acc.Scalars("train/loss")[0].value
+    hist = acc.Histograms("moe/layer0/tokens_per_expert")
+    # each step routes 2 pathways x 8 windows x 64 tokens x 2 ranks slots, top-1
+    assert hist and hist[-1].histogram_value.num == 2 * 8 * 64 * 2
+    assert "config" in tags["tensors"] or "config" in str(tags)
+
+    proc = cli("eval", str(full_run), "--json", "--max-batches", "5")
+    assert_ok(proc)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["step"] == 16 and math.isfinite(res["loss"]) and res["metric"] == "bpc" and res["k"] == 1
+    top2 = json.loads(cli("eval", str(full_run), "--json", "--max-batches", "5", "--k", "2").stdout.splitlines()[-1])
+    assert top2["inference_gflops_per_token"] > res["inference_gflops_per_token"]
+    sample = cli("sample", str(full_run), "--prompt", "def ", "--tokens", "20")
+    assert_ok(sample)
+    assert sample.stdout.startswith("def ")
+
+
+def test_interrupted_and_resumed_run_repeats_the_losses_exactly(full_run, tmp_path, data_dir):
+    out = tmp_path / "resumed"
+    args = [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=16", "train.save_interval=8",
+            "train.eval_interval=8", *COMMON]
+    assert_ok(deepspeed_train(2, args + ["train.stop_at_step=8"]))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step0000008"
+    assert_ok(deepspeed_train(2, args + ["train.resume=auto"]))
+    full, resumed = train_losses(full_run), train_losses(out)
+    assert sorted(resumed) == list(range(1, 17))
+    assert [resumed[s] for s in range(9, 17)] == [full[s] for s in range(9, 17)]  # bit-for-bit
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(full_run, data_dir):
+    before = sorted(p.name for p in (full_run / "checkpoints").iterdir())
+    proc = single_train([f"data.data_dir={data_dir}", f"train.out_dir={full_run}", "train.steps=2", *COMMON])
+    assert proc.returncode != 0
+    assert "already holds checkpoints" in proc.stderr and "train.resume=auto" in proc.stderr
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == before
+
+
+def test_single_process_run_and_nonfinite_loss_message(tmp_path, data_dir):
+    ok = single_train([f"data.data_dir={data_dir}", f"train.out_dir={tmp_path / 'one'}", "train.steps=3",
+                       "train.eval_interval=3", *COMMON])
+    assert_ok(ok)
+    bad = single_train([f"data.data_dir={data_dir}", f"train.out_dir={tmp_path / 'nan'}", "train.steps=30",
+                        "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0", *COMMON])
+    assert bad.returncode != 0
+    assert "training loss is" in bad.stderr and "Lower train.lr" in bad.stderr
