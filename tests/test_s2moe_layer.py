@@ -102,3 +102,12 @@ def test_gradients_reach_every_learnable_parameter(router, s2):
     (out.y.pow(2).mean() + sum(out.aux_losses.values())).backward()
     missing = [n for n, p in layer.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert missing == []
+
+
+def test_bf16_parameters_with_fp32_noise_buffers():
+    """DeepSpeed's bf16 engine converts parameters but may leave buffers in fp32."""
+    layer = build_moe_layer(s2_cfg(), 16)
+    for p in layer.parameters():
+        p.data = p.data.bfloat16()
+    out = layer.train()(torch.randn(6, 16, dtype=torch.bfloat16))
+    assert out.y.dtype == torch.bfloat16

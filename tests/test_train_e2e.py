@@ -97,3 +97,29 @@ def test_single_process_run_and_nonfinite_loss_message(tmp_path, data_dir):
                         "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0", *COMMON])
     assert bad.returncode != 0
     assert "training loss is" in bad.stderr and "Lower train.lr" in bad.stderr
+
+
+@pytest.mark.parametrize("ds_config,extra", [
+    ("ds_configs/zero0.json", []),
+    ("ds_configs/zero1.json", ["train.grad_accum=2"]),
+    ("ds_configs/zero2_offload.json", []),
+    ("ds_configs/zero2_bf16.json", ["train.precision=bf16"]),
+], ids=["zero0", "zero1-accum2", "zero2-offload", "zero2-bf16"])
+def test_zero_stages_precisions_and_offload_train(tmp_path, data_dir, ds_config, extra):
+    out = tmp_path / "run"
+    proc = deepspeed_train(2, [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=3",
+                               "train.eval_interval=3", f"train.ds_config={ds_config}", *extra, *COMMON])
+    assert_ok(proc)
+    losses = train_losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    assert (out / "checkpoints" / "step0000003").is_dir()
+
+
+def test_checkpoint_vocabulary_mismatch_is_refused(full_run, tmp_path):
+    other = tmp_path / "other"
+    src = tmp_path / "t.txt"
+    src.write_text("abc abc abd " * 500)
+    assert_ok(cli("prepare", "data.dataset=text", f"data.source={src}", f"data.data_dir={other}"))
+    proc = cli("eval", str(full_run), "--data-dir", str(other))
+    assert proc.returncode == 2
+    assert "different vocabulary" in proc.stderr and "data.data_dir" in proc.stderr

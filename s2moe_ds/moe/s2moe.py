@@ -67,7 +67,7 @@ class GaussianNoise(nn.Module):
         """Sample ``N1 * x + N2``. Given x, each element is Normal(x, sigma1^2 x^2 + sigma2^2), so one
         standard-normal draw ``x + sqrt(sigma1^2 x^2 + sigma2^2) * eps`` has exactly that distribution
         at half the random numbers (the draw cost 5% of a CPU training step); still reparameterised."""
-        s1, s2 = self.sigmas()
+        s1, s2 = (s.to(x_TD.dtype) for s in self.sigmas())  # buffers may stay fp32 under bf16 engines
         var = torch.addcmul(s2.square(), x_TD.square(), s1.square())
         return torch.addcmul(x_TD, var.sqrt(), torch.randn_like(x_TD))
 
