@@ -80,21 +80,62 @@ def model_state_file(ckpt_dir: Path) -> Path:
     return files[0]
 
 
-def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
-    """(model state dict, client state, checkpoint folder) from a run dir, checkpoints dir or tag dir."""
+def _load(f: Path) -> dict:
+    if not f.exists():
+        raise CheckpointError(f"{f} is missing: the checkpoint is incomplete")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or corrupt file
+        raise CheckpointError(f"cannot read {f} ({type(e).__name__}: {e}); the file is corrupt or truncated") from None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The newest tag folder under a run dir or checkpoints dir, or ``path`` itself if it is a tag folder."""
     path = Path(path)
     for root in (path / "checkpoints", path):
         tag = latest_tag(root)
         if tag:
-            path = root / tag
-            break
-    f = model_state_file(path)
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or corrupt file
-        raise CheckpointError(f"cannot read {f} ({type(e).__name__}: {e}); the file is corrupt or truncated") from None
-    client = {k: v for k, v in state.items() if k in ("step", "config", "vocab_fingerprint")}
-    return state["module"], client, path
+            return root / tag
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    return path
+
+
+def consolidated_state(ckpt_dir: Path, model_cfg: dict) -> dict:
+    """The model's full state dict in the *local* backend's layout (experts stacked ``[E, ...]``),
+    whatever expert-parallel layout wrote the checkpoint: DeepSpeed keeps expert weights out of
+    ``mp_rank_00_model_states.pt`` and writes ``layer_{L}_expert_{e}_..._model_states.pt`` per global expert."""
+    state = dict(_load(model_state_file(ckpt_dir))["module"])
+    moe = model_cfg["moe"]
+    if moe.get("backend", "local") != "deepspeed":
+        return state
+    n_layer = model_cfg["n_layer"]
+    layers = model_cfg["moe_layers"]
+    ids = sorted(layers) if isinstance(layers, list) else {
+        "all": list(range(n_layer)), "every_other": list(range(1, n_layer, 2)), "none": []}[layers]
+    marker = ".deepspeed_moe.experts.deepspeed_experts."
+    for moe_layer_id, block in enumerate(ids):
+        prefix = f"blocks.{block}.ffn.experts"
+        stacked: dict[str, list] = {}
+        for e in range(moe["num_experts"]):
+            f = ckpt_dir / f"layer_{moe_layer_id}_expert_{e}_mp_rank_00_model_states.pt"
+            for key, value in _load(f).items():
+                if marker not in key:
+                    raise CheckpointError(f"{f}: unexpected key {key!r}")
+                stacked.setdefault(key.rsplit(".", 1)[1], []).append(value)
+        for name, values in stacked.items():
+            state[f"{prefix}.{name}"] = torch.stack(values)
+    return state
+
+
+def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
+    """(state dict in the local layout, client state, checkpoint folder) from a run dir, checkpoints dir or tag."""
+    ckpt = find_checkpoint(path)
+    raw = _load(model_state_file(ckpt))
+    client = {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint")}
+    if "config" not in client:
+        raise CheckpointError(f"{ckpt} has no s2moe config in its client state: not written by s2moe_ds")
+    return consolidated_state(ckpt, client["config"]["model"]), client, ckpt
 
 
 def write_config(out_dir: Path, config: dict) -> None:

@@ -85,11 +85,15 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: int):
     import deepspeed
 
     t = cfg.train
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=t.lr, betas=(t.beta1, t.beta2))
+    groups = [{"name": "decay", "params": decay, "weight_decay": t.weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    # expert-parallel parameters (allreduce=False) need groups of their own for ZeRO
+    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / t.lr)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                    config=deepspeed_config(cfg, world))

@@ -31,6 +31,8 @@ from .monitor import quality
 def load_model(run: str, data_dir: Optional[str] = None) -> tuple[MoELanguageModel, dict, dict]:
     state, client, path = load_for_eval(run)
     cfg = config_from_dict(client["config"])
+    # evaluation runs in one process: experts of any expert-parallel layout are loaded stacked, locally
+    cfg.model.moe.backend, cfg.model.moe.ep_size = "local", 1
     if data_dir:
         cfg.data.data_dir = data_dir
     meta = read_meta(cfg.data.data_dir)

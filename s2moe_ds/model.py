@@ -147,14 +147,17 @@ class MoELanguageModel(nn.Module):
         return out
 
     def param_counts(self) -> dict:
-        """Parameters in total and active per token at inference (only eval_k experts of each MoE layer)."""
-        total = sum(p.numel() for p in self.parameters())
-        inactive = 0
+        """Parameters of the whole model (all experts, wherever they live) and active per token at
+        inference (only the experts a token is routed to under eval_k)."""
+        expert_params = {id(p) for _, layer in self.moe_layers() for p in layer.experts.parameters()}
+        shared = sum(p.numel() for p in self.parameters() if id(p) not in expert_params)
+        total = active = shared
         for _, layer in self.moe_layers():
-            per_expert = sum(p[0].numel() for p in layer.experts.parameters())
+            per_expert = layer.experts.params_per_expert()
             slots = layer.router.expected_slots(layer.router.cfg, layer.cfg.inference_k, layer.cfg.num_experts, False)
-            inactive += per_expert * max(layer.cfg.num_experts - slots, 0)
-        return {"total": total, "active_per_token": total - int(inactive)}
+            total += per_expert * layer.cfg.num_experts
+            active += per_expert * min(slots, layer.cfg.num_experts)
+        return {"total": total, "active_per_token": int(active)}
 
     @torch.no_grad()
     def generate(self, idx_BL: Tensor, new_tokens: int, temperature: float = 1.0, top_k: int = 0) -> Tensor:

@@ -63,6 +63,10 @@ def evaluate(engine, sampler: WindowSampler, cfg: Config, rank: int, dev) -> flo
 def train(cfg: Config) -> dict:
     t = cfg.train
     rank, world = init_distributed(t.dist_timeout_s)
+    ep = cfg.model.moe.ep_size
+    if world % ep:
+        raise ConfigError(f"config field 'model.moe.ep_size': the world size ({world}) must be a multiple of "
+                          f"ep_size ({ep}); launch {ep} x N processes or lower ep_size")
     dev = device()
     meta = read_meta(cfg.data.data_dir)
     if cfg.model.vocab_size == 0:

@@ -75,9 +75,20 @@ class MoEConfig:
     router_args: dict = field(default_factory=dict)
     """Fields of the chosen router's config dataclass (see ``s2moe_ds/moe/routers``)."""
     backend: str = "local"
-    """Expert backend: 'local' (dropless, any device)."""
+    """Expert backend: 'local' (dropless, one process holds every expert), 'deepspeed' (DeepSpeed's
+    expert-parallel MoE: experts sharded over ``ep_size`` ranks, all-to-all), 'megablocks' (CUDA only)."""
     backend_impl: str = "auto"
     """Local backend implementation: auto, loop, grouped_mm, padded_bmm, reference."""
+    ep_size: int = 1
+    """Expert-parallel size for the 'deepspeed'/'megablocks' backends: ranks sharing one layer's experts.
+    Must divide num_experts and the world size."""
+    ep_mode: str = "dropless"
+    """'dropless' (capacity = the largest expert load in the group, nothing dropped) or 'capacity'
+    (capacity_factor x K x tokens / E per expert, overflow dropped)."""
+    capacity_factor: float = 1.25
+    """Expert capacity multiplier in 'capacity' mode."""
+    min_capacity: int = 4
+    """Smallest expert capacity in 'capacity' mode."""
     s2moe: S2MoEConfig = field(default_factory=S2MoEConfig)
 
     @property
@@ -96,6 +107,15 @@ class MoEConfig:
         router_config(self.router, self.router_args, prefix=f"{prefix}.router_args")
         check_choice(f"{prefix}.backend", self.backend, BACKENDS)
         check_choice(f"{prefix}.backend_impl", self.backend_impl, IMPLS)
+        check_positive(f"{prefix}.ep_size", self.ep_size)
+        if self.num_experts % self.ep_size:
+            fail(f"{prefix}.ep_size", f"must divide num_experts ({self.num_experts}), got {self.ep_size}")
+        if self.ep_size > 1 and self.backend == "local":
+            fail(f"{prefix}.ep_size", f"is {self.ep_size} but backend 'local' keeps every expert in one process; "
+                 f"use backend 'deepspeed' (or 'megablocks' on CUDA) for expert parallelism")
+        check_choice(f"{prefix}.ep_mode", self.ep_mode, ("dropless", "capacity"))
+        check_positive(f"{prefix}.capacity_factor", self.capacity_factor)
+        check_positive(f"{prefix}.min_capacity", self.min_capacity, allow_zero=True)
         check_choice(f"{prefix}.activation", self.activation, ("gelu", "swiglu"))
         self.s2moe.validate(f"{prefix}.s2moe")
 
@@ -115,7 +135,9 @@ class MoELayer(nn.Module):
         self.layer_id = layer_id
         self.router = build_router(cfg.router, cfg.router_args, d_model, cfg.num_experts, layer_id=layer_id, seed=seed)
         spec = ExpertSpec(cfg.num_experts, d_model, cfg.d_ff or 4 * d_model, cfg.activation)
-        self.experts = build_backend(cfg.backend, spec, impl=cfg.backend_impl)
+        self.experts = build_backend(cfg.backend, spec, impl=cfg.backend_impl, ep_size=cfg.ep_size,
+                                     ep_mode=cfg.ep_mode, capacity_factor=cfg.capacity_factor,
+                                     min_capacity=cfg.min_capacity)
 
     def current_k(self) -> int:
         return self.cfg.k if self.training else self.cfg.inference_k

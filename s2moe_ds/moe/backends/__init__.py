@@ -1,19 +1,49 @@
-"""Expert backend registry. The distributed backends (DeepSpeed all-to-all, MegaBlocks) register here."""
+"""Expert backend registry: name -> factory(spec, options).
+
+Every backend implements ``forward(x_TD, ids_TK, weights_TK, num_out=None)``, ``forward_all(x_TD)`` and
+``params_per_expert()``. Distributed backends import their frameworks lazily, so choosing ``local``
+never imports DeepSpeed.
+"""
 from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
 
 from ...configtools import ConfigError
 from .base import ExpertBackend, ExpertSpec
 from .local import LocalDroplessBackend
 
-BACKENDS: dict[str, type[ExpertBackend]] = {
-    "local": LocalDroplessBackend,
+
+def _local(spec: ExpertSpec, impl: str = "auto", **_) -> nn.Module:
+    return LocalDroplessBackend(spec, impl=impl)
+
+
+def _deepspeed(spec: ExpertSpec, ep_size: int = 1, ep_mode: str = "dropless", capacity_factor: float = 1.25,
+               min_capacity: int = 4, **_) -> nn.Module:
+    from .deepspeed_ep import DeepSpeedEPBackend
+
+    return DeepSpeedEPBackend(spec, ep_size=ep_size, mode=ep_mode, capacity_factor=capacity_factor,
+                              min_capacity=min_capacity)
+
+
+def _megablocks(spec: ExpertSpec, **options) -> nn.Module:
+    from .megablocks_dmoe import MegaBlocksBackend
+
+    return MegaBlocksBackend(spec, **options)
+
+
+BACKENDS: dict[str, Callable[..., nn.Module]] = {
+    "local": _local,
+    "deepspeed": _deepspeed,
+    "megablocks": _megablocks,
 }
 
 
-def build_backend(name: str, spec: ExpertSpec, impl: str = "auto") -> ExpertBackend:
+def build_backend(name: str, spec: ExpertSpec, **options) -> nn.Module:
     if name not in BACKENDS:
         raise ConfigError(f"config field 'moe.backend': unknown backend {name!r}; valid values: {', '.join(BACKENDS)}")
-    return BACKENDS[name](spec, impl=impl)
+    return BACKENDS[name](spec, **options)
 
 
 __all__ = ["BACKENDS", "ExpertBackend", "ExpertSpec", "build_backend"]

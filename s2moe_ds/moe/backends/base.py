@@ -34,6 +34,22 @@ class ExpertSpec:
         check_choice(f"{prefix}.activation", self.activation, ACTIVATIONS)
 
 
+def init_expert(spec: ExpertSpec, base_seed: int, expert: int) -> dict:
+    """Initial weights of global expert ``expert``, from its own generator: the same whichever backend,
+    process or expert-parallel layout holds it (so ep=1 and ep=2 runs start identical)."""
+    g = torch.Generator().manual_seed((base_seed * 1_000_003 + expert) % (1 << 63))
+    D, Fh = spec.d_model, spec.d_ff
+    w = {"w1": torch.randn(D, Fh, generator=g) / math.sqrt(D), "w2": torch.randn(Fh, D, generator=g) / math.sqrt(Fh)}
+    if spec.activation == "swiglu":
+        w["w3"] = torch.randn(D, Fh, generator=g) / math.sqrt(D)
+    return w
+
+
+def draw_base_seed() -> int:
+    """One draw from the global RNG (so seeding the run seeds the experts)."""
+    return int(torch.randint(1 << 62, ()))
+
+
 class ExpertBackend(nn.Module):
     """2-layer FFN experts (GELU, or SwiGLU with a third matrix), weights stacked per expert."""
 
@@ -41,10 +57,11 @@ class ExpertBackend(nn.Module):
         super().__init__()
         spec.validate()
         self.spec = spec
-        E, D, Fh = spec.num_experts, spec.d_model, spec.d_ff
-        self.w1 = nn.Parameter(torch.randn(E, D, Fh) / math.sqrt(D))
-        self.w2 = nn.Parameter(torch.randn(E, Fh, D) / math.sqrt(Fh))
-        self.w3 = nn.Parameter(torch.randn(E, D, Fh) / math.sqrt(D)) if spec.activation == "swiglu" else None
+        base = draw_base_seed()
+        inits = [init_expert(spec, base, e) for e in range(spec.num_experts)]
+        self.w1 = nn.Parameter(torch.stack([w["w1"] for w in inits]))
+        self.w2 = nn.Parameter(torch.stack([w["w2"] for w in inits]))
+        self.w3 = nn.Parameter(torch.stack([w["w3"] for w in inits])) if spec.activation == "swiglu" else None
 
     def hidden(self, x_ND: Tensor, e: int) -> Tensor:
         h = x_ND @ self.w1[e]
@@ -72,6 +89,9 @@ class ExpertBackend(nn.Module):
         ``g f(x) + (1 - g) f(x_hat)`` straight from the combine, with no 2T-row intermediate.
         """
         raise NotImplementedError
+
+    def params_per_expert(self) -> int:
+        return sum(p[0].numel() for p in self.parameters())
 
     def flops_per_slot(self) -> int:
         """Forward FLOPs of one expert on one token (multiply-add = 2)."""

@@ -1,0 +1,175 @@
+"""Expert parallelism on DeepSpeed's native MoE: our routing, DeepSpeed's all-to-all and bookkeeping.
+
+Shape suffixes: T tokens, D model width, E experts, K routed slots per token, C capacity per expert.
+
+The backend *is* a ``deepspeed.moe.layer.MoE`` (the only thing the engine recognises): so the engine
+creates the ``ep_size_{N}`` groups, reduces expert gradients over the expert-data-parallel group, puts
+expert parameters in their own ZeRO groups, and writes one checkpoint file per global expert. What we
+change is the gate: DeepSpeed's ``MOELayer`` calls ``gate(tokens, used_token, sparse_routes, use_tutel)``
+and expects the 0.19.4+ 7-tuple ``(l_aux, C, E, indices[K,T], locations[K,T], gates[K,T], exp_counts[E])``.
+``RoutedGate`` builds that tuple from the decision our router already made (any router, S2MoE's
+concatenated pathways included), so the layer pays exactly one dispatch and one combine all-to-all.
+
+Capacity is agreed across the expert-parallel group before the all-to-all (an all-reduce of the max),
+so ranks that see different token counts exchange equal-sized buffers instead of hanging:
+- ``dropless`` (default): C = the largest per-expert slot count on any rank; nothing is dropped
+  (buffers are padded to C, DeepSpeed's layout);
+- ``capacity``: C = max(min_capacity, ceil(capacity_factor * K * T_max / E)) with T_max the largest
+  token count in the group; slots beyond C are dropped (their combine weight becomes 0), first choices
+  before second choices.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import ExpertSpec, draw_base_seed, init_expert
+from .local import fold_rows
+
+MODES = ("dropless", "capacity")
+
+
+class ExpertFFN(nn.Module):
+    """One expert: 2-layer FFN (GELU) or SwiGLU. DeepSpeed deep-copies it once per local expert."""
+
+    def __init__(self, spec: ExpertSpec):
+        super().__init__()
+        D, Fh = spec.d_model, spec.d_ff
+        # values come from init_expert (per global expert); allocate without touching the global RNG
+        self.w1 = nn.Parameter(torch.empty(D, Fh))
+        self.w2 = nn.Parameter(torch.empty(Fh, D))
+        self.w3 = nn.Parameter(torch.empty(D, Fh)) if spec.activation == "swiglu" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x @ self.w1
+        h = F.gelu(h) if self.w3 is None else F.silu(h) * (x @ self.w3)
+        return h @ self.w2
+
+
+def slot_locations(ids_KT: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """Position of each slot in its expert's buffer, filling first choices (k=0) first; and the counts."""
+    flat = ids_KT.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts_E = torch.bincount(flat, minlength=num_experts)
+    starts_E = counts_E.cumsum(0) - counts_E
+    loc = torch.empty_like(flat)
+    loc[order] = torch.arange(flat.numel(), device=flat.device) - starts_E[flat[order]]
+    return loc.view_as(ids_KT), counts_E
+
+
+class RoutedGate(nn.Module):
+    """DeepSpeed gate contract (7-tuple) fed by a routing decision set just before the call."""
+
+    def __init__(self, num_experts: int, mode: str, capacity_factor: float, min_capacity: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.mode = mode
+        self.capacity_factor = capacity_factor
+        self.min_capacity = min_capacity
+        self.ep_group = None
+        self._routing: Optional[tuple[Tensor, Tensor]] = None
+        self.dropped = 0
+
+    def _set_ep_group(self, ep_group) -> None:
+        self.ep_group = ep_group
+
+    def set_routing(self, ids_TK: Tensor, weights_TK: Tensor) -> None:
+        self._routing = (ids_TK, weights_TK)
+
+    def _group_max(self, value: int, device) -> int:
+        if self.ep_group is None or not dist.is_initialized() or dist.get_world_size(self.ep_group) == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.ep_group)
+        return int(t)
+
+    def forward(self, tokens_TD: Tensor, used_token=None, sparse_routes=True, use_tutel=False):
+        if self._routing is None:
+            raise RuntimeError("RoutedGate called without a routing decision; call the backend, not its MOELayer")
+        ids_TK, weights_TK = self._routing
+        self._routing = None
+        T, K = ids_TK.shape
+        ids_KT = ids_TK.t().contiguous()
+        loc_KT, counts_E = slot_locations(ids_KT, self.num_experts)
+        if self.mode == "dropless":
+            capacity = self._group_max(int(counts_E.max()) if T else 0, tokens_TD.device)
+        else:
+            t_max = self._group_max(T, tokens_TD.device)
+            capacity = max(self.min_capacity, math.ceil(self.capacity_factor * K * t_max / self.num_experts))
+        capacity = max(capacity, 1)
+        keep = loc_KT < capacity
+        self.dropped = int((~keep).sum())
+        indices = torch.where(keep, ids_KT, torch.full_like(ids_KT, -1)).to(torch.int32)
+        gates = weights_TK.t().float() * keep
+        l_aux = tokens_TD.new_zeros(())  # our router computes its own losses
+        return l_aux, capacity, self.num_experts, indices, loc_KT.to(torch.int32), gates, counts_E
+
+
+def _moe_base():
+    from deepspeed.moe.layer import MoE
+
+    return MoE
+
+
+class DeepSpeedEPBackend(_moe_base()):
+    """A ``deepspeed.moe.layer.MoE`` whose gate is driven by our router (see the module docstring)."""
+
+    def __init__(self, spec: ExpertSpec, ep_size: int = 1, mode: str = "dropless", capacity_factor: float = 1.25,
+                 min_capacity: int = 4):
+        spec.validate()
+        if spec.num_experts % ep_size:
+            raise ValueError(f"config field 'model.moe.ep_size': must divide num_experts ({spec.num_experts}), got {ep_size}")
+        base = draw_base_seed()
+        rng = torch.get_rng_state()  # DeepSpeed builds a TopKGate we replace: keep the global stream as local's
+        super().__init__(hidden_size=spec.d_model, expert=ExpertFFN(spec), num_experts=spec.num_experts,
+                         ep_size=ep_size, k=1, drop_tokens=mode == "capacity")
+        torch.set_rng_state(rng)
+        self.spec = spec
+        self.deepspeed_moe.gate = RoutedGate(spec.num_experts, mode, capacity_factor, min_capacity)
+        # DeepSpeed deep-copies one expert: give each global expert its own initial weights instead.
+        # DeepSpeed's expert-parallel rank is rank % ep_size (checked in set_deepspeed_parallelism).
+        self._assumed_ep_rank = dist.get_rank() % ep_size if dist.is_initialized() else 0
+        for j, expert in enumerate(self.deepspeed_moe.experts.deepspeed_experts):
+            init = init_expert(spec, base, self._assumed_ep_rank * self.num_local_experts + j)
+            with torch.no_grad():
+                for name, value in init.items():
+                    getattr(expert, name).copy_(value)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        if dist.is_initialized() and dist.get_world_size() % self.ep_size:
+            raise ValueError(f"config field 'model.moe.ep_size': the world size ({dist.get_world_size()}) must be "
+                             f"a multiple of ep_size ({self.ep_size})")
+        super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+        actual = dist.get_rank(self.deepspeed_moe.ep_group) if dist.is_initialized() else 0
+        if actual != self._assumed_ep_rank:
+            raise RuntimeError(f"expert-parallel rank {actual} differs from the {self._assumed_ep_rank} assumed when "
+                               f"initialising the experts (use_data_before_expert_parallel is not supported)")
+
+    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, num_out: Optional[int] = None) -> Tensor:
+        if self.ep_size > 1 and self.deepspeed_moe.ep_group is None:
+            raise RuntimeError("expert-parallel groups are not set up: wrap the model with deepspeed.initialize "
+                               "(or call set_deepspeed_parallelism()) before the first forward")
+        self.deepspeed_moe.gate.set_routing(ids_TK, weights_TK)
+        y_TD = self.deepspeed_moe(x_TD, None)
+        return fold_rows(y_TD, num_out or x_TD.shape[0])
+
+    def forward_all(self, x_TD: Tensor) -> Tensor:
+        """Every expert on every token in one dispatch: token t is replicated once per expert."""
+        T, E = x_TD.shape[0], self.num_experts
+        x_rep = x_TD.repeat(E, 1)
+        ids = torch.arange(E, device=x_TD.device).repeat_interleave(T).unsqueeze(-1)
+        y = self.forward(x_rep, ids, torch.ones_like(ids, dtype=x_TD.dtype))
+        return y.view(E, T, -1).transpose(0, 1)
+
+    def params_per_expert(self) -> int:
+        return sum(p.numel() for p in self.deepspeed_moe.experts.deepspeed_experts[0].parameters())
+
+    def local_expert_ids(self) -> range:
+        rank = dist.get_rank(self.deepspeed_moe.ep_group) if self.deepspeed_moe.ep_group is not None else 0
+        n = self.num_local_experts
+        return range(rank * n, (rank + 1) * n)
