@@ -112,6 +112,9 @@ class TrainConfig:
     resume: str = ""
     """'' starts fresh (refusing to overwrite a run that has checkpoints); 'auto' resumes the latest
     checkpoint in out_dir; or a checkpoint directory/tag path."""
+    portable_checkpoints: bool = True
+    """Also write each checkpoint's full fp32 weights and Adam moments per parameter (per global expert),
+    so a run can resume under a different ep_size / world size / ZeRO stage (see s2moe_ds/reshard.py)."""
     tensorboard: bool = True
     progress: bool = True
     """Progress bar on rank 0."""

@@ -29,6 +29,7 @@ from .distributed import all_reduce_mean, build_engine, device, init_distributed
 from .flops import flops_per_token
 from .model import MoELanguageModel
 from .monitor import Monitor, quality, reduce_metrics
+from .reshard import read_layout, resume_resharded, save_portable
 
 
 def tqdm_write(msg: str) -> None:
@@ -54,7 +55,7 @@ def evaluate(engine, sampler: WindowSampler, cfg: Config, rank: int, dev) -> flo
     engine.eval()
     losses = []
     for i in range(cfg.train.eval_iters):
-        x, y = sampler.batch(cfg.train.micro_batch_size, cfg.train.seed, step=-1, micro=i, rank=rank)
+        x, y = sampler.batch(cfg.train.micro_batch_size, cfg.train.seed, step=-1, index=i * 1000 + rank)
         losses.append(engine(x.to(dev), y.to(dev)).loss.float())
     engine.train()
     return float(all_reduce_mean(torch.stack(losses).mean()))
@@ -81,12 +82,20 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = MoELanguageModel(cfg.model, seed=t.seed).to(dev)
     engine, scheduler = build_engine(model, cfg, world)
+    layout = {"world": world, "ep_size": ep, "backend": cfg.model.moe.backend,
+              "zero_stage": engine.zero_optimization_stage()}
     start = 0
     if resume:
         root, tag = resume
-        path, client = engine.load_checkpoint(str(root), tag)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {root}/{tag}")
+        saved = read_layout(root / tag)
+        if saved is not None and saved != layout:
+            client = resume_resharded(engine, model, scheduler, root / tag)
+            if rank == 0:
+                print(f"[s2moe] resharded {root / tag}: {saved} -> {layout} (model and optimizer state)", flush=True)
+        else:
+            path, client = engine.load_checkpoint(str(root), tag)
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load checkpoint {root}/{tag}")
         check_compatible(client, meta, f"{root}/{tag}")
         start = client["step"]
 
@@ -105,7 +114,10 @@ def train(cfg: Config) -> dict:
 
     def save(step: int) -> None:
         client = {"step": step, "config": resolved, "vocab_fingerprint": vocab_fingerprint(meta)}
-        engine.save_checkpoint(str(out_dir / "checkpoints"), tag=f"step{step:07d}", client_state=client)
+        tag = f"step{step:07d}"
+        engine.save_checkpoint(str(out_dir / "checkpoints"), tag=tag, client_state=client)
+        if t.portable_checkpoints:
+            save_portable(engine, model, out_dir / "checkpoints" / tag, layout)
 
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.model.context
     progress = None
@@ -119,13 +131,17 @@ def train(cfg: Config) -> dict:
     end = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
     for step in range(start, end):
         model.set_step(step)
+        micro_losses = []
         for micro in range(t.grad_accum):
-            torch.manual_seed(stream_seed(t.seed, step, micro, rank, 1))
-            x, y = train_windows.batch(t.micro_batch_size, t.seed, step, micro, rank)
+            # the global micro-batch index: the same windows and noise whatever the (world, accum) split
+            g = micro * world + rank
+            torch.manual_seed(stream_seed(t.seed, step, g, 1))
+            x, y = train_windows.batch(t.micro_batch_size, t.seed, step, g)
             out = engine(x.to(dev), y.to(dev))
             engine.backward(out.loss + out.aux_loss)
             engine.step()
-        stats = all_reduce_mean(torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()]))
+            micro_losses.append(torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()]))
+        stats = all_reduce_mean(torch.stack(micro_losses).mean(0))
         loss, aux = float(stats[0]), float(stats[1])
         if not torch.isfinite(stats).all():
             raise NonFiniteLoss(f"step {step}: training loss is {loss} (aux {aux}); the weights are diverging. "

@@ -62,9 +62,9 @@ def test_sentencepiece_any_text(tmp_path):
 def test_sampler_is_a_function_of_seed_step_rank(tmp_path):
     tokens = np.arange(1000, dtype=np.uint16)
     s = WindowSampler(tokens, context=16)
-    x1, y1 = s.batch(4, seed=1, step=5, micro=0, rank=0)
-    x2, _ = s.batch(4, seed=1, step=5, micro=0, rank=0)
-    x3, _ = s.batch(4, seed=1, step=5, micro=0, rank=1)
+    x1, y1 = s.batch(4, seed=1, step=5, index=0)
+    x2, _ = s.batch(4, seed=1, step=5, index=0)
+    x3, _ = s.batch(4, seed=1, step=5, index=1)
     assert (x1 == x2).all() and not (x1 == x3).all()
     assert (y1[:, :-1] == x1[:, 1:]).all()  # targets are inputs shifted by one
     windows = list(s.sequential(batch_size=10))

@@ -163,3 +163,29 @@ def test_expert_parallel_resume_repeats_losses(ep_runs, tmp_path, data_dir):
     assert_ok(deepspeed_train(2, args + ["train.resume=auto"]))
     full, resumed = train_losses(ep_runs / "ep2"), train_losses(out)
     assert [resumed[s] for s in range(4, 7)] == [full[s] for s in range(4, 7)]
+
+
+def test_reshard_ep2_on_2_processes_to_ep1_on_1_process(ep_runs, tmp_path, data_dir):
+    """Saved with ep=2 on 2 processes, resumed with ep=1 on 1 process (2 micro-steps: same global
+    batch): model and optimizer state carry over, the losses continue as if nothing had changed."""
+    out = tmp_path / "ep2to1"
+    base = [f"data.data_dir={data_dir}", "train.steps=6", "train.save_interval=3", "train.eval_interval=3",
+            "model.moe.num_experts=4", f"train.out_dir={out}", "model.moe.backend=deepspeed", *COMMON]
+    assert_ok(deepspeed_train(2, base + ["model.moe.ep_size=2", "train.stop_at_step=3"]))
+    proc = deepspeed_train(1, base + ["model.moe.ep_size=1", "train.grad_accum=2", "train.resume=auto"])
+    assert_ok(proc)
+    assert "resharded" in proc.stdout + proc.stderr
+    full, resumed = train_losses(ep_runs / "ep2"), train_losses(out)
+    for s in range(4, 7):
+        assert resumed[s] == pytest.approx(full[s], rel=1e-4, abs=1e-5), (s, full[s], resumed[s])
+
+
+def test_reshard_local_1_process_to_ep2_on_2_processes(ep_runs, tmp_path, data_dir):
+    out = tmp_path / "1to2"
+    base = [f"data.data_dir={data_dir}", "train.steps=6", "train.save_interval=3", "train.eval_interval=3",
+            "model.moe.num_experts=4", f"train.out_dir={out}", *COMMON]
+    assert_ok(deepspeed_train(1, base + ["train.grad_accum=2", "train.stop_at_step=3"]))
+    assert_ok(deepspeed_train(2, base + ["model.moe.backend=deepspeed", "model.moe.ep_size=2", "train.resume=auto"]))
+    full, resumed = train_losses(ep_runs / "ep2"), train_losses(out)
+    for s in range(1, 7):
+        assert resumed[s] == pytest.approx(full[s], rel=1e-4, abs=1e-5), (s, full[s], resumed[s])

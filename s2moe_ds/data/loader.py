@@ -1,7 +1,8 @@
-"""Fixed-length training windows, sampled as a pure function of (seed, step, micro-step, rank).
+"""Fixed-length training windows, sampled as a pure function of (seed, step, global micro-batch index).
 
-No iterator state: resuming at step s draws exactly the windows an uninterrupted run would, and each
-data-parallel rank draws its own stream. Evaluation walks a split in consecutive, non-overlapping windows.
+No iterator state: resuming at step s draws exactly the windows an uninterrupted run would; each
+data-parallel rank and accumulation micro-step draws its own windows, and the same global batch comes
+out of 2 processes x 1 micro-step as of 1 process x 2 micro-steps. Evaluation walks a split in consecutive, non-overlapping windows.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ class WindowSampler:
         self.tokens = tokens
         self.context = context
 
-    def batch(self, batch_size: int, seed: int, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        g = np.random.default_rng(stream_seed(seed, step, micro, rank))
+    def batch(self, batch_size: int, seed: int, step: int, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows of micro-batch ``index`` of optimizer step ``step`` (index = micro * world + rank)."""
+        g = np.random.default_rng(stream_seed(seed, step, index))
         starts = g.integers(0, len(self.tokens) - self.context - 1, size=batch_size)
         return self._gather(starts)
 

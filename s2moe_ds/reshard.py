@@ -1,0 +1,198 @@
+"""Checkpoints that survive a change of parallel layout: model *and* optimizer state.
+
+DeepSpeed restores model weights but not the ZeRO-partitioned optimizer state when ``ep_size`` or the
+world size changes. So next to every DeepSpeed checkpoint we write a *portable* copy, keyed by
+layout-free names, and load from it whenever the layout differs:
+
+- every parameter's full fp32 value and Adam moments (``exp_avg``, ``exp_avg_sq``), gathered with
+  DeepSpeed's ``safe_get_full_*`` (ZeRO 1/2) or read directly (ZeRO 0);
+- expert parameters one entry per **global** expert (``blocks.3.ffn.experts.w1#5``), whatever backend
+  or expert-parallel rank held them: the local backend's stacked ``w1[5]`` and DeepSpeed's
+  ``...deepspeed_experts.{j}.w1`` on the rank owning expert 5 map to the same key;
+- the Adam step count. The learning-rate schedule and client state come from DeepSpeed's own files.
+
+Writers: rank 0 writes shared parameters, the first rank of each expert-data-parallel group writes its
+experts. Loading sets the module parameter, the fp32 master partition and both moments, then the step.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+PORTABLE = "s2moe_portable"
+_DS_EXPERT = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<j>\d+)\.(?P<w>\w+)$")
+_LOCAL_EXPERT = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<w>w[123])$")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _moe_backends(model) -> dict:
+    return {f"blocks.{i}.ffn.experts": layer.experts for i, layer in model.moe_layers()}
+
+
+def portable_keys(model) -> list[tuple[str, torch.nn.Parameter, list[tuple[str, int | None]]]]:
+    """(name, param, [(portable key, index along dim 0 or None)]) for every parameter."""
+    backends = _moe_backends(model)
+    out = []
+    for name, p in model.named_parameters():
+        m = _DS_EXPERT.match(name)
+        if m:
+            backend = backends[m["prefix"]]
+            e = backend.local_expert_ids()[int(m["j"])]
+            out.append((name, p, [(f"{m['prefix']}.{m['w']}#{e}", None)]))
+            continue
+        m = _LOCAL_EXPERT.match(name)
+        if m and m["prefix"] in backends:
+            out.append((name, p, [(f"{m['prefix']}.{m['w']}#{e}", e) for e in range(p.shape[0])]))
+            continue
+        out.append((name, p, [(name, None)]))
+    return out
+
+
+def _is_expert(p) -> bool:
+    return hasattr(p, "allreduce") and not p.allreduce
+
+
+def _writer(p) -> bool:
+    if not dist.is_initialized():
+        return True
+    if _is_expert(p):
+        from deepspeed.utils import groups
+
+        return groups._get_expert_data_parallel_rank(p.group_name) == 0
+    return dist.get_rank() == 0
+
+
+def _inner_optimizer(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _adam_step(engine) -> int:
+    for state in _inner_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _get(engine, p, key=None) -> torch.Tensor:
+    """Full fp32 value (key None) or moment of parameter ``p``; a collective under ZeRO 1/2."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    if hasattr(p, "_hp_mapping"):
+        return (safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)).detach().cpu()
+    if key is None:
+        return p.detach().float().cpu()
+    return _inner_optimizer(engine).state[p][key].detach().float().cpu()
+
+
+def save_portable(engine, model, ckpt_dir: Path, layout: dict) -> None:
+    """Write this rank's share of the portable state into ``ckpt_dir/s2moe_portable/``. Every rank calls it."""
+    _relink(engine)
+    entries = {}
+    for name, p, keys in portable_keys(model):
+        values = {"fp32": _get(engine, p)} | {k: _get(engine, p, k) for k in MOMENTS}
+        if not _writer(p):
+            continue
+        for key, index in keys:
+            entries[key] = {k: (v if index is None else v[index]).clone() for k, v in values.items()}
+    out = ckpt_dir / PORTABLE
+    out.mkdir(parents=True, exist_ok=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(entries, out / f"rank{rank:05d}.pt")
+    if rank == 0:
+        (out / "meta.json").write_text(json.dumps({"adam_step": _adam_step(engine), "layout": layout}))
+
+
+def read_portable(ckpt_dir: Path) -> tuple[dict, dict]:
+    from .checkpoint import CheckpointError
+
+    folder = ckpt_dir / PORTABLE
+    if not (folder / "meta.json").exists():
+        raise CheckpointError(f"{ckpt_dir} has no {PORTABLE}/ (written by s2moe_ds since expert-parallel resharding "
+                              f"was added): it can only be resumed with the parallel layout that wrote it")
+    merged = {}
+    for f in sorted(folder.glob("rank*.pt")):
+        merged.update(torch.load(f, map_location="cpu", weights_only=True))
+    return merged, json.loads((folder / "meta.json").read_text())
+
+
+def _relink(engine) -> None:
+    """ZeRO 1/2 map each parameter to its optimizer-state fragments when linking; torch creates Adam
+    state lazily at the first step, after DeepSpeed linked, so link again before reading or writing it."""
+    opt = engine.optimizer
+    if hasattr(opt, "_link_all_hp_params"):
+        opt._link_all_hp_params()
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def _ensure_state(engine, step: int) -> None:
+    """Give every optimizer tensor Adam state (created lazily by torch) and the saved step count."""
+    opt = _inner_optimizer(engine)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            for k in MOMENTS:
+                if k not in st:
+                    st[k] = torch.zeros_like(p, dtype=torch.float32)
+            st["step"] = torch.tensor(float(step)) if not isinstance(st.get("step"), int) else step
+
+
+def load_portable(engine, model, ckpt_dir: Path) -> dict:
+    """Load model and optimizer state written under any layout into this (different) layout."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from .checkpoint import CheckpointError
+
+    merged, meta = read_portable(ckpt_dir)
+    _ensure_state(engine, meta["adam_step"])
+    _relink(engine)
+    opt = _inner_optimizer(engine)
+    for name, p, keys in portable_keys(model):
+        missing = [k for k, _ in keys if k not in merged]
+        if missing:
+            raise CheckpointError(f"{ckpt_dir}/{PORTABLE} has no entry {missing[0]!r} for parameter {name}: "
+                                  f"the checkpoint is from a different model configuration")
+        full = {k: torch.stack([merged[key][k] for key, _ in keys]) if keys[0][1] is not None else merged[keys[0][0]][k]
+                for k in ("fp32",) + MOMENTS}
+        if full["fp32"].shape != p.shape:
+            raise CheckpointError(f"parameter {name}: checkpoint shape {tuple(full['fp32'].shape)} != model {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(full["fp32"].to(p.dtype))
+        if hasattr(p, "_hp_mapping"):
+            safe_set_full_fp32_param(p, full["fp32"].to(p.device))
+            for k in MOMENTS:
+                safe_set_full_optimizer_state(p, full[k].to(p.device), k)
+        else:
+            for k in MOMENTS:
+                opt.state[p][k].copy_(full[k])
+    return meta
+
+
+def read_layout(ckpt_dir: Path):
+    """The parallel layout that wrote a checkpoint, or None if it has no portable state."""
+    f = ckpt_dir / PORTABLE / "meta.json"
+    return json.loads(f.read_text())["layout"] if f.exists() else None
+
+
+def resume_resharded(engine, model, scheduler, ckpt_dir: Path) -> dict:
+    """Resume from a checkpoint written under another layout; returns the client state."""
+    from .checkpoint import _load, model_state_file
+
+    states = _load(model_state_file(ckpt_dir))
+    meta = load_portable(engine, model, ckpt_dir)
+    if states.get("lr_scheduler") is not None:
+        # the number of parameter groups depends on the layout (expert groups), so restore the schedule's
+        # position only and recompute each group's learning rate from the (pure) schedule
+        scheduler.last_epoch = states["lr_scheduler"]["last_epoch"]
+        lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+    engine.global_steps = states.get("global_steps", meta["adam_step"])
+    engine.global_samples = states.get("global_samples", 0)
+    return {k: states[k] for k in ("step", "config", "vocab_fingerprint") if k in states}
