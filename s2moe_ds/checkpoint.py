@@ -128,8 +128,47 @@ def consolidated_state(ckpt_dir: Path, model_cfg: dict) -> dict:
     return state
 
 
+def export_safetensors(run: str | Path, out: str | Path) -> Path:
+    """One consolidated file (local layout, every expert) + the config, loadable anywhere without DeepSpeed."""
+    from safetensors.torch import save_file
+
+    state, client, ckpt = load_for_eval(run)
+    if client["config"]["model"].get("tie_embeddings", True):
+        state.pop("head.weight", None)  # shares storage with tok_emb.weight; re-tied on load
+    meta = {"config": json.dumps(client["config"]), "step": str(client.get("step")),
+            "vocab_fingerprint": str(client.get("vocab_fingerprint", "")), "source": str(ckpt)}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    tmp.replace(out)
+    return out
+
+
+def _load_safetensors(path: Path) -> tuple[dict, dict, Path]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); not a valid safetensors file") from None
+    if "config" not in meta:
+        raise CheckpointError(f"{path} has no s2moe config in its metadata: export it with `s2moe export`")
+    client = {"config": json.loads(meta["config"]), "step": int(meta["step"]) if meta.get("step", "None") != "None" else None}
+    if meta.get("vocab_fingerprint"):
+        client["vocab_fingerprint"] = meta["vocab_fingerprint"]
+    if client["config"]["model"].get("tie_embeddings", True) and "head.weight" not in state:
+        state["head.weight"] = state["tok_emb.weight"]
+    return state, client, path
+
+
 def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
-    """(state dict in the local layout, client state, checkpoint folder) from a run dir, checkpoints dir or tag."""
+    """(state dict in the local layout, client state, source) from a run dir, checkpoints dir, tag dir
+    or an exported ``.safetensors`` file."""
+    if str(path).endswith(".safetensors"):
+        return _load_safetensors(Path(path))
     ckpt = find_checkpoint(path)
     raw = _load(model_state_file(ckpt))
     client = {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint")}

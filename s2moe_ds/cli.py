@@ -6,6 +6,7 @@ evaluate, sample.
     deepspeed --num_gpus 2 --module s2moe_ds.train --config configs/tiny.yaml
     s2moe eval runs/tiny
     s2moe sample runs/tiny --prompt "def "
+    s2moe export runs/tiny --out tiny.safetensors           # consolidated, any expert-parallel layout
 """
 from __future__ import annotations
 
@@ -30,13 +31,26 @@ def main_prepare(argv=None) -> int:
     return 0
 
 
+def main_export(argv=None) -> int:
+    from .checkpoint import export_safetensors
+
+    ap = argparse.ArgumentParser(prog="s2moe export", description="Write a checkpoint (any parallel layout) as one "
+                                 "consolidated .safetensors file with its config; `s2moe eval FILE` reads it.")
+    ap.add_argument("run", help="run directory, checkpoints/ folder or checkpoint tag folder")
+    ap.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    args = ap.parse_args(argv)
+    out = export_safetensors(args.run, args.out)
+    print(f"[s2moe export] wrote {out} ({out.stat().st_size:,} bytes)")
+    return 0
+
+
 def main_train(argv=None) -> int:
     from .train import main
 
     return main(argv)
 
 
-COMMANDS = {"prepare": main_prepare, "train": main_train}
+COMMANDS = {"prepare": main_prepare, "train": main_train, "export": main_export}
 
 
 def main(argv=None) -> int:

@@ -189,3 +189,16 @@ def test_reshard_local_1_process_to_ep2_on_2_processes(ep_runs, tmp_path, data_d
     full, resumed = train_losses(ep_runs / "ep2"), train_losses(out)
     for s in range(1, 7):
         assert resumed[s] == pytest.approx(full[s], rel=1e-4, abs=1e-5), (s, full[s], resumed[s])
+
+
+def test_export_expert_parallel_checkpoint_to_safetensors(ep_runs, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "ep2.safetensors"
+    assert_ok(cli("export", str(ep_runs / "ep2"), "--out", str(out)))
+    with safe_open(str(out), framework="pt") as f:
+        assert tuple(f.get_tensor("blocks.0.ffn.experts.w1").shape) == (4, 64, 256)  # all 4 experts, stacked
+        assert "config" in f.metadata()
+    from_file = json.loads(cli("eval", str(out), "--json", "--max-batches", "4").stdout.splitlines()[-1])
+    from_ckpt = json.loads(cli("eval", str(ep_runs / "ep2"), "--json", "--max-batches", "4").stdout.splitlines()[-1])
+    assert from_file["loss"] == from_ckpt["loss"] and from_file["step"] == 6

@@ -46,6 +46,9 @@ class S2MoEConfig:
     cores); 256 negatives ~27 ms, 64 ~12 ms (``benchmarks/bench_infonce.py``)."""
     inference: str = "clean"
     """At evaluation: 'clean' runs the clean pathway only; 'both' samples noise and mixes both."""
+    fused_dispatch: bool = True
+    """Route and dispatch both pathways together (one all-to-all per layer). False dispatches them
+    separately; only useful to measure what fusing saves (benchmarks/bench_expert_parallel.py)."""
 
     def validate(self, prefix: str = "moe.s2moe") -> None:
         check_choice(f"{prefix}.noise", self.noise, ("fixed", "learnable"))

@@ -73,12 +73,12 @@ class GaussianNoise(nn.Module):
 
 
 class S2MoELayer(MoELayer):
-    def __init__(self, cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0, fused_dispatch: bool = True):
+    def __init__(self, cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0):
         super().__init__(cfg, d_model, layer_id=layer_id, seed=seed)
         s = cfg.s2moe
         self.noise = GaussianNoise(s.sigma1, s.sigma2, d_model, learnable=s.noise == "learnable")
         self.gate = nn.Linear(d_model, 1)
-        self.fused_dispatch = fused_dispatch
+        self.fused_dispatch = s.fused_dispatch
 
     def pathways(self, x_TD: Tensor, x_hat_TD: Tensor) -> tuple[Tensor, Tensor, dict, dict]:
         """``f(x)`` and ``f(x_hat)`` through one routing + dispatch (or two, for comparison)."""
