@@ -33,12 +33,89 @@ def ckpt_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+
+
 def latest_tag(root: Path) -> Optional[str]:
     f = root / "latest"
     if not f.exists():
         return None
     tag = f.read_text().strip()
     return tag if (root / tag).is_dir() else None
+
+
+def write_manifest(ckpt_dir: Path) -> None:
+    """Record every file of a finished checkpoint (size and sha256) so loads can detect damage."""
+    files = {str(p.relative_to(ckpt_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    tmp = ckpt_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(files, indent=1))
+    tmp.replace(ckpt_dir / MANIFEST)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(ckpt_dir: Path) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file of a checkpoint."""
+    manifest = ckpt_dir / MANIFEST
+    if not manifest.exists():
+        raise CheckpointError(f"{ckpt_dir} has no {MANIFEST}: the checkpoint was never completed")
+    try:
+        files = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{manifest} is corrupt") from None
+    for rel, info in files.items():
+        f = ckpt_dir / rel
+        if not f.exists():
+            raise CheckpointError(f"checkpoint file {f} is missing")
+        if f.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"checkpoint file {f} is {f.stat().st_size} bytes, expected {info['bytes']} (truncated)")
+        if sha256_file(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {f} is corrupt (sha256 mismatch)")
+
+
+def checkpoint_tags(root: Path) -> list[str]:
+    """Published tags, newest first (by step)."""
+    tags = [p.name for p in root.glob("step*") if p.is_dir() and not p.name.endswith(PARTIAL)]
+    return sorted(tags, reverse=True)
+
+
+def newest_valid(root: Path, log=print) -> Optional[str]:
+    """The newest checkpoint that verifies; says which newer ones were skipped and why."""
+    for tag in checkpoint_tags(root):
+        try:
+            verify_checkpoint(root / tag)
+            return tag
+        except CheckpointError as e:
+            log(f"[s2moe] skipping checkpoint {root / tag}: {e}")
+    return None
+
+
+def publish(root: Path, partial_tag: str, tag: str, keep_last: int = 0) -> None:
+    """Rank 0, after every rank finished writing ``partial_tag``: manifest, rename, then ``latest``.
+    A crash at any point leaves either the previous ``latest`` or the new, complete one."""
+    import shutil
+
+    write_manifest(root / partial_tag)
+    final = root / tag
+    if final.exists():
+        shutil.rmtree(final)
+    (root / partial_tag).rename(final)
+    tmp = root / "latest.tmp"
+    tmp.write_text(tag)
+    tmp.replace(root / "latest")
+    if keep_last > 0:
+        valid = [t for t in checkpoint_tags(root) if (root / t / MANIFEST).exists()]
+        for old in valid[keep_last:]:
+            if old != tag:
+                shutil.rmtree(root / old, ignore_errors=True)
 
 
 def resolve_resume(resume: str, out_dir: str) -> Optional[tuple[Path, str]]:
@@ -52,14 +129,25 @@ def resolve_resume(resume: str, out_dir: str) -> Optional[tuple[Path, str]]:
         return None
     if resume == "auto":
         tag = latest_tag(root)
-        return (root, tag) if tag else None
+        if tag is None and not checkpoint_tags(root):
+            return None
+        valid = newest_valid(root)
+        if valid is None:
+            raise CheckpointError(f"train.resume=auto: no valid checkpoint under {root} (every one failed "
+                                  f"verification, see above); start a new train.out_dir or pass train.resume=PATH")
+        if valid != tag:
+            print(f"[s2moe] latest checkpoint {tag!r} is not usable; resuming from the newest valid one, {valid!r}",
+                  flush=True)
+        return root, valid
     path = Path(resume)
     if (path / "latest").exists():
         tag = latest_tag(path)
         if tag is None:
             raise CheckpointError(f"{path}/latest names a tag that does not exist")
+        verify_checkpoint(path / tag)
         return path, tag
     if path.is_dir() and any(path.glob("*model_states.pt")):
+        verify_checkpoint(path)
         return path.parent, path.name
     raise CheckpointError(f"train.resume={resume!r}: not 'auto' and not a checkpoint folder "
                           f"(expected a folder with *model_states.pt, or a checkpoints/ folder with 'latest')")
@@ -170,6 +258,7 @@ def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
     if str(path).endswith(".safetensors"):
         return _load_safetensors(Path(path))
     ckpt = find_checkpoint(path)
+    verify_checkpoint(ckpt)
     raw = _load(model_state_file(ckpt))
     client = {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint")}
     if "config" not in client:

@@ -112,6 +112,8 @@ class TrainConfig:
     resume: str = ""
     """'' starts fresh (refusing to overwrite a run that has checkpoints); 'auto' resumes the latest
     checkpoint in out_dir; or a checkpoint directory/tag path."""
+    keep_last: int = 0
+    """Keep only the newest N verified checkpoints (0 keeps all); the newest valid one is never deleted."""
     portable_checkpoints: bool = True
     """Also write each checkpoint's full fp32 weights and Adam moments per parameter (per global expert),
     so a run can resume under a different ep_size / world size / ZeRO stage (see s2moe_ds/reshard.py)."""
@@ -125,7 +127,7 @@ class TrainConfig:
         for name in ("steps", "micro_batch_size", "grad_accum", "lr", "eval_interval", "eval_iters", "log_interval",
                      "dist_timeout_s"):
             check_positive(f"train.{name}", getattr(self, name))
-        for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "save_interval", "stop_at_step"):
+        for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "save_interval", "stop_at_step", "keep_last"):
             check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         check_range("train.beta1", self.beta1, 0.0, 1.0)
         check_range("train.beta2", self.beta2, 0.0, 1.0)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from .checkpoint import CheckpointError, check_compatible, resolve_resume, vocab_fingerprint, write_config
+from .checkpoint import PARTIAL, CheckpointError, check_compatible, publish, resolve_resume, vocab_fingerprint, write_config
 from .config import Config, load_config
 from .data.loader import WindowSampler, stream_seed
 from .configtools import ConfigError
@@ -40,6 +43,27 @@ def tqdm_write(msg: str) -> None:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class StopRequest:
+    """SIGTERM / SIGINT (what SLURM sends before pre-emption, or Ctrl-C) only set a flag; at the end of
+    the step every rank learns whether any rank was signalled, so all save together and exit cleanly."""
+
+    def __init__(self):
+        self.name = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.name else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.name:
+            self.name = "a stop signal (on another rank)"
+        return bool(flag.item())
 
 
 def parse_args(argv=None):
@@ -103,6 +127,9 @@ def train(cfg: Config) -> dict:
     resolved = cfg.to_dict()
     if rank == 0:
         write_config(out_dir, resolved)
+        for stale in (out_dir / "checkpoints").glob("step*" + PARTIAL):
+            print(f"[s2moe] removing {stale}: an interrupted, never-published checkpoint write", flush=True)
+            shutil.rmtree(stale, ignore_errors=True)
     mon = Monitor(out_dir, rank == 0, t.tensorboard, resolved)
     counts = model.param_counts()
     flops_train = flops_per_token(cfg.model, training=True)
@@ -113,11 +140,17 @@ def train(cfg: Config) -> dict:
               f"steps {start}->{t.steps}" + (f" (resumed from {resume[0]}/{resume[1]})" if resume else ""), flush=True)
 
     def save(step: int) -> None:
+        """Write to ``{tag}.partial`` on every rank, then rank 0 verifies and publishes it as ``latest``."""
         client = {"step": step, "config": resolved, "vocab_fingerprint": vocab_fingerprint(meta)}
-        tag = f"step{step:07d}"
-        engine.save_checkpoint(str(out_dir / "checkpoints"), tag=tag, client_state=client)
+        root, tag = out_dir / "checkpoints", f"step{step:07d}"
+        partial = tag + PARTIAL
+        engine.save_checkpoint(str(root), tag=partial, client_state=client, save_latest=False)
         if t.portable_checkpoints:
-            save_portable(engine, model, out_dir / "checkpoints" / tag, layout)
+            save_portable(engine, model, root / partial, layout)
+        dist.barrier()
+        if rank == 0:
+            publish(root, partial, tag, keep_last=t.keep_last)
+        dist.barrier()
 
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.model.context
     progress = None
@@ -126,6 +159,7 @@ def train(cfg: Config) -> dict:
 
         progress = tqdm(total=t.steps, initial=start, desc="train", mininterval=2, file=sys.stderr, disable=None)
     result = {}
+    stop = StopRequest()
     engine.train()
     t_last, last_logged = time.perf_counter(), start
     end = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
@@ -166,9 +200,15 @@ def train(cfg: Config) -> dict:
             if rank == 0:
                 msg = f"[s2moe] step {done}: train loss {loss:.4f}  val loss {val:.4f}  val {qname} {result[f'val_{qname}']:.4f}"
                 tqdm_write(msg) if progress else print(msg, flush=True)
-        if (t.save_interval and done % t.save_interval == 0) or done == end:
+        stopping = stop.agreed()
+        if (t.save_interval and done % t.save_interval == 0) or done == end or stopping:
             save(done)
         mon.flush()
+        if stopping:
+            if rank == 0:
+                print(f"[s2moe] {stop.name} received: saved checkpoint step{done:07d} and stopped; "
+                      f"continue with train.resume=auto", flush=True)
+            break
     if progress:
         progress.close()
     mon.close()
