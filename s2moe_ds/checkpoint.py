@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from .configtools import ConfigError
+from .data.prepare import sha256_of
 
 
 class CheckpointError(ValueError):
@@ -47,19 +48,11 @@ def latest_tag(root: Path) -> Optional[str]:
 
 def write_manifest(ckpt_dir: Path) -> None:
     """Record every file of a finished checkpoint (size and sha256) so loads can detect damage."""
-    files = {str(p.relative_to(ckpt_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    files = {str(p.relative_to(ckpt_dir)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
              for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
     tmp = ckpt_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(files, indent=1))
     tmp.replace(ckpt_dir / MANIFEST)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_checkpoint(ckpt_dir: Path) -> None:
@@ -77,7 +70,7 @@ def verify_checkpoint(ckpt_dir: Path) -> None:
             raise CheckpointError(f"checkpoint file {f} is missing")
         if f.stat().st_size != info["bytes"]:
             raise CheckpointError(f"checkpoint file {f} is {f.stat().st_size} bytes, expected {info['bytes']} (truncated)")
-        if sha256_file(f) != info["sha256"]:
+        if sha256_of(f) != info["sha256"]:
             raise CheckpointError(f"checkpoint file {f} is corrupt (sha256 mismatch)")
 
 
