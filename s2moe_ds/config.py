@@ -112,6 +112,10 @@ class TrainConfig:
     resume: str = ""
     """'' starts fresh (refusing to overwrite a run that has checkpoints); 'auto' resumes the latest
     checkpoint in out_dir; or a checkpoint directory/tag path."""
+    max_skipped_steps: int = 10
+    """With ZeRO 1/2 a step whose loss or gradient is not finite is skipped (and counted in
+    TensorBoard as train/skipped_steps); this many skips in a row stop the run with a checkpoint of the
+    last good state. ZeRO 0 cannot skip: a non-finite loss stops the run at once."""
     keep_last: int = 0
     """Keep only the newest N verified checkpoints (0 keeps all); the newest valid one is never deleted."""
     portable_checkpoints: bool = True
@@ -127,7 +131,7 @@ class TrainConfig:
         for name in ("steps", "micro_batch_size", "grad_accum", "lr", "eval_interval", "eval_iters", "log_interval",
                      "dist_timeout_s"):
             check_positive(f"train.{name}", getattr(self, name))
-        for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "save_interval", "stop_at_step", "keep_last"):
+        for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "save_interval", "stop_at_step", "keep_last", "max_skipped_steps"):
             check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         check_range("train.beta1", self.beta1, 0.0, 1.0)
         check_range("train.beta2", self.beta2, 0.0, 1.0)

@@ -163,6 +163,9 @@ def train(cfg: Config) -> dict:
     engine.train()
     t_last, last_logged = time.perf_counter(), start
     end = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
+    skipped = consecutive = 0
+    inject = {int(v) for v in os.environ.get("S2MOE_INJECT_NONFINITE_AT", "").split(",") if v.strip()}
+    can_skip = engine.zero_optimization_stage() >= 1
     for step in range(start, end):
         model.set_step(step)
         micro_losses = []
@@ -172,20 +175,41 @@ def train(cfg: Config) -> dict:
             torch.manual_seed(stream_seed(t.seed, step, g, 1))
             x, y = train_windows.batch(t.micro_batch_size, t.seed, step, g)
             out = engine(x.to(dev), y.to(dev))
-            engine.backward(out.loss + out.aux_loss)
+            loss_total = out.loss + out.aux_loss
+            if step in inject:  # fault injection for the reliability tests (documented in README)
+                loss_total = loss_total * float("nan")
+            engine.backward(loss_total)
             engine.step()
-            micro_losses.append(torch.stack([out.loss.detach().float(), out.aux_loss.detach().float()]))
+            micro_losses.append(torch.stack([out.loss.detach().float(), loss_total.detach().float() - out.loss.detach().float()]))
         stats = all_reduce_mean(torch.stack(micro_losses).mean(0))
         loss, aux = float(stats[0]), float(stats[1])
-        if not torch.isfinite(stats).all():
+        finite = bool(torch.isfinite(stats).all())
+        if not finite and not can_skip:
             raise NonFiniteLoss(f"step {step}: training loss is {loss} (aux {aux}); the weights are diverging. "
                                 f"Lower train.lr, keep train.grad_clip > 0, or train in fp32; the last good "
                                 f"checkpoint is in {out_dir / 'checkpoints'} (resume with train.resume=auto)")
+        step_skipped = not (engine.was_step_applied() and finite)
+        if not step_skipped:
+            consecutive = 0
+        else:
+            # ZeRO 1/2 found a non-finite gradient norm and discarded the step (parameters unchanged)
+            skipped += 1
+            consecutive += 1
+            mon.scalars(step + 1, {"train/skipped_steps": skipped}, record="skip")
+            if rank == 0:
+                print(f"[s2moe] step {step + 1}: non-finite loss/gradient, step skipped "
+                      f"({consecutive} in a row, {skipped} in total)", flush=True)
+            if consecutive > t.max_skipped_steps:
+                save(step + 1)
+                raise NonFiniteLoss(f"{consecutive} steps in a row had a non-finite loss or gradient (limit "
+                                    f"train.max_skipped_steps={t.max_skipped_steps}); saved the last good state as "
+                                    f"checkpoint step{step + 1:07d}. Lower train.lr or check the data, then "
+                                    f"resume with train.resume=auto")
         done = step + 1
         if progress:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.3f}")
-        if done % t.log_interval == 0 or done == end:
+        if (done % t.log_interval == 0 or done == end) and not step_skipped:
             metrics = reduce_metrics(out.metrics)
             now = time.perf_counter()
             mon.scalars(done, {"train/loss": loss, f"train/{qname}": quality(loss, meta["tokenizer"])[1],

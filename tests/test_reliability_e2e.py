@@ -118,3 +118,26 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, data_dir):
     assert_ok(proc)
     assert "resuming from the newest valid one, 'step0000004'" in proc.stdout
     assert "steps 4->8" in proc.stdout
+
+
+def test_nonfinite_steps_are_skipped_counted_and_training_continues(tmp_path, data_dir):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+           "s2moe_ds.train", "--config", "configs/tiny.yaml", f"data.data_dir={data_dir}", f"train.out_dir={out}",
+           "train.steps=8", "train.save_interval=0", *COMMON]
+    e = env()
+    e["S2MOE_INJECT_NONFINITE_AT"] = "3,4"  # NaN losses on two steps (0-based), injected on every rank
+    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    assert "step 4: non-finite loss/gradient, step skipped (1 in a row" in proc.stdout
+    assert "step 5: non-finite loss/gradient, step skipped (2 in a row, 2 in total)" in proc.stdout
+    losses = train_losses(out)
+    assert sorted(losses) == [1, 2, 3, 6, 7, 8]
+    assert all(v == v for v in losses.values())  # finite after the skipped steps
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [ev.value for ev in acc.Scalars("train/skipped_steps")] == [1.0, 2.0]

@@ -93,10 +93,18 @@ def test_single_process_run_and_nonfinite_loss_message(tmp_path, data_dir):
     ok = single_train([f"data.data_dir={data_dir}", f"train.out_dir={tmp_path / 'one'}", "train.steps=3",
                        "train.eval_interval=3", *COMMON])
     assert_ok(ok)
+    # diverging weights: every step after the first is non-finite; ZeRO 2 skips them, then the run stops
     bad = single_train([f"data.data_dir={data_dir}", f"train.out_dir={tmp_path / 'nan'}", "train.steps=30",
-                        "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0", *COMMON])
-    assert bad.returncode != 0
-    assert "training loss is" in bad.stderr and "Lower train.lr" in bad.stderr
+                        "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0", "train.max_skipped_steps=3",
+                        *COMMON])
+    assert bad.returncode == 3
+    assert "4 steps in a row had a non-finite loss" in bad.stderr and "Lower train.lr" in bad.stderr
+    assert (tmp_path / "nan" / "checkpoints" / "latest").exists()
+    # ZeRO 0 cannot skip a step: it stops at once with the same advice
+    z0 = single_train([f"data.data_dir={data_dir}", f"train.out_dir={tmp_path / 'nan0'}", "train.steps=30",
+                       "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0",
+                       "train.ds_config=ds_configs/zero0.json", *COMMON])
+    assert z0.returncode == 3 and "training loss is" in z0.stderr and "Lower train.lr" in z0.stderr
 
 
 @pytest.mark.parametrize("ds_config,extra", [
