@@ -245,6 +245,12 @@ def _load_safetensors(path: Path) -> tuple[dict, dict, Path]:
     return state, client, path
 
 
+def read_client_state(ckpt_dir: Path) -> dict:
+    """The step, config and vocabulary fingerprint saved with a checkpoint."""
+    raw = _load(model_state_file(ckpt_dir))
+    return {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint")}
+
+
 def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
     """(state dict in the local layout, client state, source) from a run dir, checkpoints dir, tag dir
     or an exported ``.safetensors`` file."""

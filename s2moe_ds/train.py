@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import PARTIAL, CheckpointError, check_compatible, publish, resolve_resume, vocab_fingerprint, write_config
+from .checkpoint import (PARTIAL, CheckpointError, check_compatible, latest_tag, publish, read_client_state,
+                         resolve_resume, vocab_fingerprint, write_config)
 from .config import Config, load_config
 from .data.loader import WindowSampler, stream_seed
 from .configtools import ConfigError
@@ -43,6 +44,18 @@ def tqdm_write(msg: str) -> None:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail before training, not at the first checkpoint, when the run directory cannot be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"config field 'train.out_dir': {str(out_dir)!r} is not writable ({e.strerror or e}); "
+                          f"choose a directory you can write to") from None
 
 
 class StopRequest:
@@ -97,11 +110,12 @@ def train(cfg: Config) -> dict:
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["vocab_size"]
     elif cfg.model.vocab_size != meta["vocab_size"]:
-        raise ValueError(f"config field 'model.vocab_size' is {cfg.model.vocab_size} but the dataset in "
+        raise ConfigError(f"config field 'model.vocab_size' is {cfg.model.vocab_size} but the dataset in "
                          f"{cfg.data.data_dir} has {meta['vocab_size']} symbols; set it to 0 (take it from the data)")
     train_windows = WindowSampler(load_split(cfg.data.data_dir, "train", meta), cfg.model.context)
     val_windows = WindowSampler(load_split(cfg.data.data_dir, "val", meta), cfg.model.context)
     resume = resolve_resume(t.resume, t.out_dir)
+    check_writable(Path(t.out_dir))
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = MoELanguageModel(cfg.model, seed=t.seed).to(dev)
@@ -111,6 +125,7 @@ def train(cfg: Config) -> dict:
     start = 0
     if resume:
         root, tag = resume
+        check_compatible(read_client_state(root / tag), meta, f"{root}/{tag}")  # before any weight is loaded
         saved = read_layout(root / tag)
         if saved is not None and saved != layout:
             client = resume_resharded(engine, model, scheduler, root / tag)
@@ -144,9 +159,17 @@ def train(cfg: Config) -> dict:
         client = {"step": step, "config": resolved, "vocab_fingerprint": vocab_fingerprint(meta)}
         root, tag = out_dir / "checkpoints", f"step{step:07d}"
         partial = tag + PARTIAL
-        engine.save_checkpoint(str(root), tag=partial, client_state=client, save_latest=False)
-        if t.portable_checkpoints:
-            save_portable(engine, model, root / partial, layout)
+        try:
+            engine.save_checkpoint(str(root), tag=partial, client_state=client, save_latest=False)
+            if t.portable_checkpoints:
+                save_portable(engine, model, root / partial, layout)
+        except (OSError, RuntimeError) as e:
+            previous = latest_tag(root)
+            free = shutil.disk_usage(root).free
+            raise CheckpointError(f"writing checkpoint {root / partial} failed on rank {rank} ({e}; {free:,} bytes "
+                                  f"free on that file system); nothing was "
+                                  f"published, the previous checkpoint ({previous or 'none'}) is intact. Free space "
+                                  f"in {root} (or set train.keep_last) and resume with train.resume=auto") from None
         dist.barrier()
         if rank == 0:
             publish(root, partial, tag, keep_last=t.keep_last)
@@ -243,10 +266,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as e:
-        # a problem with the inputs or the run itself: one clear message per rank, no traceback
+    except (ConfigError, DataError, CheckpointError, NonFiniteLoss, OSError) as e:
+        # a problem with the inputs, the disk or the run itself: one clear message per rank, no traceback
         rank = os.environ.get("RANK", "0")
-        print(f"s2moe train [rank {rank}]: error: {e}", file=sys.stderr, flush=True)
+        where = " (while writing logs or checkpoints; published checkpoints are intact)" if isinstance(e, OSError) else ""
+        print(f"s2moe train [rank {rank}]: error: {e}{where}", file=sys.stderr, flush=True)
         return 3 if isinstance(e, NonFiniteLoss) else 2
     return 0
 
