@@ -33,8 +33,16 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     if "RANK" not in os.environ and not mpi:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-    deepspeed.init_distributed(auto_mpi_discovery=mpi, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # DeepSpeed creates its data- and expert-parallel groups with new_group(), which takes torch's
+    # module default (30 minutes), not the world group's timeout: set the default so every group's
+    # collectives fail after train.dist_timeout_s instead of hanging on a dead or stuck peer.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
+        c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(auto_mpi_discovery=mpi, verbose=False, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -46,6 +46,28 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def is_comm_failure(e: BaseException) -> bool:
+    """A collective failed because of the other ranks (gloo/NCCL report these as RuntimeError)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "NCCL", "gloo"))
+
+
+def inject_rank_fault(rank: int, step: int) -> None:
+    """``S2MOE_INJECT_FAULT=raise@R:S`` or ``hang@R:S``: rank R fails or stops responding at step S
+    (fault injection for the reliability tests)."""
+    spec = os.environ.get("S2MOE_INJECT_FAULT")
+    if not spec:
+        return
+    kind, where = spec.split("@")
+    r, s = (int(v) for v in where.split(":"))
+    if (r, s) != (rank, step):
+        return
+    if kind == "raise":
+        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+    time.sleep(10**6)
+
+
 def check_writable(out_dir: Path) -> None:
     """Fail before training, not at the first checkpoint, when the run directory cannot be written."""
     try:
@@ -201,6 +223,7 @@ def train(cfg: Config) -> dict:
             loss_total = out.loss + out.aux_loss
             if step in inject:  # fault injection for the reliability tests (documented in README)
                 loss_total = loss_total * float("nan")
+            inject_rank_fault(rank, step)
             engine.backward(loss_total)
             engine.step()
             micro_losses.append(torch.stack([out.loss.detach().float(), loss_total.detach().float() - out.loss.detach().float()]))
@@ -272,6 +295,19 @@ def main(argv=None) -> int:
         where = " (while writing logs or checkpoints; published checkpoints are intact)" if isinstance(e, OSError) else ""
         print(f"s2moe train [rank {rank}]: error: {e}{where}", file=sys.stderr, flush=True)
         return 3 if isinstance(e, NonFiniteLoss) else 2
+    except RuntimeError as e:
+        if not is_comm_failure(e):
+            raise
+        # a peer died (its connection closed) or stopped answering (train.dist_timeout_s passed)
+        rank = os.environ.get("RANK", "0")
+        print(f"s2moe train [rank {rank}]: error: a collective operation with the other ranks failed: another "
+              f"rank died or did not answer within train.dist_timeout_s; see the other ranks' messages above "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})", file=sys.stderr, flush=True)
+        return 4
+    except Exception as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"s2moe train [rank {rank}]: failed with an unexpected {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
     return 0
 
 

@@ -3,6 +3,7 @@ during a checkpoint write, SIGTERM (pre-emption), truncated checkpoint files, re
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -141,3 +142,43 @@ def test_nonfinite_steps_are_skipped_counted_and_training_continues(tmp_path, da
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     assert [ev.value for ev in acc.Scalars("train/skipped_steps")] == [1.0, 2.0]
+
+
+def _two_ranks_without_launcher(tmp_path, data_dir, fault, timeout_s):
+    """Two ranks started by hand (as mpirun or a scheduler would, no deepspeed launcher to kill
+    survivors): rank 1 fails; rank 0 must exit on its own within a bounded time, saying why."""
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        e = env()
+        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                 S2MOE_INJECT_FAULT=fault)
+        cmd = [sys.executable, "-m", "s2moe_ds.train", "--config", "configs/tiny.yaml", f"data.data_dir={data_dir}",
+               f"train.out_dir={tmp_path / 'run'}", "train.steps=50", f"train.dist_timeout_s={timeout_s}", *COMMON]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    t0 = time.time()
+    try:
+        out0 = procs[0].communicate(timeout=timeout_s + 90)  # the survivor must exit by itself
+    except subprocess.TimeoutExpired:
+        for q in procs:
+            q.kill()
+        raise AssertionError("rank 0 hung past the process-group timeout")
+    elapsed = time.time() - t0
+    try:
+        out1 = procs[1].communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # the stuck rank stays stuck; that is the fault being simulated
+        procs[1].kill()
+        out1 = procs[1].communicate()
+    return [p.returncode for p in procs], [out0, out1], elapsed
+
+
+def test_a_rank_that_raises_does_not_leave_the_others_hanging(tmp_path, data_dir):
+    codes, outs, _ = _two_ranks_without_launcher(tmp_path, data_dir, "raise@1:3", timeout_s=30)
+    assert codes[1] != 0 and "injected fault on rank 1 at step 3" in outs[1][1]
+    assert codes[0] == 4 and "another rank died or did not answer" in outs[0][1]
+
+
+def test_a_rank_that_hangs_is_bounded_by_the_process_group_timeout(tmp_path, data_dir):
+    codes, outs, elapsed = _two_ranks_without_launcher(tmp_path, data_dir, "hang@1:3", timeout_s=20)
+    assert codes[0] == 4 and "did not answer within train.dist_timeout_s" in outs[0][1], outs[0][1][-2000:]
+    assert "Timed out" in outs[0][1]
