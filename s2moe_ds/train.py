@@ -211,77 +211,80 @@ def train(cfg: Config) -> dict:
     skipped = consecutive = 0
     inject = {int(v) for v in os.environ.get("S2MOE_INJECT_NONFINITE_AT", "").split(",") if v.strip()}
     can_skip = engine.zero_optimization_stage() >= 1
-    for step in range(start, end):
-        model.set_step(step)
-        micro_losses = []
-        for micro in range(t.grad_accum):
-            # the global micro-batch index: the same windows and noise whatever the (world, accum) split
-            g = micro * world + rank
-            torch.manual_seed(stream_seed(t.seed, step, g, 1))
-            x, y = train_windows.batch(t.micro_batch_size, t.seed, step, g)
-            out = engine(x.to(dev), y.to(dev))
-            loss_total = out.loss + out.aux_loss
-            if step in inject:  # fault injection for the reliability tests (documented in README)
-                loss_total = loss_total * float("nan")
-            inject_rank_fault(rank, step)
-            engine.backward(loss_total)
-            engine.step()
-            micro_losses.append(torch.stack([out.loss.detach().float(), loss_total.detach().float() - out.loss.detach().float()]))
-        stats = all_reduce_mean(torch.stack(micro_losses).mean(0))
-        loss, aux = float(stats[0]), float(stats[1])
-        finite = bool(torch.isfinite(stats).all())
-        if not finite and not can_skip:
-            raise NonFiniteLoss(f"step {step}: training loss is {loss} (aux {aux}); the weights are diverging. "
-                                f"Lower train.lr, keep train.grad_clip > 0, or train in fp32; the last good "
-                                f"checkpoint is in {out_dir / 'checkpoints'} (resume with train.resume=auto)")
-        step_skipped = not (engine.was_step_applied() and finite)
-        if not step_skipped:
-            consecutive = 0
-        else:
-            # ZeRO 1/2 found a non-finite gradient norm and discarded the step (parameters unchanged)
-            skipped += 1
-            consecutive += 1
-            mon.scalars(step + 1, {"train/skipped_steps": skipped}, record="skip")
-            if rank == 0:
-                print(f"[s2moe] step {step + 1}: non-finite loss/gradient, step skipped "
-                      f"({consecutive} in a row, {skipped} in total)", flush=True)
-            if consecutive > t.max_skipped_steps:
-                save(step + 1)
-                raise NonFiniteLoss(f"{consecutive} steps in a row had a non-finite loss or gradient (limit "
-                                    f"train.max_skipped_steps={t.max_skipped_steps}); saved the last good state as "
-                                    f"checkpoint step{step + 1:07d}. Lower train.lr or check the data, then "
-                                    f"resume with train.resume=auto")
-        done = step + 1
+    try:
+        for step in range(start, end):
+            model.set_step(step)
+            micro_losses = []
+            for micro in range(t.grad_accum):
+                # the global micro-batch index: the same windows and noise whatever the (world, accum) split
+                g = micro * world + rank
+                torch.manual_seed(stream_seed(t.seed, step, g, 1))
+                x, y = train_windows.batch(t.micro_batch_size, t.seed, step, g)
+                out = engine(x.to(dev), y.to(dev))
+                loss_total = out.loss + out.aux_loss
+                if step in inject:  # fault injection for the reliability tests (documented in README)
+                    loss_total = loss_total * float("nan")
+                inject_rank_fault(rank, step)
+                engine.backward(loss_total)
+                engine.step()
+                micro_losses.append(torch.stack([out.loss.detach().float(), loss_total.detach().float() - out.loss.detach().float()]))
+            stats = all_reduce_mean(torch.stack(micro_losses).mean(0))
+            loss, aux = float(stats[0]), float(stats[1])
+            finite = bool(torch.isfinite(stats).all())
+            if not finite and not can_skip:
+                raise NonFiniteLoss(f"step {step}: training loss is {loss} (aux {aux}); the weights are diverging. "
+                                    f"Lower train.lr, keep train.grad_clip > 0, or train in fp32; the last good "
+                                    f"checkpoint is in {out_dir / 'checkpoints'} (resume with train.resume=auto)")
+            step_skipped = not (engine.was_step_applied() and finite)
+            if not step_skipped:
+                consecutive = 0
+            else:
+                # ZeRO 1/2 found a non-finite gradient norm and discarded the step (parameters unchanged)
+                skipped += 1
+                consecutive += 1
+                mon.scalars(step + 1, {"train/skipped_steps": skipped}, record="skip")
+                if rank == 0:
+                    print(f"[s2moe] step {step + 1}: non-finite loss/gradient, step skipped "
+                          f"({consecutive} in a row, {skipped} in total)", flush=True)
+                if consecutive > t.max_skipped_steps:
+                    save(step + 1)
+                    raise NonFiniteLoss(f"{consecutive} steps in a row had a non-finite loss or gradient (limit "
+                                        f"train.max_skipped_steps={t.max_skipped_steps}); saved the last good state as "
+                                        f"checkpoint step{step + 1:07d}. Lower train.lr or check the data, then "
+                                        f"resume with train.resume=auto")
+            done = step + 1
+            if progress:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.3f}")
+            if (done % t.log_interval == 0 or done == end) and not step_skipped:
+                metrics = reduce_metrics(out.metrics)
+                now = time.perf_counter()
+                mon.scalars(done, {"train/loss": loss, f"train/{qname}": quality(loss, meta["tokenizer"])[1],
+                                   "train/aux_loss": aux, "train/lr": scheduler.get_last_lr()[0],
+                                   "train/tokens_per_sec": tokens_per_step * (done - last_logged) / max(now - t_last, 1e-9)})
+                mon.moe(done, {k: float(v.detach()) for k, v in out.aux_losses.items()}, metrics)
+                t_last, last_logged = now, done
+            if done % t.eval_interval == 0 or done == end:
+                val = evaluate(engine, val_windows, cfg, rank, dev)
+                result = {"step": done, "val_loss": val, f"val_{qname}": quality(val, meta["tokenizer"])[1]}
+                mon.scalars(done, {"val/loss": val, f"val/{qname}": result[f"val_{qname}"]}, record="val")
+                if rank == 0:
+                    msg = f"[s2moe] step {done}: train loss {loss:.4f}  val loss {val:.4f}  val {qname} {result[f'val_{qname}']:.4f}"
+                    tqdm_write(msg) if progress else print(msg, flush=True)
+            stopping = stop.agreed()
+            if (t.save_interval and done % t.save_interval == 0) or done == end or stopping:
+                save(done)
+            mon.flush()
+            if stopping:
+                if rank == 0:
+                    print(f"[s2moe] {stop.name} received: saved checkpoint step{done:07d} and stopped; "
+                          f"continue with train.resume=auto", flush=True)
+                break
+    finally:
+        # logs written so far reach disk even when a step fails or a peer is lost
         if progress:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.3f}")
-        if (done % t.log_interval == 0 or done == end) and not step_skipped:
-            metrics = reduce_metrics(out.metrics)
-            now = time.perf_counter()
-            mon.scalars(done, {"train/loss": loss, f"train/{qname}": quality(loss, meta["tokenizer"])[1],
-                               "train/aux_loss": aux, "train/lr": scheduler.get_last_lr()[0],
-                               "train/tokens_per_sec": tokens_per_step * (done - last_logged) / max(now - t_last, 1e-9)})
-            mon.moe(done, {k: float(v.detach()) for k, v in out.aux_losses.items()}, metrics)
-            t_last, last_logged = now, done
-        if done % t.eval_interval == 0 or done == end:
-            val = evaluate(engine, val_windows, cfg, rank, dev)
-            result = {"step": done, "val_loss": val, f"val_{qname}": quality(val, meta["tokenizer"])[1]}
-            mon.scalars(done, {"val/loss": val, f"val/{qname}": result[f"val_{qname}"]}, record="val")
-            if rank == 0:
-                msg = f"[s2moe] step {done}: train loss {loss:.4f}  val loss {val:.4f}  val {qname} {result[f'val_{qname}']:.4f}"
-                tqdm_write(msg) if progress else print(msg, flush=True)
-        stopping = stop.agreed()
-        if (t.save_interval and done % t.save_interval == 0) or done == end or stopping:
-            save(done)
-        mon.flush()
-        if stopping:
-            if rank == 0:
-                print(f"[s2moe] {stop.name} received: saved checkpoint step{done:07d} and stopped; "
-                      f"continue with train.resume=auto", flush=True)
-            break
-    if progress:
-        progress.close()
-    mon.close()
+            progress.close()
+        mon.close()
     return result
 
 
@@ -303,7 +306,12 @@ def main(argv=None) -> int:
         print(f"s2moe train [rank {rank}]: error: a collective operation with the other ranks failed: another "
               f"rank died or did not answer within train.dist_timeout_s; see the other ranks' messages above "
               f"({type(e).__name__}: {str(e).splitlines()[0][:300]})", file=sys.stderr, flush=True)
-        return 4
+        # The process group is now wedged: tearing it down at interpreter exit can block on the lost peer or
+        # abort in gloo's destructors ("terminate called without an active exception"). Logs were closed by
+        # train(); flush what is buffered and leave without running that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(4)
     except Exception as e:
         rank = os.environ.get("RANK", "0")
         print(f"s2moe train [rank {rank}]: failed with an unexpected {type(e).__name__}: {e}", file=sys.stderr, flush=True)
