@@ -15,7 +15,10 @@ def init_single_process_dist(port: int = 29631) -> None:
         os.environ.setdefault(key, value)
     import deepspeed
 
+    from s2moe_ds.distributed import release_shm_name
+
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    release_shm_name()
 
 
 def interleaved_medians(candidates: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, float]:

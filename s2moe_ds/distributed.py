@@ -7,6 +7,7 @@ import json
 import math
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,11 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     """
     import deepspeed
 
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        # one task per process under srun (launch/slurm.sbatch, deepspeed --launcher slurm)
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_PORT", "29500")
     mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")) and "RANK" not in os.environ
     if "RANK" not in os.environ and not mpi:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -42,8 +48,30 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     c10d.default_pg_timeout = timeout
     if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
         c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(auto_mpi_discovery=mpi, verbose=False, timeout=timeout)
+    # under mpirun, DeepSpeed's mpi4py discovery sets RANK/WORLD_SIZE/LOCAL_RANK and rank 0's address;
+    # the port is the one the user exported (launch/mpirun.sh passes MASTER_PORT), 29500 otherwise
+    port = int(os.environ.get("MASTER_PORT", 29500))
+    deepspeed.init_distributed(auto_mpi_discovery=mpi, distributed_port=port, verbose=False, timeout=timeout)
+    release_shm_name()
     return dist.get_rank(), dist.get_world_size()
+
+
+def release_shm_name() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name from /dev/shm once every rank has mapped it.
+
+    DeepSpeed's shared-memory comm op (CPU accelerator) creates a 66 MiB POSIX shm segment per rank,
+    named ``deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}``, and never unlinks it:
+    every run left them in /dev/shm (RAM) until the machine ran out of memory. Peers open the segments
+    by name only inside initialisation, so after a barrier the name can go; the mappings stay valid and
+    the memory is returned when the last process exits, even when it is killed.
+    """
+    if not dist.is_initialized():
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every rank has finished mapping its peers' segments
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def device() -> torch.device:

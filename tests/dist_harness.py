@@ -14,9 +14,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world, port, queue, args):
+def _worker(fn, rank, world, port, queue, args, env):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", **env)
     try:
         import datetime
 
@@ -24,17 +24,20 @@ def _worker(fn, rank, world, port, queue, args):
         import torch
 
         torch.set_num_threads(1)
+        from s2moe_ds.distributed import release_shm_name
+
         deepspeed.init_distributed(dist_backend="gloo", verbose=False, timeout=datetime.timedelta(seconds=60))
+        release_shm_name()
         queue.put((rank, "ok", fn(rank, world, *args)))
     except Exception:
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_distributed(fn, world_size: int = 2, timeout: float = 120, args: tuple = ()) -> list:
+def run_distributed(fn, world_size: int = 2, timeout: float = 120, args: tuple = (), env: dict | None = None) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args, env or {})) for r in range(world_size)]
     for p in procs:
         p.start()
     results, errors = {}, []
