@@ -1,5 +1,5 @@
 """The `s2moe` command: prepare data, train (one process; use the `deepspeed` launcher for more),
-evaluate, sample.
+evaluate, sample, run experiment suites and write their report.
 
     s2moe prepare --config configs/tiny.yaml
     s2moe train --config configs/tiny.yaml train.steps=50      # single process
@@ -7,6 +7,8 @@ evaluate, sample.
     s2moe eval runs/tiny
     s2moe sample runs/tiny --prompt "def "
     s2moe export runs/tiny --out tiny.safetensors           # consolidated, any expert-parallel layout
+    s2moe experiment cpu-shakespeare                         # a suite of runs -> results/cpu-shakespeare
+    s2moe report results/cpu-shakespeare                     # -> docs/results.md with plots
 """
 from __future__ import annotations
 
@@ -56,7 +58,11 @@ COMMANDS = {"prepare": main_prepare, "train": main_train, "export": main_export}
 def main(argv=None) -> int:
     from .evaluate import main_eval, main_sample
 
-    commands = {**COMMANDS, "eval": main_eval, "sample": main_sample}
+    from .experiment import main_experiment
+    from .report import main_report
+
+    commands = {**COMMANDS, "eval": main_eval, "sample": main_sample, "experiment": main_experiment,
+                "report": main_report}
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)

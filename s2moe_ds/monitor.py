@@ -40,8 +40,18 @@ class Monitor:
                 self.writer.add_scalar(tag, v, step)
 
     def moe(self, step: int, aux_losses: dict, metrics: dict) -> None:
-        """Per-layer MoE diagnostics: each auxiliary loss, imbalance, entropy, gate, noise; expert load."""
-        if not self.enabled or not self.writer:
+        """Per-layer MoE diagnostics: each auxiliary loss, imbalance, entropy, gate, noise; expert load.
+
+        TensorBoard gets scalars and a load histogram; metrics.jsonl gets one ``moe`` record with the
+        same numbers (expert loads as lists) for the experiment report."""
+        if not self.enabled:
+            return
+        record = {"kind": "moe", "step": step, **{f"aux/{n}": float(v) for n, v in aux_losses.items()}}
+        for name, v in metrics.items():
+            v = v.detach().float().cpu()
+            record[name] = v.tolist() if v.numel() > 1 else float(v)
+        self.jsonl.write(json.dumps(record) + "\n")
+        if not self.writer:
             return
         for name, v in aux_losses.items():
             self.writer.add_scalar(f"moe/{name.replace('/', '/aux_')}", float(v), step)

@@ -1,0 +1,289 @@
+"""Experiment suites: train and evaluate a list of configs over a seed list, resumably, into one table.
+
+    s2moe experiment cpu-shakespeare                          # experiments/cpu-shakespeare.yaml
+    s2moe experiment cpu-shakespeare --seeds 0 --steps 200 --only smoe-top2,s2moe --out results/quick
+    s2moe experiment experiments/my_suite.yaml --nproc 2      # each run under the deepspeed launcher
+    s2moe report results/cpu-shakespeare                      # docs/results.md and its plots
+
+A suite file (YAML) names a base config, overrides shared by every run, the seeds, the evaluation
+and the variants (each a config and/or overrides). Every (variant, seed) trains into
+``<out>/runs/<variant>-seed<S>`` with ``train.resume=auto``, then is evaluated on the suite's split at
+its training top-k and at each extra inference top-k, and analysed (``s2moe_ds.analysis``); its
+``result.json`` marks it done. Rerunning the same command after an interruption skips finished runs
+and resumes an unfinished one from its last checkpoint. ``results.json``, ``results.csv`` and
+``results.md`` (mean and standard deviation over seeds) are rewritten after every run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from .configtools import ConfigError
+from .config import REPO_ROOT
+
+SUITE_DIR = REPO_ROOT / "experiments"
+SUITE_KEYS = {"description", "base", "overrides", "seeds", "eval", "variants", "nproc"}
+
+
+def find_suite(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise ConfigError(f"suite file {name!r} does not exist")
+        return p
+    path = SUITE_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(q.stem for q in SUITE_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown suite {name!r}; known suites: {', '.join(known)} (or pass a suite .yaml path)")
+    return path
+
+
+def load_suite(path: Path) -> dict:
+    suite = yaml.safe_load(path.read_text()) or {}
+    unknown = set(suite) - SUITE_KEYS
+    if unknown:
+        raise ConfigError(f"suite {path}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(SUITE_KEYS)}")
+    if not suite.get("variants"):
+        raise ConfigError(f"suite {path}: 'variants' must list at least one variant (name + config/overrides)")
+    names = [v.get("name") for v in suite["variants"]]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"suite {path}: every variant needs a unique 'name'; got {names}")
+    suite.setdefault("base", None)
+    suite.setdefault("overrides", [])
+    suite.setdefault("seeds", [0])
+    suite.setdefault("nproc", 1)
+    ev = suite.setdefault("eval", {})
+    ev.setdefault("split", "val")
+    ev.setdefault("extra_k", [1])
+    ev.setdefault("analysis_tokens", 512)
+    suite["name"] = path.stem
+    return suite
+
+
+def run_spec(suite: dict, variant: dict, seed: int, steps: Optional[int]) -> dict:
+    """Everything that decides a run's numbers: its config file and overrides, in order."""
+    overrides = list(suite["overrides"]) + list(variant.get("overrides", [])) + [f"train.seed={seed}"]
+    if steps:
+        overrides.append(f"train.steps={steps}")
+    return {"variant": variant["name"], "seed": seed, "config": variant.get("config") or suite["base"],
+            "overrides": overrides, "nproc": suite["nproc"]}
+
+
+def train_command(spec: dict, run_dir: Path) -> list[str]:
+    args = ["--config", spec["config"], *spec["overrides"], f"train.out_dir={run_dir}", "train.resume=auto",
+            "train.progress=false"]
+    if spec["nproc"] > 1:
+        return ["deepspeed", "--num_gpus", str(spec["nproc"]), "--module", "s2moe_ds.train", *args]
+    return [sys.executable, "-m", "s2moe_ds.train", *args]
+
+
+def _train(spec: dict, run_dir: Path) -> float:
+    cmd = train_command(spec, run_dir)
+    print("+ " + shlex.join(cmd), flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(run_dir / "train.log", "a") as log:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (run_dir / "train.log").read_text().splitlines()[-15:]
+        raise RuntimeError(f"training {spec['variant']} seed {spec['seed']} failed (exit {proc.returncode}); "
+                           f"last lines of {run_dir / 'train.log'}:\n" + "\n".join(tail))
+    return wall
+
+
+def evaluate_run(run_dir: Path, suite: dict) -> tuple[list[dict], list[dict]]:
+    """Rows (one per inference setting) and the per-layer analysis of a finished run."""
+    from .analysis import analyse
+    from .data.loader import WindowSampler
+    from .data.prepare import load_split
+    from .evaluate import evaluate_model, load_model
+    from .flops import flops_per_token
+
+    torch.manual_seed(0)
+    model, meta, info = load_model(str(run_dir))
+    cfg = info["config"]
+    moe = cfg.model.moe
+    is_moe = bool(cfg.model.moe_layer_ids())
+    settings = [("train_k", moe.k if is_moe else None, None)]
+    if is_moe:
+        settings += [(f"top{k}", k, None) for k in suite["eval"]["extra_k"] if k != moe.k]
+        if moe.s2moe.enabled and suite["eval"].get("s2moe_both_pathways", True):
+            settings.append((f"top{moe.k}-both", moe.k, "both"))
+    rows = []
+    for label, k, pathways in settings:
+        if is_moe:
+            model.set_inference(k=k, pathways=pathways or ("clean" if moe.s2moe.enabled else None))
+        res = evaluate_model(model, meta, cfg.data.data_dir, suite["eval"]["split"])
+        rows.append({"inference": label, "k": res.k if is_moe else 0, "pathways": res.pathways if moe.s2moe.enabled and is_moe else "",
+                     "loss": res.loss, res.metric: res.value, "metric": res.metric, "tokens": res.tokens,
+                     "inference_mflops_per_token": res.inference_gflops_per_token * 1e3,
+                     "train_mflops_per_token": flops_per_token(cfg.model, training=True) / 1e6,
+                     "tokens_per_sec": res.tokens_per_sec, "params_total": res.params_total,
+                     "params_active": res.params_active, "step": info["step"]})
+    if is_moe:  # analyse at the training top-k, clean pathway
+        model.set_inference(k=moe.k, pathways="clean" if moe.s2moe.enabled else None)
+    val = load_split(cfg.data.data_dir, suite["eval"]["split"], meta)
+    n = max(1, suite["eval"]["analysis_tokens"] // cfg.model.context)
+    x, _ = next(WindowSampler(val, cfg.model.context).sequential(n, 1))
+    return rows, analyse(model, x)
+
+
+def aggregate(out: Path, suite: dict) -> list[dict]:
+    """Collect every finished run's rows and rewrite results.json / results.csv / results.md."""
+    rows = []
+    for variant in suite["variants"]:
+        for seed in suite["seeds"]:
+            f = out / "runs" / f"{variant['name']}-seed{seed}" / "result.json"
+            if f.exists():
+                r = json.loads(f.read_text())
+                rows += [{"variant": r["variant"], "seed": r["seed"], "train_wall_s": r["train_wall_s"], **row}
+                         for row in r["rows"]]
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    if rows:
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with open(out / "results.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+    (out / "results.md").write_text(summary_markdown(rows))
+    return rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def fmt(values: list[float], digits: int = 4) -> str:
+    m, s = mean_std(values)
+    return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """One entry per (variant, inference setting): values over seeds, in first-seen order."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["inference"]), []).append(r)
+    out = []
+    for (variant, inference), rs in groups.items():
+        metric = rs[0]["metric"]
+        out.append({"variant": variant, "inference": inference, "k": rs[0]["k"], "pathways": rs[0]["pathways"],
+                    "metric": metric, "values": [r[metric] for r in rs], "seeds": [r["seed"] for r in rs],
+                    "inference_mflops_per_token": rs[0]["inference_mflops_per_token"],
+                    "train_mflops_per_token": rs[0]["train_mflops_per_token"],
+                    "tokens_per_sec": [r["tokens_per_sec"] for r in rs],
+                    "train_wall_s": [r["train_wall_s"] for r in rs], "step": rs[0]["step"]})
+    return out
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "No finished runs yet.\n"
+    metric = rows[0]["metric"]
+    lines = [f"| variant | inference | val {metric} (mean ± std) | seeds | train MFLOPs/token | "
+             f"inference MFLOPs/token | eval tokens/s | train wall s/run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summary_rows(rows):
+        how = f" (k={s['k']}" + (f", {s['pathways']}" if s["pathways"] else "") + ")" if s["k"] else ""
+        lines.append(f"| {s['variant']} | {s['inference']}{how} "
+                     f"| {fmt(s['values'])} | {len(s['values'])} | {s['train_mflops_per_token']:.3f} "
+                     f"| {s['inference_mflops_per_token']:.3f} | {statistics.fmean(s['tokens_per_sec']):,.0f} "
+                     f"| {statistics.fmean(s['train_wall_s']):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def prepare_data(suite: dict) -> None:
+    from .config import load_config
+    from .data.prepare import prepare
+
+    cfg = load_config(suite["base"] or suite["variants"][0]["config"], suite["overrides"]).data
+    if (Path(cfg.data_dir) / "meta.json").exists() or (REPO_ROOT / cfg.data_dir / "meta.json").exists():
+        return
+    print(f"[s2moe experiment] preparing {cfg.dataset} into {cfg.data_dir}", flush=True)
+    prepare(cfg.dataset, cfg.data_dir, cfg.source, cfg.tokenizer, cfg.vocab_size)
+
+
+def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optional[list[str]] = None,
+              command: str = "") -> list[dict]:
+    variants = suite["variants"]
+    if only:
+        unknown = set(only) - {v["name"] for v in variants}
+        if unknown:
+            raise ConfigError(f"--only: unknown variant(s) {sorted(unknown)}; the suite has "
+                              f"{', '.join(v['name'] for v in variants)}")
+        variants = [v for v in variants if v["name"] in only]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps({"suite": suite["name"], "description": suite.get("description", ""),
+                                                "command": command or f"s2moe experiment {suite['name']}",
+                                                "seeds": suite["seeds"], "steps": steps}, indent=1))
+    prepare_data(suite)
+    # seed-major: an interrupted or time-boxed suite has every variant on the first seeds
+    todo = [(v, s) for s in suite["seeds"] for v in variants]
+    for n, (variant, seed) in enumerate(todo, 1):
+        spec = run_spec(suite, variant, seed, steps)
+        run_dir = out / "runs" / f"{variant['name']}-seed{seed}"
+        spec_file, result_file = run_dir / "spec.json", run_dir / "result.json"
+        if spec_file.exists():
+            old = json.loads(spec_file.read_text())
+            if old != spec:
+                raise ConfigError(f"{run_dir} was started with a different spec ({old}) than this command's "
+                                  f"({spec}); use another --out, or move that run away to restart it")
+        if result_file.exists():
+            print(f"[s2moe experiment] {n}/{len(todo)} {variant['name']} seed {seed}: done earlier, skipped", flush=True)
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec_file.write_text(json.dumps(spec, indent=1))
+        print(f"[s2moe experiment] {n}/{len(todo)} {variant['name']} seed {seed}", flush=True)
+        resumed = (run_dir / "checkpoints" / "latest").exists()
+        wall = _train(spec, run_dir)
+        rows, layers = evaluate_run(run_dir, suite)
+        tmp = result_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**spec, "train_wall_s": wall, "resumed": resumed, "rows": rows,
+                                   "analysis": layers}, indent=1))
+        os.replace(tmp, result_file)
+        for r in rows:
+            print(f"[s2moe experiment]   {r['inference']}: val {r['metric']} {r[r['metric']]:.4f}, "
+                  f"{r['inference_mflops_per_token']:.3f} MFLOPs/token", flush=True)
+        aggregate(out, suite)
+    rows = aggregate(out, suite)
+    print(f"[s2moe experiment] results: {out / 'results.md'} ({len(rows)} rows)", flush=True)
+    print((out / "results.md").read_text(), flush=True)
+    return rows
+
+
+def main_experiment(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="s2moe experiment", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suite", help="a suite name from experiments/ or a suite .yaml path")
+    ap.add_argument("--out", default=None, help="results folder (default: results/<suite>)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the suite's list")
+    ap.add_argument("--steps", type=int, default=None, help="train.steps for every run (a shorter budget)")
+    ap.add_argument("--only", default=None, help="comma-separated variant names to run")
+    ap.add_argument("--nproc", type=int, default=None, help="processes per run (>1 uses the deepspeed launcher)")
+    args = ap.parse_args(argv)
+    suite = load_suite(find_suite(args.suite))
+    if args.seeds:
+        try:
+            suite["seeds"] = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+    if args.nproc:
+        suite["nproc"] = args.nproc
+    out = Path(args.out or REPO_ROOT / "results" / suite["name"]).resolve()
+    os.chdir(REPO_ROOT)  # configs, data_dir and ds_config paths in the suite are relative to the repository
+    command = "s2moe experiment " + shlex.join(sys.argv[2:] if argv is None else argv)
+    run_suite(suite, out, args.steps, args.only.split(",") if args.only else None, command)
+    return 0

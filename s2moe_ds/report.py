@@ -1,0 +1,281 @@
+"""Write a results report (Markdown + matplotlib PNGs) from an experiment folder.
+
+    s2moe report results/cpu-shakespeare                       # -> docs/results.md, docs/results/*.png
+    s2moe report results/quick --out /tmp/report.md
+
+Every number in the report is read from the folder's runs (``result.json`` and ``metrics.jsonl``);
+the statements about the S2MoE claim are computed from those numbers, whichever way they come out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+from .configtools import ConfigError
+from .experiment import REPO_ROOT, fmt, mean_std, summary_markdown, summary_rows
+
+
+def load_runs(folder: Path) -> list[dict]:
+    """Finished runs in the order of the results table (the suite's variant order, then seed)."""
+    rows = json.loads((folder / "results.json").read_text())
+    runs = []
+    for key in dict.fromkeys((r["variant"], r["seed"]) for r in rows):
+        d = folder / "runs" / f"{key[0]}-seed{key[1]}"
+        r = json.loads((d / "result.json").read_text())
+        r["dir"] = d
+        runs.append(r)
+    if not runs:
+        raise ConfigError(f"{folder} has no finished runs (no runs/*/result.json); run `s2moe experiment` first")
+    return runs
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    f = run_dir / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def _variants(runs: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["variant"] for r in runs))
+
+
+def claims(rows: list[dict]) -> list[str]:
+    """Plain statements computed from the table: the S2MoE claim, dense vs MoE, where S2MoE loses."""
+    summ = {(s["variant"], s["inference"]): s for s in summary_rows(rows)}
+    by_seed = {(r["variant"], r["inference"], r["seed"]): r for r in rows}
+    out = []
+    metric = rows[0]["metric"]
+    s2 = next((s for (v, i), s in summ.items() if v.startswith("s2moe") and i == "train_k"), None)
+    smoe = summ.get(("smoe-top2", "train_k"))
+    if s2 and smoe:
+        seeds = sorted(set(s2["seeds"]) & set(smoe["seeds"]))
+        gaps = [100 * (by_seed[(s2["variant"], "train_k", s)][metric] / by_seed[("smoe-top2", "train_k", s)][metric] - 1)
+                for s in seeds]
+        m, sd = mean_std(gaps)
+        spread = "" if math.isnan(sd) else f" ± {sd:.2f}"
+        verdict = "within" if abs(m) <= 1.0 else ("better than" if m < 0 else "outside")
+        out.append(f"**S2MoE claim (top-1 at inference within 1% {metric} of SMoE top-2):** S2MoE top-1 "
+                   f"{fmt(s2['values'])} vs SMoE top-2 {fmt(smoe['values'])}; paired gap over seeds {seeds}: "
+                   f"{m:+.2f}%{spread} (positive = S2MoE worse). Verdict on this run: **{verdict} 1%**"
+                   + ("" if len(seeds) > 2 else " (too few seeds to be more than an anecdote)") + ".")
+        out.append(f"Training cost: S2MoE {s2['train_mflops_per_token']:.3f} vs SMoE top-2 "
+                   f"{smoe['train_mflops_per_token']:.3f} MFLOPs/token (the two pathways at top-1 do the expert "
+                   f"work of top-2; S2MoE adds the gate and noise). Inference: {s2['inference_mflops_per_token']:.3f} "
+                   f"vs {smoe['inference_mflops_per_token']:.3f} MFLOPs/token, "
+                   f"{100 * (1 - s2['inference_mflops_per_token'] / smoe['inference_mflops_per_token']):.1f}% less "
+                   f"for the whole model (attention and embeddings included); measured eval throughput "
+                   f"{statistics.fmean(s2['tokens_per_sec']):,.0f} vs {statistics.fmean(smoe['tokens_per_sec']):,.0f} tokens/s.")
+        smoe1 = summ.get(("smoe-top2", "top1"))
+        if smoe1:
+            out.append(f"For reference, SMoE trained top-2 but run top-1 at inference scores {fmt(smoe1['values'])}: "
+                       f"the fair one-expert comparison for S2MoE's {fmt(s2['values'])}.")
+        better = sorted((statistics.fmean(s["values"]), v, s["inference_mflops_per_token"]) for (v, i), s in summ.items()
+                        if i == "train_k" and v != s2["variant"] and statistics.fmean(s["values"]) < statistics.fmean(s2["values"]))
+        if better:
+            out.append("Where S2MoE top-1 does **not** win: " + ", ".join(f"{v} ({m:.4f} at {f:.3f} MFLOPs/token)"
+                                                                        for m, v, f in better)
+                       + f" score a lower mean {metric} at their training top-k.")
+        else:
+            out.append(f"No other variant scored a lower mean {metric} than S2MoE top-1 at its training top-k.")
+    dense = summ.get(("dense", "train_k"))
+    if dense:
+        d = statistics.fmean(dense["values"])
+        one = [(v, s) for (v, i), s in summ.items() if s["k"] == 1 and v != "dense" and s["pathways"] != "both"]
+        beat = [f"{v} ({statistics.fmean(s['values']):.4f})" for v, s in one if statistics.fmean(s["values"]) < d]
+        lose = [f"{v} ({statistics.fmean(s['values']):.4f})" for v, s in one if statistics.fmean(s["values"]) >= d]
+        out.append(f"Dense baseline: {fmt(dense['values'])} {metric} at {dense['inference_mflops_per_token']:.3f} "
+                   f"MFLOPs/token. At one expert per token (about the dense FLOPs), better than dense: "
+                   f"{', '.join(beat) or 'none'}; not better: {', '.join(lose) or 'none'}.")
+    return out
+
+
+def analysis_table(runs: list[dict]) -> str:
+    lines = ["| variant | expert-output cos sim | router vector \\|cos\\| | Jacobian effective rank | "
+             "routing entropy (nats) | load imbalance (max/mean) |", "|---|---|---|---|---|---|"]
+    for v in _variants(runs):
+        layers = [layer for r in runs if r["variant"] == v for layer in r["analysis"]]
+
+        def col(key: str) -> str:
+            vals = [layer[key] for layer in layers if layer.get(key) is not None]
+            return f"{statistics.fmean(vals):.3f}" if vals else "–"
+        lines.append(f"| {v} | {col('expert_output_similarity')} | {col('router_similarity')} | "
+                     f"{col('jacobian_effective_rank')} | {col('routing_entropy')} | {col('load_imbalance')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(runs: list[dict], img_dir: Path, metric: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    img_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    variants = _variants(runs)
+
+    # validation curves, mean over seeds
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in variants:
+        curves = {}
+        for r in runs:
+            if r["variant"] == v:
+                for rec in read_metrics(r["dir"]):
+                    if rec["kind"] == "val" and f"val/{metric}" in rec:
+                        curves.setdefault(rec["step"], []).append(rec[f"val/{metric}"])
+        if curves:
+            steps = sorted(curves)
+            ax.plot(steps, [statistics.fmean(curves[s]) for s in steps], marker="o", ms=3, label=v)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"validation {metric} (mean over seeds, training top-k)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img_dir / "val_curves.png", dpi=110)
+    plt.close(fig)
+    made.append("val_curves.png")
+
+    # per-layer expert load over training (first seed of each MoE variant)
+    moe_runs = []
+    for v in variants:
+        r = next(r for r in runs if r["variant"] == v)
+        recs = [rec for rec in read_metrics(r["dir"]) if rec["kind"] == "moe"]
+        layers = sorted({k.split("/")[0] for rec in recs for k in rec if k.endswith("/tokens_per_expert")},
+                        key=lambda s: int(s[5:]))
+        if layers:
+            moe_runs.append((v, r["seed"], recs, layers))
+    if moe_runs:
+        n_layers = max(len(x[3]) for x in moe_runs)
+        fig, axes = plt.subplots(len(moe_runs), n_layers, figsize=(2.6 * n_layers, 1.7 * len(moe_runs)), squeeze=False)
+        for row, (v, seed, recs, layers) in enumerate(moe_runs):
+            for col, layer in enumerate(layers):
+                key = f"{layer}/tokens_per_expert"
+                pts = [(rec["step"], rec[key]) for rec in recs if key in rec]
+                load = np.array([c for _, c in pts], dtype=float)
+                load = load / load.sum(1, keepdims=True).clip(min=1e-9)
+                ax = axes[row][col]
+                ax.imshow(load.T, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(load.max())),
+                          extent=(pts[0][0], pts[-1][0], load.shape[1] - 0.5, -0.5), interpolation="nearest")
+                ax.set_title(f"{v} s{seed} {layer}", fontsize=7)
+                ax.tick_params(labelsize=6)
+                if col == 0:
+                    ax.set_ylabel("expert", fontsize=7)
+        fig.suptitle("share of routed tokens per expert over training steps (training routing)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(img_dir / "expert_load.png", dpi=110)
+        plt.close(fig)
+        made.append("expert_load.png")
+
+        # routing entropy and imbalance over training, mean over layers, first seed
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for v, seed, recs, layers in moe_runs:
+            for ax, name in zip(axes, ("routing_entropy", "load_imbalance")):
+                pts = [(rec["step"], statistics.fmean(rec[f"{lay}/{name}"] for lay in layers))
+                       for rec in recs if all(f"{lay}/{name}" in rec for lay in layers)]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=v)
+        for ax, name in zip(axes, ("routing entropy (nats), mean over layers", "load imbalance (max/mean)")):
+            ax.set_xlabel("step")
+            ax.set_title(name, fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(img_dir / "routing_over_training.png", dpi=110)
+        plt.close(fig)
+        made.append("routing_over_training.png")
+
+    # collapse diagnostics: expert-output similarity per layer; Jacobian spectra
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    with_moe = [v for v in variants if any(layer["expert_output_similarity"] is not None
+                                           for r in runs if r["variant"] == v for layer in r["analysis"])]
+    width = 0.8 / max(1, len(with_moe))
+    n_layers = max(len(r["analysis"]) for r in runs)
+    for j, v in enumerate(with_moe):
+        rs = [r for r in runs if r["variant"] == v]
+        sims = [statistics.fmean(r["analysis"][i]["expert_output_similarity"] for r in rs) for i in range(n_layers)]
+        axes[0].bar(np.arange(n_layers) + (j - (len(with_moe) - 1) / 2) * width, sims, width, label=v)
+    axes[0].set_xticks(np.arange(n_layers))
+    for v in variants:
+        rs = [r for r in runs if r["variant"] == v]
+        spec = np.mean([np.array(layer["jacobian_spectrum"]) for r in rs for layer in r["analysis"]], axis=0)
+        axes[1].semilogy(np.arange(1, len(spec) + 1), spec, label=v)
+    axes[0].set_xlabel("layer")
+    axes[0].set_title("mean pairwise cosine similarity of expert outputs (same tokens)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    axes[1].set_xlabel("singular value index")
+    axes[1].set_title("FFN/MoE Jacobian spectrum (normalised, mean over layers, tokens, seeds)", fontsize=9)
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(img_dir / "collapse.png", dpi=110)
+    plt.close(fig)
+    made.append("collapse.png")
+    return made
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_report(folder: Path, out: Path, command: str = "") -> Path:
+    import torch
+
+    runs = load_runs(folder)
+    rows = json.loads((folder / "results.json").read_text())
+    metric = rows[0]["metric"]
+    img_dir = out.parent / out.stem
+    images = plots(runs, img_dir, metric)
+    meta = json.loads((folder / "suite.json").read_text()) if (folder / "suite.json").exists() else {}
+    configs = sorted({r["config"] for r in runs})
+    steps = sorted({r["rows"][0]["step"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    rel = lambda p: Path(p).relative_to(out.parent) if Path(p).is_relative_to(out.parent) else p  # noqa: E731
+    text = [f"# Results: {meta.get('suite', folder.name)}", "", meta.get("description", ""), "",
+            "Produced by (from the repository root):", "", "```",
+            command or meta.get("command", f"s2moe experiment {folder.name}"), f"s2moe report {folder} --out {out}",
+            "```", "",
+            f"Runs: {len(runs)} ({len(_variants(runs))} variants × seeds {seeds}), {steps} training steps; configs "
+            f"{', '.join(f'`{c}`' for c in configs)} with the suite's overrides (each run's exact overrides are in "
+            f"`{folder.name}/runs/*/spec.json`). Machine: {platform.machine()}, torch {torch.__version__}, "
+            f"commit {_git_commit()}. Wall times are from one shared, noisy machine: compare them only within this table.",
+            "", f"## Validation {metric} (mean ± std over seeds) and inference cost", "",
+            "`train_k` is each model at its training top-k; `topN` overrides the inference top-k; "
+            "`-both` runs both S2MoE pathways at inference.", "",
+            summary_markdown(rows), "## What the numbers say", ""]
+    text += [f"- {c}" for c in claims(rows)]
+    text += ["", "## Representation collapse (at the end of training, on validation tokens)", "",
+             "Means over layers and seeds; see `s2moe_ds/analysis.py` for the definitions. Higher expert-output "
+             "similarity and lower Jacobian effective rank point towards collapse.", "",
+             analysis_table(runs), "## Plots", ""]
+    text += [f"![{name}]({rel(img_dir / name)})" for name in images]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(text) + "\n")
+    return out
+
+
+def main_report(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="s2moe report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", help="an experiment results folder (s2moe experiment --out)")
+    ap.add_argument("--out", default=None, help="Markdown file to write (default: docs/results.md); plots go "
+                                                "to a folder of the same name without .md")
+    ap.add_argument("--command", default="", help="the experiment command to quote at the top of the report")
+    args = ap.parse_args(argv)
+    folder = Path(args.folder)
+    if not (folder / "results.json").exists():
+        raise ConfigError(f"{folder} is not an experiment folder (no results.json); pass the --out folder "
+                          f"of `s2moe experiment`, e.g. results/cpu-shakespeare")
+    out = write_report(folder, Path(args.out) if args.out else REPO_ROOT / "docs" / "results.md", args.command)
+    print(f"[s2moe report] wrote {out}")
+    return 0

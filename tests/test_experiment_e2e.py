@@ -1,0 +1,95 @@
+"""The experiment runner and report on the CI smoke suite (real training subprocesses, real data):
+a results table, resumption without retraining, refusal of a changed spec, plots that load."""
+import json
+
+import pytest
+import yaml
+
+from e2e import REPO, assert_ok, cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    shakespeare = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+    if not shakespeare.exists():
+        pytest.skip(f"{shakespeare} not present (the shared data folder sits beside the repository)")
+    tmp = tmp_path_factory.mktemp("experiment")
+    suite = yaml.safe_load((REPO / "experiments" / "cpu-shakespeare-smoke.yaml").read_text())
+    suite["overrides"] += [f"data.data_dir={tmp / 'data'}", "train.steps=8", "train.eval_interval=4",
+                           "train.save_interval=4", "train.log_interval=2"]
+    path = tmp / "smoke.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    out = tmp / "results"
+    proc = cli("experiment", str(path), "--out", str(out), timeout=900)
+    assert_ok(proc)
+    return path, out, proc
+
+
+def test_suite_writes_one_table_with_every_variant_and_inference_setting(smoke):
+    _, out, proc = smoke
+    rows = json.loads((out / "results.json").read_text())
+    got = {(r["variant"], r["inference"]) for r in rows}
+    assert got == {("dense", "train_k"), ("smoe-top2", "train_k"), ("smoe-top2", "top1"), ("s2moe-top1", "train_k"),
+                   ("s2moe-top1", "top2"), ("s2moe-top1", "top1-both")}
+    by = {(r["variant"], r["inference"]): r for r in rows}
+    for r in rows:
+        assert r["step"] == 8 and 1.0 < r["bpc"] < 8.0 and r["tokens"] > 100_000
+    # the cost columns follow the inference top-k: S2MoE top-1 costs what SMoE run at top-1 costs
+    assert by[("s2moe-top1", "train_k")]["inference_mflops_per_token"] == pytest.approx(
+        by[("smoe-top2", "top1")]["inference_mflops_per_token"])
+    assert by[("smoe-top2", "train_k")]["inference_mflops_per_token"] > by[("smoe-top2", "top1")]["inference_mflops_per_token"]
+    assert by[("s2moe-top1", "train_k")]["k"] == 1 and by[("s2moe-top1", "top1-both")]["pathways"] == "both"
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == 6 and "s2moe-top1 | top1-both (k=1, both)" in md
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 7 and csv_lines[0].startswith("variant,seed,train_wall_s,inference")
+    res = json.loads((out / "runs" / "s2moe-top1-seed0" / "result.json").read_text())
+    assert [la["kind"] for la in res["analysis"]] == ["moe"] * 4
+    assert "train.seed=0" in res["overrides"] and "1/3 dense seed 0" in proc.stdout
+
+
+def test_rerun_skips_finished_runs_and_resumes_an_unfinished_one(smoke):
+    path, out, _ = smoke
+    run = out / "runs" / "smoe-top2-seed0"
+    before = json.loads((out / "results.json").read_text())
+    (run / "result.json").unlink()  # as if interrupted after training, before evaluation
+    proc = cli("experiment", str(path), "--out", str(out), timeout=600)
+    assert_ok(proc)
+    assert proc.stdout.count("done earlier, skipped") == 2
+    log = (run / "train.log").read_text()
+    assert "resumed from" in log and "steps 8->8" in log  # nothing retrained
+    after = json.loads((out / "results.json").read_text())
+    key = lambda r: (r["variant"], r["inference"])  # noqa: E731
+    assert {key(r): r["bpc"] for r in after} == pytest.approx({key(r): r["bpc"] for r in before})
+
+
+def test_a_changed_spec_is_refused_and_nothing_is_lost(smoke):
+    path, out, _ = smoke
+    proc = cli("experiment", str(path), "--out", str(out), "--steps", "9", timeout=300)
+    assert proc.returncode == 2 and "different spec" in proc.stderr and "another --out" in proc.stderr
+    assert (out / "runs" / "dense-seed0" / "result.json").exists()
+    bad = cli("experiment", "no-such-suite")
+    assert bad.returncode == 2 and "known suites: " in bad.stderr and "cpu-shakespeare" in bad.stderr
+    bad = cli("experiment", str(path), "--out", str(out), "--only", "nope")
+    assert bad.returncode == 2 and "unknown variant(s) ['nope']" in bad.stderr
+
+
+def test_report_has_the_table_claims_and_loadable_plots(smoke, tmp_path):
+    import matplotlib.image as mpimg
+
+    _, out, _ = smoke
+    report = tmp_path / "results.md"
+    assert_ok(cli("report", str(out), "--out", str(report)))
+    text = report.read_text()
+    assert "S2MoE claim (top-1 at inference within 1% bpc of SMoE top-2)" in text
+    assert "Dense baseline:" in text and "| s2moe-top1 | train_k (k=1, clean) |" in text
+    assert f"s2moe experiment {out.parent / 'smoke.yaml'} --out {out}" in text
+    for name in ("val_curves", "expert_load", "routing_over_training", "collapse"):
+        png = tmp_path / "results" / f"{name}.png"
+        assert f"](results/{name}.png)" in text
+        img = mpimg.imread(png)
+        assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0  # a real, non-blank picture
+    bad = cli("report", str(tmp_path))
+    assert bad.returncode == 2 and "not an experiment folder" in bad.stderr
