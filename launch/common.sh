@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Shared by the launch/ scripts: print every command before running it, fail early and clearly.
+# Environment overrides understood by all scripts:
+#   CONFIG        training config (default configs/tiny.yaml)
+#   MASTER_ADDR   address of rank 0            MASTER_PORT   its TCP port (default 29500)
+#   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME    network interface for the collectives
+#   DIST_TIMEOUT  seconds before a collective with a dead or stuck peer fails (train.dist_timeout_s)
+#   DRY_RUN=1     print the command and exit without running it
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CONFIG=${CONFIG:-configs/tiny.yaml}
+MASTER_PORT=${MASTER_PORT:-29500}
+DIST_TIMEOUT=${DIST_TIMEOUT:-600}
+PYTHON=${PYTHON:-$(command -v python || command -v python3 || echo python3)}
+
+die() {
+  echo "$(basename "$0"): error: $*" >&2
+  exit 2
+}
+
+run() {
+  echo "+ $*" >&2
+  if [ "${DRY_RUN:-0}" = "1" ]; then
+    return 0
+  fi
+  "$@"
+}
+
+require_file() {  # require_file WHAT PATH HINT
+  [ -f "$2" ] || [ -f "$REPO_ROOT/$2" ] || die "$1 '$2' does not exist; $3"
+}
+
+require_cmd() {  # require_cmd NAME HINT
+  command -v "$1" > /dev/null 2>&1 || die "'$1' is not on PATH; $2"
+}
+
+# The data folder the config (plus overrides) trains on must be prepared first.
+require_data() {
+  local dir
+  dir=$(cd "$REPO_ROOT" && "$PYTHON" -c 'import sys; from s2moe_ds.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).data.data_dir)' "$CONFIG" "$@") \
+    || die "could not read config '$CONFIG' with overrides: $*"
+  if [ ! -f "$dir/meta.json" ] && [ ! -f "$REPO_ROOT/$dir/meta.json" ]; then
+    die "data folder '$dir' is not prepared (no meta.json); run: s2moe prepare --config $CONFIG $*"
+  fi
+}
+
+check_common() {
+  require_file "config" "$CONFIG" "pass CONFIG=configs/<name>.yaml (see configs/)"
+  [[ "$MASTER_PORT" =~ ^[0-9]+$ ]] || die "MASTER_PORT must be a TCP port number, got '$MASTER_PORT'"
+  [[ "$DIST_TIMEOUT" =~ ^[0-9]+$ ]] || die "DIST_TIMEOUT must be whole seconds, got '$DIST_TIMEOUT'"
+}
