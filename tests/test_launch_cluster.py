@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from e2e import BIN, REPO, assert_ok, cli, env, free_port
+from netns import VethPair
 from slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.slow
@@ -48,7 +49,7 @@ def test_launch_scripts_pass_shellcheck():
     scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "launch").iterdir() if p.suffix in (".sh", ".sbatch"))
     proc = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
-    assert len(scripts) >= 6
+    assert len(scripts) >= 8
 
 
 def test_dockerfiles_pass_hadolint_and_install_the_ci_requirement_files():
@@ -90,6 +91,15 @@ def test_scripts_fail_clearly_on_missing_inputs_and_print_their_command(tmp_path
     assert p.returncode == 2 and "MASTER_PORT must be a TCP port number" in p.stderr
     p = sh("tensorboard.sh", str(tmp_path))
     assert p.returncode == 2 and "tensorboard' does not exist" in p.stderr
+    # no Docker engine here: the docker run command is checked as printed (DRY_RUN), not executed
+    p = sh("docker_run.sh", "bash", "launch/single_node.sh", extra_env={
+        "DRY_RUN": "1", "IMAGE": "s2moe_ds:gpu", "DATA": str(data_dir.parent), "RUNS": str(tmp_path / "runs")})
+    assert p.returncode == 0 and (tmp_path / "runs").is_dir()
+    assert (f"+ docker run --rm --ipc=host --shm-size=8g -v {data_dir.parent}:/workspace/s2moe_ds/data_cache "
+            f"-v {tmp_path / 'runs'}:/workspace/s2moe_ds/runs -p 6006:6006") in p.stderr
+    assert "--gpus all s2moe_ds:gpu bash launch/single_node.sh" in p.stderr
+    p = sh("docker_run.sh", extra_env={"DRY_RUN": "1", "DATA": str(tmp_path / "nodata")})
+    assert p.returncode == 2 and "DATA folder" in p.stderr and "does not exist" in p.stderr
     p = sh("single_node.sh", f"data.data_dir={data_dir}", "train.steps=3",
            extra_env={"DRY_RUN": "1", "NPROC": "4", "MASTER_PORT": "29999"})
     assert p.returncode == 0
@@ -97,13 +107,16 @@ def test_scripts_fail_clearly_on_missing_inputs_and_print_their_command(tmp_path
             f"train.dist_timeout_s=600 data.data_dir={data_dir} train.steps=3") in p.stderr
 
 
-def _two_nodes(hostfile, port, overrides):
+def _two_nodes(hostfile, port, overrides, veth: VethPair | None = None):
     procs = []
     for rank in (0, 1):
         e = env()
-        e.update(NO_SSH="1", NODE_RANK=str(rank), HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port), DIST_TIMEOUT="120")
-        procs.append(subprocess.Popen(["bash", "launch/multi_node.sh", *overrides], cwd=REPO, env=e,
+        e.update(NO_SSH="1", NODE_RANK=str(rank), HOSTFILE=str(hostfile), MASTER_PORT=str(port), DIST_TIMEOUT="120",
+                 MASTER_ADDR=veth.addr[0] if veth else "127.0.0.1")
+        if veth:  # each "node" in its own network namespace: gloo talks over the veth pair
+            e.update(GLOO_SOCKET_IFNAME=veth.ifname[rank])
+        prefix = veth.prefix(rank) if veth else []
+        procs.append(subprocess.Popen([*prefix, "bash", "launch/multi_node.sh", *overrides], cwd=REPO, env=e,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
     for p in procs:
@@ -114,6 +127,21 @@ def _two_nodes(hostfile, port, overrides):
                 q.kill()
             raise
     return [p.returncode for p in procs], outs
+
+
+def test_two_nodes_in_separate_network_namespaces(tmp_path, data_dir):
+    """The same two-node job with each node in its own network namespace, joined by a veth pair."""
+    need(VethPair.unavailable())
+    hf = tmp_path / "hostfile"
+    hf.write_text("node0 slots=1\nnode1 slots=1\n")
+    out = tmp_path / "run"
+    with VethPair() as veth:
+        codes, outs = _two_nodes(hf, free_port(), [f"data.data_dir={data_dir}", f"train.out_dir={out}",
+                                                   "model.moe.backend=deepspeed", "model.moe.ep_size=2",
+                                                   "train.steps=4", *TINY], veth=veth)
+    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outs)
+    assert f"--master_addr {veth.addr[0]}" in outs[1] and "world=2" in outs[0]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step0000004"
 
 
 def test_two_nodes_without_ssh_train_expert_parallel_and_resume(tmp_path, data_dir):
@@ -158,21 +186,26 @@ def test_mpirun_two_ranks_train_through_mpi4py(tmp_path, data_dir):
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
 
-def test_sbatch_on_a_real_single_host_slurm_cluster(tmp_path, data_dir):
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
     need(SlurmCluster.available())
-    cluster = SlurmCluster(tmp_path / "slurm")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     cluster.start()
-    try:
-        out = tmp_path / "run"
-        e = env()
-        e.update(cluster.env, MASTER_PORT=str(free_port()), DIST_TIMEOUT="120", PYTHON=sys.executable)
-        log = tmp_path / "job.out"
-        proc = subprocess.run(["sbatch", "--wait", f"--output={log}", "--ntasks-per-node=2", "launch/slurm.sbatch",
-                               f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=4", *TINY],
-                              cwd=REPO, env=e, capture_output=True, text=True, timeout=500)
-        text = log.read_text() if log.exists() else ""
-        assert proc.returncode == 0, proc.stdout + proc.stderr + text[-4000:]
-        assert "2 tasks on 1 node(s)" in text and "+ srun --kill-on-bad-exit=1" in text and "world=2" in text
-        assert (out / "checkpoints" / "latest").read_text().strip() == "step0000004"
-    finally:
-        cluster.stop()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.parametrize("script,expect", [("slurm.sbatch", ["2 tasks on 1 node(s)", "+ srun --kill-on-bad-exit=1"]),
+                                           ("slurm_deepspeed.sbatch", ["slots=2", "--launcher slurm"])])
+def test_sbatch_on_a_real_single_host_slurm_cluster(slurm, tmp_path, data_dir, script, expect):
+    out = tmp_path / "run"
+    e = env()
+    e.update(SLURM_CONF=slurm.env["SLURM_CONF"], MASTER_PORT=str(free_port()), DIST_TIMEOUT="120", PYTHON=sys.executable)
+    log = tmp_path / "job.out"
+    proc = subprocess.run(["sbatch", "--wait", f"--output={log}", "--ntasks-per-node=2", f"launch/{script}",
+                           f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=4", *TINY],
+                          cwd=REPO, env=e, capture_output=True, text=True, timeout=500)
+    text = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, proc.stdout + proc.stderr + text[-4000:]
+    assert all(x in text for x in expect) and "world=2" in text, text[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step0000004"
