@@ -116,6 +116,9 @@ def evaluate_run(run_dir: Path, suite: dict) -> tuple[list[dict], list[dict]]:
     torch.manual_seed(0)
     model, meta, info = load_model(str(run_dir))
     cfg = info["config"]
+    if info["step"] != cfg.train.steps:
+        raise RuntimeError(f"{run_dir}: the last checkpoint is step {info['step']} of {cfg.train.steps} (training "
+                           f"was stopped early); rerun the same command to resume it")
     moe = cfg.model.moe
     is_moe = bool(cfg.model.moe_layer_ids())
     settings = [("train_k", moe.k if is_moe else None, None)]

@@ -93,3 +93,17 @@ def test_report_has_the_table_claims_and_loadable_plots(smoke, tmp_path):
         assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0  # a real, non-blank picture
     bad = cli("report", str(tmp_path))
     assert bad.returncode == 2 and "not an experiment folder" in bad.stderr
+
+
+def test_a_run_stopped_early_is_not_recorded_as_finished(smoke, tmp_path):
+    """A SIGTERM-stopped training exits 0 with a checkpoint short of train.steps: not a result."""
+    import shutil
+
+    from s2moe_ds.experiment import evaluate_run, find_suite, load_suite
+
+    path, out, _ = smoke
+    run = tmp_path / "dense-seed0"
+    shutil.copytree(out / "runs" / "dense-seed0", run)
+    (run / "checkpoints" / "latest").write_text("step0000004")  # as if stopped at step 4 of 8
+    with pytest.raises(RuntimeError, match="step 4 of 8 .*rerun the same command to resume"):
+        evaluate_run(run, load_suite(find_suite(str(path))))
