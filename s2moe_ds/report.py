@@ -245,10 +245,11 @@ def write_report(folder: Path, out: Path, command: str = "") -> Path:
             "Produced by (from the repository root):", "", "```",
             command or meta.get("command", f"s2moe experiment {folder.name}"), f"s2moe report {folder} --out {out}",
             "```", "",
-            f"Runs: {len(runs)} ({len(_variants(runs))} variants × seeds {seeds}), {steps} training steps; configs "
+            f"Runs: {len(runs)} ({len(_variants(runs))} variants; seeds used: {seeds}; the seeds column gives each "
+            f"variant's count), {steps} training steps; configs "
             f"{', '.join(f'`{c}`' for c in configs)} with the suite's overrides (each run's exact overrides are in "
             f"`{folder.name}/runs/*/spec.json`). Machine: {platform.machine()}, torch {torch.__version__}, "
-            f"commit {_git_commit()}. Wall times are from one shared, noisy machine: compare them only within this table.",
+            f"commit {_git_commit()}. Wall and throughput times are from one shared, noisy machine with runs sharing its cores: treat them as rough.",
             "", f"## Validation {metric} (mean ± std over seeds) and inference cost", "",
             "`train_k` is each model at its training top-k; `topN` overrides the inference top-k; "
             "`-both` runs both S2MoE pathways at inference.", "",
