@@ -20,7 +20,6 @@ grep -Eq '^[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$HOSTFILE" \
   || die "hostfile '$HOSTFILE' has no '<host> slots=<N>' line"
 [ -n "${MASTER_ADDR:-}" ] || die "set MASTER_ADDR to the address of the first host (rank 0), reachable from every node"
 require_cmd deepspeed "install the package first: pip install -r requirements.txt -e ."
-require_data "$@"
 NODES=$(grep -Ec '^[^#[:space:]]+[[:space:]]+slots=' "$HOSTFILE")
 args=(--hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 if [ "$NO_SSH" = "1" ]; then
@@ -28,5 +27,6 @@ if [ "$NO_SSH" = "1" ]; then
   [ "$NODE_RANK" -lt "$NODES" ] || die "NODE_RANK=$NODE_RANK but the hostfile lists $NODES nodes (0..$((NODES - 1)))"
   args+=(--no_ssh --node_rank "$NODE_RANK")
 fi
+require_data "$@"
 cd "$REPO_ROOT" || die "cannot enter $REPO_ROOT"
 run deepspeed "${args[@]}" --module s2moe_ds.train --config "$CONFIG" "train.dist_timeout_s=$DIST_TIMEOUT" "$@"
