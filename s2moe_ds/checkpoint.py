@@ -17,6 +17,7 @@ import yaml
 
 from .configtools import ConfigError
 from .data.prepare import sha256_of
+from .moe.backends import DS_LAYOUT_BACKENDS
 
 
 class CheckpointError(ValueError):
@@ -188,7 +189,7 @@ def consolidated_state(ckpt_dir: Path, model_cfg: dict) -> dict:
     ``mp_rank_00_model_states.pt`` and writes ``layer_{L}_expert_{e}_..._model_states.pt`` per global expert."""
     state = dict(_load(model_state_file(ckpt_dir))["module"])
     moe = model_cfg["moe"]
-    if moe.get("backend", "local") != "deepspeed":
+    if moe.get("backend", "local") not in DS_LAYOUT_BACKENDS:
         return state
     n_layer = model_cfg["n_layer"]
     layers = model_cfg["moe_layers"]

@@ -36,6 +36,9 @@ BAD = [
     (["train.precision=fp8"], ["train.precision", "bf16"]),
     (["data.dataset=imagenet"], ["data.dataset", "text8"]),
     (["model.moe.backend=tutel"], ["model.moe.backend", "local"]),
+    (["model.moe.ep_mode=padded"], ["model.moe.ep_mode", "dropless", "capacity", "ragged"]),
+    (["model.moe.backend=deepspeed", "model.moe.ep_mode=ragged", "model.moe.backend_impl=padded_bmm"],
+     ["model.moe.backend_impl", "'padded_bmm'", "auto, loop or grouped_mm"]),
     (["model.moe.router=competesmoe", "model.moe.router_args.compete_prob=2"], ["compete_prob", "[0.0, 1.0]"]),
     (["trainsteps"], ["section.field=value"]),
 ]

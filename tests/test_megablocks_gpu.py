@@ -1,10 +1,15 @@
-"""MegaBlocks backend against the local dropless backend. Needs CUDA + MegaBlocks: `gpu` tests skip
-cleanly elsewhere. Run on a GPU machine with: python -m pytest -q -m gpu tests/test_megablocks_gpu.py"""
+"""MegaBlocks backend against the local dropless backend. Needs CUDA + grouped_gemm: `gpu` tests skip
+cleanly elsewhere. Run on a GPU machine with: python -m pytest -q -m gpu tests/test_megablocks_gpu.py
+
+Everything but the kernel (ragged dispatch, expert-parallel exchange, DeepSpeed ownership, gradient
+scaling) is shared with backend=deepspeed ep_mode=ragged and tested on CPU in tests/test_deepspeed_ep.py
+and tests/test_train_e2e.py."""
 import pytest
 import torch
 
 from s2moe_ds.configtools import ConfigError
 from s2moe_ds.moe.backends import ExpertSpec, build_backend
+from s2moe_ds.moe.layer import MoEConfig
 
 
 def test_megablocks_without_cuda_is_a_clear_error():
@@ -14,18 +19,28 @@ def test_megablocks_without_cuda_is_a_clear_error():
         build_backend("megablocks", ExpertSpec(4, 128, 256))
 
 
+def test_megablocks_capacity_mode_is_refused():
+    with pytest.raises(ConfigError, match="ep_mode.*dropless \\(ragged\\) only.*backend 'deepspeed'"):
+        MoEConfig(backend="megablocks", ep_mode="capacity").validate()
+
+
+def _grads(backend, names):
+    experts = backend.deepspeed_moe.experts.deepspeed_experts if hasattr(backend, "deepspeed_moe") else None
+    if experts is None:
+        return {n: getattr(backend, n).grad.float() for n in names}
+    return {n: torch.stack([getattr(e, n).grad for e in experts]).float() for n in names}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_megablocks_matches_local_forward_and_backward_bf16(activation, k):
-    pytest.importorskip("megablocks")
-    torch.manual_seed(0)
+    pytest.importorskip("grouped_gemm")
     spec = ExpertSpec(8, 256, 512, activation)
+    torch.manual_seed(0)
     mb = build_backend("megablocks", spec).cuda().bfloat16()
+    torch.manual_seed(0)  # experts are initialised per global id: both start from the same weights
     local = build_backend("local", spec, impl="reference").cuda().bfloat16()
-    with torch.no_grad():
-        for name, value in mb.to_local_layout().items():
-            getattr(local, name).copy_(value)
     T = 1000
     x = torch.randn(T, 256, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, 6, (T, k), device="cuda")  # experts 6 and 7 receive nothing
@@ -40,16 +55,7 @@ def test_megablocks_matches_local_forward_and_backward_bf16(activation, k):
         grads.append(xi.grad.float())
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=2e-2)
-    g_local = {n: getattr(local, n).grad.float() for n in mb.to_local_layout()}
-    mb_grads = {n: v.float() for n, v in _grad_local_layout(mb).items()}
-    for n in g_local:
-        torch.testing.assert_close(mb_grads[n], g_local[n], rtol=3e-2, atol=3e-2)
-
-
-def _grad_local_layout(mb):
-    E, Fh, D = mb.spec.num_experts, mb.spec.d_ff, mb.spec.d_model
-    mlp = mb.dmlp.mlp
-    out = {"w1": mlp.w1.grad.view(E, Fh, D).transpose(1, 2), "w2": mlp.w2.grad.view(E, Fh, D)}
-    if hasattr(mlp, "v1"):
-        out["w3"] = mlp.v1.grad.view(E, Fh, D).transpose(1, 2)
-    return out
+    names = ("w1", "w2", "w3") if activation == "swiglu" else ("w1", "w2")
+    g_local, g_mb = _grads(local, names), _grads(mb, names)
+    for n in names:
+        torch.testing.assert_close(g_mb[n], g_local[n], rtol=3e-2, atol=3e-2)

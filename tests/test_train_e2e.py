@@ -136,28 +136,32 @@ def test_checkpoint_vocabulary_mismatch_is_refused(full_run, tmp_path):
 @pytest.fixture(scope="module")
 def ep_runs(tmp_path_factory, data_dir):
     """The same model and global batch on 2 processes: experts replicated (local backend, pure data
-    parallel), and experts sharded (DeepSpeed expert parallelism, ep_size=2)."""
+    parallel), and experts sharded (DeepSpeed expert parallelism, ep_size=2: padded dropless and ragged)."""
     root = tmp_path_factory.mktemp("ep")
     args = [f"data.data_dir={data_dir}", "train.steps=6", "train.save_interval=3", "train.eval_interval=3",
             "model.moe.num_experts=4", *COMMON]
     assert_ok(deepspeed_train(2, args + [f"train.out_dir={root / 'dp'}"]))
     assert_ok(deepspeed_train(2, args + [f"train.out_dir={root / 'ep2'}", "model.moe.backend=deepspeed",
                                          "model.moe.ep_size=2"]))
+    assert_ok(deepspeed_train(2, args + [f"train.out_dir={root / 'ep2-ragged'}", "model.moe.backend=deepspeed",
+                                         "model.moe.ep_size=2", "model.moe.ep_mode=ragged"]))
     return root
 
 
-def test_expert_parallel_training_matches_data_parallel(ep_runs):
-    dp, ep = train_losses(ep_runs / "dp"), train_losses(ep_runs / "ep2")
+@pytest.mark.parametrize("run", ["ep2", "ep2-ragged"])
+def test_expert_parallel_training_matches_data_parallel(ep_runs, run):
+    dp, ep = train_losses(ep_runs / "dp"), train_losses(ep_runs / run)
     assert sorted(ep) == list(range(1, 7))
     for step in dp:  # same losses within float tolerance (summation order differs)
         assert ep[step] == pytest.approx(dp[step], rel=1e-4, abs=1e-5), (step, dp[step], ep[step])
-    files = {p.name for p in (ep_runs / "ep2" / "checkpoints" / "step0000006").iterdir()}
+    files = {p.name for p in (ep_runs / run / "checkpoints" / "step0000006").iterdir()}
     # one file per global expert and MoE layer (2 layers x 4 experts)
     assert {f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt" for l in (0, 1) for e in range(4)} <= files
 
 
-def test_expert_parallel_checkpoint_evaluates_in_one_process(ep_runs):
-    a = json.loads(cli("eval", str(ep_runs / "ep2"), "--json", "--max-batches", "4").stdout.splitlines()[-1])
+@pytest.mark.parametrize("run", ["ep2", "ep2-ragged"])
+def test_expert_parallel_checkpoint_evaluates_in_one_process(ep_runs, run):
+    a = json.loads(cli("eval", str(ep_runs / run), "--json", "--max-batches", "4").stdout.splitlines()[-1])
     b = json.loads(cli("eval", str(ep_runs / "dp"), "--json", "--max-batches", "4").stdout.splitlines()[-1])
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 

@@ -79,15 +79,18 @@ class MoEConfig:
     """Fields of the chosen router's config dataclass (see ``s2moe_ds/moe/routers``)."""
     backend: str = "local"
     """Expert backend: 'local' (dropless, one process holds every expert), 'deepspeed' (DeepSpeed's
-    expert-parallel MoE: experts sharded over ``ep_size`` ranks, all-to-all), 'megablocks' (CUDA only)."""
+    expert-parallel MoE: experts sharded over ``ep_size`` ranks, all-to-all), 'megablocks' (CUDA only:
+    ragged expert parallelism with MegaBlocks' grouped GEMM; checkpoints shared with 'deepspeed')."""
     backend_impl: str = "auto"
-    """Local backend implementation: auto, loop, grouped_mm, padded_bmm, reference."""
+    """Local expert computation: auto, loop, grouped_mm, padded_bmm, reference (backend 'local');
+    auto, loop, grouped_mm (backend 'deepspeed' with ep_mode 'ragged')."""
     ep_size: int = 1
     """Expert-parallel size for the 'deepspeed'/'megablocks' backends: ranks sharing one layer's experts.
     Must divide num_experts and the world size."""
     ep_mode: str = "dropless"
-    """'dropless' (capacity = the largest expert load in the group, nothing dropped) or 'capacity'
-    (capacity_factor x K x tokens / E per expert, overflow dropped)."""
+    """Backend 'deepspeed': 'dropless' (capacity = the largest expert load in the group, nothing dropped,
+    buffers padded to it), 'capacity' (capacity_factor x K x tokens / E per expert, overflow dropped) or
+    'ragged' (no capacity, no padding: variable-size all-to-all). Backend 'megablocks' is always ragged."""
     capacity_factor: float = 1.25
     """Expert capacity multiplier in 'capacity' mode."""
     min_capacity: int = 4
@@ -116,7 +119,13 @@ class MoEConfig:
         if self.ep_size > 1 and self.backend == "local":
             fail(f"{prefix}.ep_size", f"is {self.ep_size} but backend 'local' keeps every expert in one process; "
                  f"use backend 'deepspeed' (or 'megablocks' on CUDA) for expert parallelism")
-        check_choice(f"{prefix}.ep_mode", self.ep_mode, ("dropless", "capacity"))
+        check_choice(f"{prefix}.ep_mode", self.ep_mode, ("dropless", "capacity", "ragged"))
+        if self.ep_mode == "ragged" and self.backend == "deepspeed" and self.backend_impl not in ("auto", "loop", "grouped_mm"):
+            fail(f"{prefix}.backend_impl", f"is {self.backend_impl!r} but ep_mode 'ragged' computes its experts with "
+                 f"auto, loop or grouped_mm")
+        if self.ep_mode == "capacity" and self.backend == "megablocks":
+            fail(f"{prefix}.ep_mode", "is 'capacity' but backend 'megablocks' is dropless (ragged) only; use "
+                 "backend 'deepspeed' for capacity mode")
         check_positive(f"{prefix}.capacity_factor", self.capacity_factor)
         check_positive(f"{prefix}.min_capacity", self.min_capacity, allow_zero=True)
         check_choice(f"{prefix}.activation", self.activation, ("gelu", "swiglu"))

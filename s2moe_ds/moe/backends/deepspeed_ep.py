@@ -16,7 +16,12 @@ so ranks that see different token counts exchange equal-sized buffers instead of
   (buffers are padded to C, DeepSpeed's layout);
 - ``capacity``: C = max(min_capacity, ceil(capacity_factor * K * T_max / E)) with T_max the largest
   token count in the group; slots beyond C are dropped (their combine weight becomes 0), first choices
-  before second choices.
+  before second choices;
+- ``ragged``: no capacity and no padding: the rows themselves travel in a variable-size all-to-all and
+  the local experts run on exactly the rows they receive (``ragged.py``, the scheme MegaBlocks uses);
+  DeepSpeed's ``MOELayer`` is bypassed, its groups, gradient reduction and checkpoint files are not.
+  ``kernel`` picks the local expert computation: ``loop`` (CPU default), ``grouped_mm`` (CUDA default,
+  ``torch._grouped_mm``) or ``megablocks`` (MegaBlocks' grouped GEMM, the ``megablocks`` backend).
 """
 from __future__ import annotations
 
@@ -29,9 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import ExpertSpec, draw_base_seed, init_expert
-from .local import fold_rows
+from .local import ffn_grouped_mm, ffn_loop, fold_rows
+from .ragged import ffn_megablocks_gmm, ragged_moe
 
-MODES = ("dropless", "capacity")
+MODES = ("dropless", "capacity", "ragged")
+KERNELS = ("auto", "loop", "grouped_mm", "megablocks")
 
 
 class ExpertFFN(nn.Module):
@@ -120,8 +127,13 @@ class DeepSpeedEPBackend(_moe_base()):
     """A ``deepspeed.moe.layer.MoE`` whose gate is driven by our router (see the module docstring)."""
 
     def __init__(self, spec: ExpertSpec, ep_size: int = 1, mode: str = "dropless", capacity_factor: float = 1.25,
-                 min_capacity: int = 4):
+                 min_capacity: int = 4, kernel: str = "auto"):
         spec.validate()
+        if mode not in MODES:
+            raise ValueError(f"config field 'model.moe.ep_mode': must be one of {', '.join(MODES)}, got {mode!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"config field 'model.moe.backend_impl': with ep_mode 'ragged' must be one of "
+                             f"{', '.join(KERNELS[:3])}, got {kernel!r}")
         if spec.num_experts % ep_size:
             raise ValueError(f"config field 'model.moe.ep_size': must divide num_experts ({spec.num_experts}), got {ep_size}")
         base = draw_base_seed()
@@ -130,6 +142,8 @@ class DeepSpeedEPBackend(_moe_base()):
                          ep_size=ep_size, k=1, drop_tokens=mode == "capacity")
         torch.set_rng_state(rng)
         self.spec = spec
+        self.mode = mode
+        self.kernel = kernel
         self.deepspeed_moe.gate = RoutedGate(spec.num_experts, mode, capacity_factor, min_capacity)
         # DeepSpeed deep-copies one expert: give each global expert its own initial weights instead.
         # DeepSpeed's expert-parallel rank is rank % ep_size (checked in set_deepspeed_parallelism).
@@ -154,9 +168,33 @@ class DeepSpeedEPBackend(_moe_base()):
         if self.ep_size > 1 and self.deepspeed_moe.ep_group is None:
             raise RuntimeError("expert-parallel groups are not set up: wrap the model with deepspeed.initialize "
                                "(or call set_deepspeed_parallelism()) before the first forward")
+        if self.mode == "ragged":
+            group = self.deepspeed_moe.ep_group if self.ep_size > 1 else None
+            return ragged_moe(x_TD, ids_TK, weights_TK, num_out or x_TD.shape[0], self.num_experts, group,
+                              self.local_experts_compute)
         self.deepspeed_moe.gate.set_routing(ids_TK, weights_TK)
         y_TD = self.deepspeed_moe(x_TD, None)
         return fold_rows(y_TD, num_out or x_TD.shape[0])
+
+    def resolved_kernel(self, device: torch.device) -> str:
+        if self.kernel != "auto":
+            return self.kernel
+        return "grouped_mm" if device.type == "cuda" else "loop"
+
+    def local_experts_compute(self, xs_ND: Tensor, counts_L: Tensor) -> Tensor:
+        """This rank's experts on rows sorted by local expert (``counts_L`` rows each)."""
+        experts = self.deepspeed_moe.experts.deepspeed_experts
+        w1 = [e.w1 for e in experts]
+        w2 = [e.w2 for e in experts]
+        w3 = [e.w3 for e in experts] if self.spec.activation == "swiglu" else None
+        kernel = self.resolved_kernel(xs_ND.device)
+        if kernel == "loop":
+            return ffn_loop(xs_ND, counts_L, w1, w2, w3)
+        # the grouped kernels take stacked [L, in, out] weights: one copy per call, gradients flow back
+        stacked = [torch.stack(w) if w is not None else None for w in (w1, w2, w3)]
+        if kernel == "grouped_mm":
+            return ffn_grouped_mm(xs_ND, counts_L, *stacked)
+        return ffn_megablocks_gmm(xs_ND, counts_L, *stacked)
 
     def forward_all(self, x_TD: Tensor) -> Tensor:
         """Every expert on every token in one dispatch: token t is replicated once per expert."""
@@ -164,7 +202,7 @@ class DeepSpeedEPBackend(_moe_base()):
         x_rep = x_TD.repeat(E, 1)
         ids = torch.arange(E, device=x_TD.device).repeat_interleave(T).unsqueeze(-1)
         y = self.forward(x_rep, ids, torch.ones_like(ids, dtype=x_TD.dtype))
-        return y.view(E, T, -1).transpose(0, 1)
+        return y.view(E, T, x_TD.shape[1]).transpose(0, 1)
 
     def params_per_expert(self) -> int:
         return sum(p.numel() for p in self.deepspeed_moe.experts.deepspeed_experts[0].parameters())

@@ -28,6 +28,34 @@ def fold_rows(y_ND: Tensor, num_out: int) -> Tensor:
     return y_ND.view(-1, num_out, y_ND.shape[-1]).sum(0)
 
 
+def ffn_loop(xs_ND: Tensor, counts_E: Tensor, w1, w2, w3=None) -> Tensor:
+    """Expert FFNs on expert-sorted rows, one matmul pair per non-empty expert.
+    ``w1``/``w2``/``w3``: per-expert ``[in, out]`` matrices (a stacked tensor's ``unbind(0)`` or a list).
+    Experts that receive no rows still join the graph with a zero term, so every expert parameter gets
+    a (zero) gradient: DeepSpeed's per-expert parameters must all have one on every rank."""
+    outs, unused = [], []
+    for e, c in enumerate(xs_ND.split(counts_E.tolist())):
+        if c.shape[0] == 0:
+            unused.append(e)
+            continue
+        h = c @ w1[e]
+        h = F.gelu(h) if w3 is None else F.silu(h) * (c @ w3[e])
+        outs.append(h @ w2[e])
+    y = torch.cat(outs) if outs else xs_ND.new_zeros(0, w2[0].shape[1])
+    if unused and torch.is_grad_enabled():
+        mats = (w1, w2) if w3 is None else (w1, w2, w3)
+        y = y + 0.0 * sum(m[e].sum() for e in unused for m in mats)
+    return y
+
+
+def ffn_grouped_mm(xs_ND: Tensor, counts_E: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor] = None) -> Tensor:
+    """Expert FFNs on expert-sorted rows through ``torch._grouped_mm`` (stacked ``[E, in, out]`` weights)."""
+    offs = counts_E.cumsum(0).to(torch.int32)
+    h = torch._grouped_mm(xs_ND, w1, offs=offs)
+    h = F.gelu(h) if w3 is None else F.silu(h) * torch._grouped_mm(xs_ND, w3, offs=offs)
+    return torch._grouped_mm(h, w2, offs=offs)
+
+
 class Sorted:
     """Routed slots grouped by expert: the permutation, source token of each slot, per-expert counts."""
 
@@ -74,16 +102,8 @@ class LocalDroplessBackend(ExpertBackend):
     def _loop(self, xs_ND, counts_E):
         # unbind once: indexing w[e] per expert would make autograd build (and sum) a full-size
         # zero gradient per expert, which cost ~20% of a training step on CPU.
-        w1, w2 = self.w1.unbind(0), self.w2.unbind(0)
         w3 = self.w3.unbind(0) if self.w3 is not None else None
-        outs = []
-        for e, c in enumerate(xs_ND.split(counts_E.tolist())):
-            if c.shape[0] == 0:
-                continue
-            h = c @ w1[e]
-            h = F.gelu(h) if w3 is None else F.silu(h) * (c @ w3[e])
-            outs.append(h @ w2[e])
-        return torch.cat(outs)
+        return ffn_loop(xs_ND, counts_E, self.w1.unbind(0), self.w2.unbind(0), w3)
 
     @torch.no_grad()
     def _loop_inference(self, xs_ND, counts_E, w_N1, dest_N, num_out, one_slot):
@@ -112,13 +132,7 @@ class LocalDroplessBackend(ExpertBackend):
         return ys_ND.new_zeros(num_out, ys_ND.shape[1]).index_add_(0, dest_N, ys_ND)
 
     def _grouped_mm(self, xs_ND, counts_E):
-        offs = counts_E.cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(xs_ND, self.w1, offs=offs)
-        if self.w3 is None:
-            h = F.gelu(h)
-        else:
-            h = F.silu(h) * torch._grouped_mm(xs_ND, self.w3, offs=offs)
-        return torch._grouped_mm(h, self.w2, offs=offs)
+        return ffn_grouped_mm(xs_ND, counts_E, self.w1, self.w2, self.w3)
 
     def _padded_bmm(self, xs_ND, counts_E):
         E, cap = self.spec.num_experts, int(counts_E.max())
