@@ -8,6 +8,9 @@ setup(
     python_requires=">=3.10",
     # versions are pinned in requirements.txt (what CI and the images install); ranges here
     install_requires=["torch>=2.4", "deepspeed>=0.19.4", "tensorboard", "sentencepiece", "numpy", "PyYAML", "tqdm"],
-    extras_require={"dev": ["pytest"]},
+    # megablocks: the backend calls grouped_gemm (MegaBlocks' grouped GEMM kernels, built against the
+    # installed torch: `pip install --no-build-isolation -e .[megablocks]` on a CUDA machine). MegaBlocks
+    # itself pins torch 2.7.0; requirements-megablocks.txt installs it with --no-deps instead.
+    extras_require={"dev": ["pytest"], "megablocks": ["grouped_gemm>=0.3.0"]},
     entry_points={"console_scripts": ["s2moe=s2moe_ds.cli:main", "s2moe-train=s2moe_ds.train:main"]},
 )
