@@ -4,7 +4,9 @@
 
 - ep=1 on 1 process (2 micro-steps) vs ep=2 on 2 processes (1 micro-step each): median step time;
 - the all-to-all time per step and its share of the step, from DeepSpeed's comms logger;
-- S2MoE's fused single dispatch vs two dispatches (one all-to-all pair per pathway).
+- S2MoE's fused single dispatch vs two dispatches (one all-to-all pair per pathway);
+- DeepSpeed's padded dropless all-to-all vs ragged (variable-size, no padding: ``ep_mode=ragged``);
+- one CPU thread per rank (what ``set_cpu_threads`` gives 2 ranks on 2 cores) vs two (oversubscribed).
 Each configuration runs ``--rounds`` times, interleaved; the table shows the median over rounds.
 Needs the built-in corpus prepared (``s2moe prepare --config configs/tiny.yaml``).
 """
@@ -23,11 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.common import table  # noqa: E402
 
+E4 = "model.moe.num_experts=4"
+OVERSUBSCRIBED = {"OMP_NUM_THREADS": "2"}  # every rank takes both cores (what ranks did before set_cpu_threads)
 CASES = {
-    "ep=1, 1 process x 2 micro-steps": (1, ["model.moe.ep_size=1", "train.grad_accum=2", "model.moe.num_experts=4"]),
-    "experts replicated, 2 processes (data parallel)": (2, ["model.moe.ep_size=1", "model.moe.num_experts=4"]),
-    "ep=2, 2 processes, fused dispatch": (2, ["model.moe.ep_size=2", "model.moe.num_experts=4"]),
-    "ep=2, 2 processes, two dispatches": (2, ["model.moe.ep_size=2", "model.moe.num_experts=4", "model.moe.s2moe.fused_dispatch=false"]),
+    "ep=1, 1 process x 2 micro-steps": (1, ["model.moe.ep_size=1", "train.grad_accum=2", E4], {}),
+    "experts replicated, 2 processes (data parallel)": (2, ["model.moe.ep_size=1", E4], {}),
+    "ep=2, dropless (padded), fused dispatch": (2, ["model.moe.ep_size=2", E4], {}),
+    "ep=2, ragged, fused dispatch": (2, ["model.moe.ep_size=2", "model.moe.ep_mode=ragged", E4], {}),
+    "ep=2, dropless (padded), two dispatches": (2, ["model.moe.ep_size=2", E4, "model.moe.s2moe.fused_dispatch=false"], {}),
+    "data parallel, 2 threads per rank": (2, ["model.moe.ep_size=1", E4], OVERSUBSCRIBED),
+    "ep=2, dropless (padded), 2 threads per rank": (2, ["model.moe.ep_size=2", E4], OVERSUBSCRIBED),
 }
 
 
@@ -37,11 +44,14 @@ def port() -> int:
         return s.getsockname()[1]
 
 
-def run_case(nproc: int, overrides: list[str], steps: int, data_dir: str) -> dict:
+def run_worker(nproc: int, overrides: list[str], extra_env: dict, steps: int, data_dir: str,
+               worker_args: tuple = ()) -> dict:
+    """One ``benchmarks/ep_worker.py`` run under the deepspeed launcher; its RESULT line as a dict."""
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(port()), str(REPO / "benchmarks/ep_worker.py"),
-           "--steps", str(steps), "model.moe.backend=deepspeed", f"data.data_dir={data_dir}", *overrides]
-    env = dict(os.environ, PATH=f"{launcher.parent}{os.pathsep}{os.environ['PATH']}")
+           "--steps", str(steps), *worker_args, "model.moe.backend=deepspeed", f"data.data_dir={data_dir}", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(extra_env, PATH=f"{launcher.parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -57,8 +67,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     results = {name: [] for name in CASES}
     for _ in range(args.rounds):
-        for name, (nproc, overrides) in CASES.items():
-            results[name].append(run_case(nproc, overrides, args.steps, args.data_dir))
+        for name, (nproc, overrides, extra_env) in CASES.items():
+            results[name].append(run_worker(nproc, overrides, extra_env, args.steps, args.data_dir))
     rows = []
     base = statistics.median(r["step_s"] for r in results[next(iter(CASES))])
     for name, rs in results.items():

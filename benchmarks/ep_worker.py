@@ -26,6 +26,12 @@ def main():
     ap.add_argument("--local_rank", type=int, default=0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--ckpt-reps", type=int, default=0,
+                    help="after the timed steps, time this many checkpoint saves into --ckpt-dir: DeepSpeed's "
+                         "save_checkpoint and our portable copy separately (bench_checkpoint.py)")
+    ap.add_argument("--ckpt-dir", default="")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="profile this many steps after the timed ones (torch.profiler) and print rank 0's top ops")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml", args.overrides)
@@ -72,12 +78,49 @@ def main():
         if step >= args.warmup:
             times.append(dt)
             a2a.append((after[0] - before[0], after[1] - before[1]))
+    ckpt = {}
+    if args.ckpt_reps:
+        import torch.distributed as dist
+
+        from s2moe_ds.reshard import save_portable
+
+        root = Path(args.ckpt_dir)
+        layout = {"world": world, "ep_size": cfg.model.moe.ep_size}
+        ds_s, portable_s = [], []
+        for r in range(args.ckpt_reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            engine.save_checkpoint(str(root), tag=f"r{r}", save_latest=False)
+            dist.barrier()
+            t1 = time.perf_counter()
+            save_portable(engine, model, root / f"r{r}", layout)
+            dist.barrier()
+            ds_s.append(t1 - t0)
+            portable_s.append(time.perf_counter() - t1)
+        tag = root / "r0"
+        portable_bytes = sum(f.stat().st_size for f in (tag / "s2moe_portable").iterdir())
+        ds_bytes = sum(f.stat().st_size for f in tag.iterdir() if f.is_file())
+        ckpt = {"ds_save_s": statistics.median(ds_s), "portable_save_s": statistics.median(portable_s),
+                "ds_bytes": ds_bytes, "portable_bytes": portable_bytes,
+                "params": sum(p.numel() for p in model.parameters())}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for step in range(args.profile):
+                for micro in range(t.grad_accum):
+                    x, y = windows.batch(t.micro_batch_size, t.seed, 10_000 + step, micro * world + rank)
+                    out = engine(x, y)
+                    engine.backward(out.loss + out.aux_loss)
+                    engine.step()
+        if rank == 0:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     if rank == 0:
         print("RESULT " + json.dumps({"world": world, "ep_size": cfg.model.moe.ep_size,
                                       "fused": cfg.model.moe.s2moe.fused_dispatch,
                                       "step_s": statistics.median(times),
                                       "a2a_s": statistics.median(a for a, _ in a2a),
-                                      "a2a_calls": statistics.median(c for _, c in a2a)}), flush=True)
+                                      "a2a_calls": statistics.median(c for _, c in a2a)} | ckpt), flush=True)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,34 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     port = int(os.environ.get("MASTER_PORT", 29500))
     deepspeed.init_distributed(auto_mpi_discovery=mpi, distributed_port=port, verbose=False, timeout=timeout)
     release_shm_name()
+    set_cpu_threads()
     return dist.get_rank(), dist.get_world_size()
+
+
+LOCAL_SIZE_VARS = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+
+
+def set_cpu_threads():
+    """On a CPU-only machine, give each of the node's ranks its share of the cores (unless
+    ``OMP_NUM_THREADS`` is set); returns the thread count set, or None.
+
+    Without this every rank starts as many intra-op threads as the machine has cores. Data parallelism
+    barely notices (ranks synchronise once per step), but expert parallelism synchronises at every
+    all-to-all, and the OpenMP workers of a rank waiting there keep spinning on the cores its peer is
+    computing on: on 2 cores, 2 ranks with ep=2 took 3x the step of data parallelism with 2 threads each
+    and about the same step with 1 each (``benchmarks/bench_expert_parallel.py``). The DeepSpeed launcher
+    only sets ``OMP_NUM_THREADS`` with ``--bind_cores_to_rank``.
+    """
+    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
+        return None
+    local = next((int(os.environ[k]) for k in LOCAL_SIZE_VARS if os.environ.get(k, "").isdigit()), 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(local, 1))
+    torch.set_num_threads(threads)
+    if local > 1 and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"[s2moe] {threads} CPU thread(s) per rank ({cores} cores / {local} ranks on this node; "
+              f"set OMP_NUM_THREADS to choose)", flush=True)
+    return threads
 
 
 def release_shm_name() -> None:

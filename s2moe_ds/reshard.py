@@ -11,12 +11,18 @@ layout-free names, and load from it whenever the layout differs:
   ``...deepspeed_experts.{j}.w1`` on the rank owning expert 5 map to the same key;
 - the Adam step count. The learning-rate schedule and client state come from DeepSpeed's own files.
 
-Writers: rank 0 writes shared parameters, the first rank of each expert-data-parallel group writes its
-experts. Loading sets the module parameter, the fp32 master partition and both moments, then the step.
+Writing costs no collective: under ZeRO 1/2 every rank writes the fragments of the fp32 master weights
+and moments it owns (``{"shape", "frags": [(offset, values)]}`` per key; the fragments of all ranks tile
+each tensor), which is also all the memory it needs. Without ZeRO partitioning (stage 0) every rank
+holds whole tensors; rank 0 writes the shared parameters and the first rank of each
+expert-data-parallel group its experts. Reading merges every rank's file and assembles whole tensors
+(checkpoints written by earlier versions, whole tensors only, read the same way). Loading sets the
+module parameter, the fp32 master partition and both moments, then the step.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -79,32 +85,74 @@ def _adam_step(engine) -> int:
 
 
 def _get(engine, p, key=None) -> torch.Tensor:
-    """Full fp32 value (key None) or moment of parameter ``p``; a collective under ZeRO 1/2."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    if hasattr(p, "_hp_mapping"):
-        return (safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)).detach().cpu()
+    """Full fp32 value (key None) or moment of a parameter that is not ZeRO-partitioned."""
     if key is None:
         return p.detach().float().cpu()
     return _inner_optimizer(engine).state[p][key].detach().float().cpu()
 
 
+def _owned_fragment(p):
+    """``(offset, {"fp32", "exp_avg", "exp_avg_sq"})`` for the slice of flattened ``p`` this rank's ZeRO
+    partition holds; ``()`` if it holds none of it; None if ``p`` is not ZeRO-partitioned (stage 0)."""
+    if not hasattr(p, "_hp_mapping"):
+        return None
+    m = p._hp_mapping
+    if m is None:
+        return ()
+    values = {"fp32": m.get_hp_fragment()} | {k: m.get_hp_fragment(k) for k in MOMENTS}
+    return m.lp_fragment_address.start, {k: v.detach().float().cpu().flatten() for k, v in values.items()}
+
+
 def save_portable(engine, model, ckpt_dir: Path, layout: dict) -> None:
-    """Write this rank's share of the portable state into ``ckpt_dir/s2moe_portable/``. Every rank calls it."""
+    """Write this rank's share of the portable state into ``ckpt_dir/s2moe_portable/``. Every rank calls it;
+    no collective is involved."""
     _relink(engine)
     entries = {}
     for name, p, keys in portable_keys(model):
-        values = {"fp32": _get(engine, p)} | {k: _get(engine, p, k) for k in MOMENTS}
-        if not _writer(p):
+        owned = _owned_fragment(p)
+        if owned is None:  # whole tensors on every rank: one writer saves them
+            if not _writer(p):
+                continue
+            values = {"fp32": _get(engine, p)} | {k: _get(engine, p, k) for k in MOMENTS}
+            for key, index in keys:
+                entries[key] = {k: (v if index is None else v[index]).clone() for k, v in values.items()}
             continue
+        if not owned:
+            continue
+        start, values = owned
+        n = values["fp32"].numel()
+        stacked = keys[0][1] is not None  # the local backend's [E, ...] expert tensor: one key per expert
+        shape = list(p.shape[1:]) if stacked else list(p.shape)
+        per = p[0].numel() if stacked else p.numel()
         for key, index in keys:
-            entries[key] = {k: (v if index is None else v[index]).clone() for k, v in values.items()}
+            base = (index or 0) * per
+            lo, hi = max(start, base), min(start + n, base + per)
+            if lo < hi:
+                piece = {k: v[lo - start:hi - start].clone() for k, v in values.items()}
+                entries.setdefault(key, {"shape": shape, "frags": []})["frags"].append((lo - base, piece))
     out = ckpt_dir / PORTABLE
     out.mkdir(parents=True, exist_ok=True)
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(entries, out / f"rank{rank:05d}.pt")
     if rank == 0:
         (out / "meta.json").write_text(json.dumps({"adam_step": _adam_step(engine), "layout": layout}))
+
+
+def _assemble(key: str, entry: dict, source: Path) -> dict:
+    from .checkpoint import CheckpointError
+
+    numel = math.prod(entry["shape"])
+    full = {k: torch.zeros(numel) for k in ("fp32",) + MOMENTS}
+    seen = torch.zeros(numel, dtype=torch.bool)  # replicated owners (unpartitioned optimizers) may overlap
+    for offset, piece in entry["frags"]:
+        for k in full:
+            full[k][offset:offset + piece[k].numel()] = piece[k]
+        seen[offset:offset + piece["fp32"].numel()] = True
+    covered = int(seen.sum())
+    if covered != numel:
+        raise CheckpointError(f"{source}: {key!r} has {covered} of its {numel} elements (a rank's file is missing "
+                              f"or from another save); the portable state is incomplete")
+    return {k: v.view(entry["shape"]) for k, v in full.items()}
 
 
 def read_portable(ckpt_dir: Path) -> tuple[dict, dict]:
@@ -114,9 +162,15 @@ def read_portable(ckpt_dir: Path) -> tuple[dict, dict]:
     if not (folder / "meta.json").exists():
         raise CheckpointError(f"{ckpt_dir} has no {PORTABLE}/ (written by s2moe_ds since expert-parallel resharding "
                               f"was added): it can only be resumed with the parallel layout that wrote it")
-    merged = {}
+    merged, fragmented = {}, {}
     for f in sorted(folder.glob("rank*.pt")):
-        merged.update(torch.load(f, map_location="cpu", weights_only=True))
+        for key, entry in torch.load(f, map_location="cpu", weights_only=True).items():
+            if "frags" in entry:
+                fragmented.setdefault(key, {"shape": entry["shape"], "frags": []})["frags"].extend(entry["frags"])
+            else:
+                merged[key] = entry
+    for key, entry in fragmented.items():
+        merged[key] = _assemble(key, entry, folder)
     return merged, json.loads((folder / "meta.json").read_text())
 
 

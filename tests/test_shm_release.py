@@ -1,4 +1,5 @@
-"""DeepSpeed's CPU shared-memory all-reduce segments must not pile up in /dev/shm (RAM) run after run."""
+"""Process start-up on CPU: DeepSpeed's shared-memory all-reduce segments must not pile up in /dev/shm (RAM)
+run after run, and local ranks share the cores instead of each taking all of them."""
 import os
 from pathlib import Path
 
@@ -23,3 +24,24 @@ def test_two_ranks_leave_no_allreduce_segment_names_behind():
     results = run_distributed(_names, world_size=2, env={"LOCAL_SIZE": "2"})
     assert [r[0] for r in results] == [3.0, 3.0]
     assert all(r[1] == [] for r in results), results
+
+
+def test_cpu_threads_split_between_local_ranks(monkeypatch):
+    import os
+
+    import torch
+
+    from s2moe_ds.distributed import set_cpu_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_SIZE", "2")
+        assert set_cpu_threads() == max(1, cores // 2) == torch.get_num_threads()
+        monkeypatch.setenv("LOCAL_SIZE", "1")
+        assert set_cpu_threads() == cores == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice wins
+        assert set_cpu_threads() is None
+    finally:
+        torch.set_num_threads(before)
