@@ -4,18 +4,19 @@
 # printed. Each command is printed before it runs. Extra arguments are config overrides, e.g.
 #   bash launch/demo_cpu.sh train.steps=300 model.moe.router=xmoe
 set -euo pipefail
-cd "$(dirname "$0")/.."
-CONFIG=${CONFIG:-configs/tiny.yaml}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
+cd "$REPO_ROOT"
 NPROC=${NPROC:-2}
 OUT=${OUT:-runs/tiny}
-run() { echo "+ $*" >&2; "$@"; }
+check_common
 
 run s2moe prepare --config "$CONFIG"
 # a demo reruns from scratch: move an earlier demo run aside instead of deleting it
 if [ -e "$OUT/checkpoints/latest" ]; then
   run mv "$OUT" "$OUT.previous.$(date +%Y%m%d-%H%M%S)"
 fi
-run deepspeed --num_gpus "$NPROC" --module s2moe_ds.train --config "$CONFIG" train.out_dir="$OUT" "$@"
+run deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --module s2moe_ds.train --config "$CONFIG" train.out_dir="$OUT" "$@"
 run s2moe eval "$OUT" --split val
 run s2moe eval "$OUT" --split test
 run s2moe sample "$OUT" --prompt "The " --tokens 160
