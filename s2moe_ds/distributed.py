@@ -51,6 +51,7 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     # under mpirun, DeepSpeed's mpi4py discovery sets RANK/WORLD_SIZE/LOCAL_RANK and rank 0's address;
     # the port is the one the user exported (launch/mpirun.sh passes MASTER_PORT), 29500 otherwise
     port = int(os.environ.get("MASTER_PORT", 29500))
+    clear_stale_build_locks()
     deepspeed.init_distributed(auto_mpi_discovery=mpi, distributed_port=port, verbose=False, timeout=timeout)
     release_shm_name()
     set_cpu_threads()
@@ -81,6 +82,32 @@ def set_cpu_threads():
         print(f"[s2moe] {threads} CPU thread(s) per rank ({cores} cores / {local} ranks on this node; "
               f"set OMP_NUM_THREADS to choose)", flush=True)
     return threads
+
+
+STALE_LOCK_S = 600
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list:
+    """Remove torch JIT-extension build locks older than ``max_age_s``; returns what was removed.
+
+    DeepSpeed compiles its CPU comm op on first use, and torch guards each build with a ``lock`` file in
+    the extension's build folder. A build that was killed leaves the file behind, and every later start
+    then waits for it forever, silently. A build takes about a minute, so a lock ten minutes old has no
+    builder left.
+    """
+    import time
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    removed = []
+    for lock in Path(root).glob("**/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                print(f"[s2moe] removed a stale torch extension build lock left by a killed build: {lock}", flush=True)
+        except OSError:
+            pass  # another rank removed it first, or it is not ours to remove
+    return removed
 
 
 def release_shm_name() -> None:
