@@ -74,7 +74,7 @@ def _ep_vs_reference(rank, world, mode, split, activation="gelu"):
     return out
 
 
-@pytest.mark.parametrize("split", [20, 7], ids=["even", "uneven"])
+@pytest.mark.parametrize("split", [20, 7, 0], ids=["even", "uneven", "one-rank-empty"])
 def test_ep2_dropless_equals_local_reference_forward_and_backward(split):
     res = run_distributed(_ep_vs_reference, 2, timeout=120, args=("dropless", split))
     assert [r["dropped"] for r in res] == [0, 0]
