@@ -145,16 +145,36 @@ def evaluate_run(run_dir: Path, suite: dict) -> tuple[list[dict], list[dict]]:
     return rows, analyse(model, x)
 
 
-def aggregate(out: Path, suite: dict) -> list[dict]:
+def finished_runs(out: Path, suite: dict, steps: Optional[int] = None) -> list[dict]:
+    """Every finished run in ``out`` that belongs to this suite: all of its variants and every seed found
+    on disk (not only the seeds or variants of the command at hand, so a suite completed by several
+    partial commands is tabled whole), in variant order then seed order. A run whose spec differs from
+    what this suite (at ``steps``) would give that variant and seed is left out with a warning, so runs
+    of another budget never share a mean with these."""
+    results = []
+    for variant in suite["variants"]:
+        found = []
+        for f in (out / "runs").glob(f"{variant['name']}-seed*/result.json"):
+            seed_text = f.parent.name[len(variant["name"]) + len("-seed"):]
+            if not seed_text.isdigit():
+                continue  # another variant whose name extends this one
+            r = json.loads(f.read_text())
+            spec = {k: r.get(k) for k in ("variant", "seed", "config", "overrides", "nproc")}
+            if spec != run_spec(suite, variant, int(seed_text), steps):
+                print(f"[s2moe experiment] warning: {f.parent} was run with another spec than this suite's "
+                      f"(overrides {spec['overrides']}); left out of the table", file=sys.stderr, flush=True)
+                continue
+            found.append(r)
+        results += sorted(found, key=lambda r: r["seed"])
+    return results
+
+
+def aggregate(out: Path, suite: dict, steps: Optional[int] = None) -> list[dict]:
     """Collect every finished run's rows and rewrite results.json / results.csv / results.md."""
     rows = []
-    for variant in suite["variants"]:
-        for seed in suite["seeds"]:
-            f = out / "runs" / f"{variant['name']}-seed{seed}" / "result.json"
-            if f.exists():
-                r = json.loads(f.read_text())
-                rows += [{"variant": r["variant"], "seed": r["seed"], "train_wall_s": r["train_wall_s"], **row}
-                         for row in r["rows"]]
+    for r in finished_runs(out, suite, steps):
+        rows += [{"variant": r["variant"], "seed": r["seed"], "train_wall_s": r["train_wall_s"], **row}
+                 for row in r["rows"]]
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     if rows:
         fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -164,6 +184,20 @@ def aggregate(out: Path, suite: dict) -> list[dict]:
             w.writerows(rows)
     (out / "results.md").write_text(summary_markdown(rows))
     return rows
+
+
+def record_command(out: Path, suite: dict, steps: Optional[int], command: str, full_command: str = "") -> None:
+    """suite.json: the suite, the one command that reproduces the whole table, and every command that
+    has contributed runs to this folder (a time-boxed suite is often completed by partial commands)."""
+    f = out / "suite.json"
+    old = json.loads(f.read_text()) if f.exists() else {}
+    history = old.get("commands") or ([old["command"]] if old.get("command") else [])
+    if command and command not in history:
+        history.append(command)
+    full = full_command or f"s2moe experiment {suite['name']}" + (f" --steps {steps}" if steps else "")
+    f.write_text(json.dumps({"suite": suite["name"], "description": suite.get("description", ""),
+                             "command": full, "commands": history, "seeds": suite["seeds"], "steps": steps},
+                            indent=1))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -220,7 +254,7 @@ def prepare_data(suite: dict) -> None:
 
 
 def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optional[list[str]] = None,
-              command: str = "") -> list[dict]:
+              command: str = "", full_command: str = "") -> list[dict]:
     variants = suite["variants"]
     if only:
         unknown = set(only) - {v["name"] for v in variants}
@@ -229,9 +263,7 @@ def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optiona
                               f"{', '.join(v['name'] for v in variants)}")
         variants = [v for v in variants if v["name"] in only]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "suite.json").write_text(json.dumps({"suite": suite["name"], "description": suite.get("description", ""),
-                                                "command": command or f"s2moe experiment {suite['name']}",
-                                                "seeds": suite["seeds"], "steps": steps}, indent=1))
+    record_command(out, suite, steps, command, full_command)
     prepare_data(suite)
     # seed-major: an interrupted or time-boxed suite has every variant on the first seeds
     todo = [(v, s) for s in suite["seeds"] for v in variants]
@@ -260,8 +292,8 @@ def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optiona
         for r in rows:
             print(f"[s2moe experiment]   {r['inference']}: val {r['metric']} {r[r['metric']]:.4f}, "
                   f"{r['inference_mflops_per_token']:.3f} MFLOPs/token", flush=True)
-        aggregate(out, suite)
-    rows = aggregate(out, suite)
+        aggregate(out, suite, steps)
+    rows = aggregate(out, suite, steps)
     print(f"[s2moe experiment] results: {out / 'results.md'} ({len(rows)} rows)", flush=True)
     print((out / "results.md").read_text(), flush=True)
     return rows
@@ -288,5 +320,9 @@ def main_experiment(argv=None) -> int:
     out = Path(args.out or REPO_ROOT / "results" / suite["name"]).resolve()
     os.chdir(REPO_ROOT)  # configs, data_dir and ds_config paths in the suite are relative to the repository
     command = "s2moe experiment " + shlex.join(sys.argv[2:] if argv is None else argv)
-    run_suite(suite, out, args.steps, args.only.split(",") if args.only else None, command)
+    # the same command without --seeds/--only: what reruns (or, resumed, completes) the whole table
+    full = [args.suite] + (["--out", args.out] if args.out else []) + (["--steps", str(args.steps)] if args.steps else [])
+    full += ["--nproc", str(args.nproc)] if args.nproc else []
+    run_suite(suite, out, args.steps, args.only.split(",") if args.only else None, command,
+              "s2moe experiment " + shlex.join(full))
     return 0

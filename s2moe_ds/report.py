@@ -45,6 +45,21 @@ def _variants(runs: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["variant"] for r in runs))
 
 
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (standard table values)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def gap_interval(gaps: list[float]) -> tuple[float, float]:
+    """95% confidence interval of the mean of paired per-seed gaps (nan, nan with fewer than 2 seeds)."""
+    if len(gaps) < 2:
+        return math.nan, math.nan
+    m, sd = mean_std(gaps)
+    df = len(gaps) - 1
+    half = (T975[df - 1] if df <= len(T975) else 1.96) * sd / math.sqrt(len(gaps))
+    return m - half, m + half
+
+
 def claims(rows: list[dict]) -> list[str]:
     """Plain statements computed from the table: the S2MoE claim, dense vs MoE, where S2MoE loses."""
     summ = {(s["variant"], s["inference"]): s for s in summary_rows(rows)}
@@ -59,11 +74,23 @@ def claims(rows: list[dict]) -> list[str]:
                 for s in seeds]
         m, sd = mean_std(gaps)
         spread = "" if math.isnan(sd) else f" ± {sd:.2f}"
-        verdict = "within" if abs(m) <= 1.0 else ("better than" if m < 0 else "outside")
+        lo, hi = gap_interval(gaps)
+        if math.isnan(hi):
+            verdict = ("within 1% on the mean" if m <= 1.0 else "outside 1%") + " (one seed: no interval)"
+        elif hi < 0.0:
+            verdict = "better than SMoE top-2, the whole 95% interval too"
+        elif hi <= 1.0:
+            verdict = "within 1%, the whole 95% interval too"
+        elif lo > 1.0:
+            verdict = "outside 1%, the whole 95% interval too"
+        elif m <= 1.0:
+            verdict = "within 1% on the mean, not established: the 95% interval reaches past 1%"
+        else:
+            verdict = "outside 1% on the mean, not established: the 95% interval reaches below 1%"
+        ci = "" if math.isnan(hi) else f", 95% interval of the mean gap [{lo:+.2f}%, {hi:+.2f}%] (Student t, {len(gaps) - 1} df)"
         out.append(f"**S2MoE claim (top-1 at inference within 1% {metric} of SMoE top-2):** S2MoE top-1 "
                    f"{fmt(s2['values'])} vs SMoE top-2 {fmt(smoe['values'])}; paired gap over seeds {seeds}: "
-                   f"{m:+.2f}%{spread} (positive = S2MoE worse). Verdict on this run: **{verdict} 1%**"
-                   + ("" if len(seeds) > 2 else " (too few seeds to be more than an anecdote)") + ".")
+                   f"{m:+.2f}%{spread}{ci} (positive = S2MoE worse). Verdict on this run: **{verdict}**.")
         out.append(f"Training cost: S2MoE {s2['train_mflops_per_token']:.3f} vs SMoE top-2 "
                    f"{smoe['train_mflops_per_token']:.3f} MFLOPs/token (the two pathways at top-1 do the expert "
                    f"work of top-2; S2MoE adds the gate and noise). Inference: {s2['inference_mflops_per_token']:.3f} "
@@ -242,9 +269,14 @@ def write_report(folder: Path, out: Path, command: str = "") -> Path:
     seeds = sorted({r["seed"] for r in runs})
     rel = lambda p: Path(p).relative_to(out.parent) if Path(p).is_relative_to(out.parent) else p  # noqa: E731
     text = [f"# Results: {meta.get('suite', folder.name)}", "", meta.get("description", ""), "",
-            "Produced by (from the repository root):", "", "```",
+            "Produced by (from the repository root; the experiment command is resumable and runs only what is "
+            "missing):", "", "```",
             command or meta.get("command", f"s2moe experiment {folder.name}"), f"s2moe report {folder} --out {out}",
-            "```", "",
+            "```", ""]
+    history = [c for c in meta.get("commands", []) if c != (command or meta.get("command"))]
+    if history:
+        text += ["The runs were made, in this order, by:", "", "```", *history, "```", ""]
+    text += [
             f"Runs: {len(runs)} ({len(_variants(runs))} variants; seeds used: {seeds}; the seeds column gives each "
             f"variant's count), {steps} training steps; configs "
             f"{', '.join(f'`{c}`' for c in configs)} with the suite's overrides (each run's exact overrides are in "

@@ -1,0 +1,95 @@
+"""The results table and the claim statements, on hand-written result files (no training): every finished
+run of the suite is tabled whatever seeds or variants the last command named, runs of another budget are
+kept out, the command history is kept, and the S2MoE verdict follows the 95% interval of the paired gap."""
+import json
+import math
+
+import pytest
+
+from s2moe_ds.experiment import aggregate, record_command, run_spec
+from s2moe_ds.report import claims, gap_interval
+
+SUITE = {"name": "toy", "description": "toy suite", "base": "configs/tiny.yaml", "overrides": ["train.steps=10"],
+         "seeds": [0, 1, 2], "nproc": 1, "variants": [{"name": "smoe-top2", "overrides": ["model.moe.k=2"]},
+                                                       {"name": "s2moe-top1", "overrides": ["model.moe.k=1"]}]}
+
+
+def _row(variant, seed, bpc, k):
+    return {"inference": "train_k", "k": k, "pathways": "clean" if variant.startswith("s2moe") else "",
+            "loss": bpc * math.log(2), "bpc": bpc, "metric": "bpc", "tokens": 1000,
+            "inference_mflops_per_token": 1.0 * k, "train_mflops_per_token": 3.0, "tokens_per_sec": 100.0,
+            "params_total": 10, "params_active": 5, "step": 10}
+
+
+def _write_run(out, suite, variant, seed, bpc, steps=None):
+    spec = run_spec(suite, variant, seed, steps)
+    d = out / "runs" / f"{variant['name']}-seed{seed}"
+    d.mkdir(parents=True)
+    k = 1 if variant["name"].startswith("s2moe") else 2
+    (d / "result.json").write_text(json.dumps({**spec, "train_wall_s": 1.0, "resumed": False,
+                                               "rows": [_row(variant["name"], seed, bpc, k)], "analysis": []}))
+
+
+def test_table_holds_every_finished_seed_and_variant_not_only_the_last_commands(tmp_path, capsys):
+    smoe, s2 = SUITE["variants"]
+    for seed, bpc in [(0, 2.50), (1, 2.52), (2, 2.54)]:
+        _write_run(tmp_path, SUITE, smoe, seed, bpc)
+    _write_run(tmp_path, SUITE, s2, 2, 2.60)
+    # a command that named only seed 2 of one variant must still table all four runs
+    partial = {**SUITE, "seeds": [2]}
+    rows = aggregate(tmp_path, partial)
+    assert [(r["variant"], r["seed"]) for r in rows] == [("smoe-top2", 0), ("smoe-top2", 1), ("smoe-top2", 2),
+                                                         ("s2moe-top1", 2)]
+    md = (tmp_path / "results.md").read_text()
+    assert "| smoe-top2 | train_k (k=2) | 2.5200 ± 0.0200 | 3 |" in md
+    assert "| s2moe-top1 | train_k (k=1, clean) | 2.6000 | 1 |" in md
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 5
+
+
+def test_a_run_of_another_budget_is_left_out_with_a_warning(tmp_path, capsys):
+    smoe, _ = SUITE["variants"]
+    _write_run(tmp_path, SUITE, smoe, 0, 2.50)
+    _write_run(tmp_path, SUITE, smoe, 1, 9.99, steps=5)  # made by `--steps 5` into the same folder
+    rows = aggregate(tmp_path, SUITE)
+    assert [r["seed"] for r in rows] == [0]
+    assert "smoe-top2-seed1 was run with another spec" in capsys.readouterr().err
+    assert [r["seed"] for r in aggregate(tmp_path, SUITE, steps=5)] == [1]
+
+
+def test_suite_json_keeps_every_command_and_the_one_that_reruns_the_whole_table(tmp_path):
+    record_command(tmp_path, SUITE, None, "s2moe experiment toy --seeds 0", "s2moe experiment toy")
+    record_command(tmp_path, SUITE, None, "s2moe experiment toy --seeds 1,2 --only smoe-top2", "s2moe experiment toy")
+    record_command(tmp_path, SUITE, None, "s2moe experiment toy --seeds 0", "s2moe experiment toy")
+    meta = json.loads((tmp_path / "suite.json").read_text())
+    assert meta["command"] == "s2moe experiment toy"
+    assert meta["commands"] == ["s2moe experiment toy --seeds 0", "s2moe experiment toy --seeds 1,2 --only smoe-top2"]
+
+
+def test_gap_interval_is_the_student_t_interval():
+    lo, hi = gap_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2 df) = 4.303
+    assert (lo, hi) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
+    assert all(math.isnan(v) for v in gap_interval([0.5]))
+
+
+def _claim_rows(s2_bpcs, smoe_bpcs):
+    rows = []
+    for seed, (a, b) in enumerate(zip(s2_bpcs, smoe_bpcs)):
+        rows.append({"variant": "s2moe-top1", "seed": seed, "train_wall_s": 1.0, **_row("s2moe-top1", seed, a, 1)})
+        rows.append({"variant": "smoe-top2", "seed": seed, "train_wall_s": 1.0, **_row("smoe-top2", seed, b, 2)})
+    return rows
+
+
+@pytest.mark.parametrize("s2, verdict", [
+    ([2.501, 2.5015, 2.502], "within 1%, the whole 95% interval too"),         # +0.04..0.08%: tight
+    ([2.51, 2.48, 2.54], "within 1% on the mean, not established"),            # +0.4% ± 1.2%
+    ([2.60, 2.601, 2.602], "outside 1%, the whole 95% interval too"),          # +4%: tight
+    ([2.45, 2.45, 2.46], "better than SMoE top-2, the whole 95% interval too"),  # -2%: tight
+])
+def test_claim_verdict_follows_the_interval(s2, verdict):
+    text = claims(_claim_rows(s2, [2.5, 2.5, 2.5]))[0]
+    assert f"Verdict on this run: **{verdict}" in text and "95% interval of the mean gap" in text
+
+
+def test_one_seed_gives_no_interval_and_says_so():
+    text = claims(_claim_rows([2.51], [2.5]))[0]
+    assert "within 1% on the mean (one seed: no interval)" in text
