@@ -18,6 +18,7 @@ def data_dir(tmp_path_factory):
 
 
 COMMON = ["train.log_interval=1", "train.eval_iters=2", "train.progress=false"]
+EP2 = ["model.moe.backend=deepspeed", "model.moe.ep_size=2", "model.moe.num_experts=4"]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,12 @@ def test_single_process_run_and_nonfinite_loss_message(tmp_path, data_dir):
     ("ds_configs/zero1.json", ["train.grad_accum=2"]),
     ("ds_configs/zero2_offload.json", []),
     ("ds_configs/zero2_bf16.json", ["train.precision=bf16"]),
-], ids=["zero0", "zero1-accum2", "zero2-offload", "zero2-bf16"])
+    ("ds_configs/zero0.json", EP2),
+    ("ds_configs/zero1.json", EP2 + ["train.grad_accum=2"]),
+    ("ds_configs/zero2_bf16.json", EP2 + ["train.precision=bf16"]),
+    ("ds_configs/zero2_bf16.json", EP2 + ["train.precision=bf16", "model.moe.ep_mode=ragged"]),
+], ids=["zero0", "zero1-accum2", "zero2-offload", "zero2-bf16", "ep2-zero0", "ep2-zero1-accum2", "ep2-zero2-bf16",
+        "ep2-ragged-zero2-bf16"])
 def test_zero_stages_precisions_and_offload_train(tmp_path, data_dir, ds_config, extra):
     out = tmp_path / "run"
     proc = deepspeed_train(2, [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=3",
@@ -120,7 +126,11 @@ def test_zero_stages_precisions_and_offload_train(tmp_path, data_dir, ds_config,
     assert_ok(proc)
     losses = train_losses(out)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
-    assert (out / "checkpoints" / "step0000003").is_dir()
+    ckpt = out / "checkpoints" / "step0000003"
+    assert ckpt.is_dir()
+    if "model.moe.ep_size=2" in extra:  # experts sharded: one file per global expert, from both EP ranks
+        files = {p.name for p in ckpt.iterdir()}
+        assert {f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt" for l in (0, 1) for e in range(4)} <= files
 
 
 def test_checkpoint_vocabulary_mismatch_is_refused(full_run, tmp_path):
