@@ -247,9 +247,9 @@ def _load_safetensors(path: Path) -> tuple[dict, dict, Path]:
 
 
 def read_client_state(ckpt_dir: Path) -> dict:
-    """The step, config and vocabulary fingerprint saved with a checkpoint."""
+    """The step, config, vocabulary fingerprint and parallel layout saved with a checkpoint."""
     raw = _load(model_state_file(ckpt_dir))
-    return {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint")}
+    return {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint", "layout")}
 
 
 def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -160,8 +161,9 @@ def read_portable(ckpt_dir: Path) -> tuple[dict, dict]:
 
     folder = ckpt_dir / PORTABLE
     if not (folder / "meta.json").exists():
-        raise CheckpointError(f"{ckpt_dir} has no {PORTABLE}/ (written by s2moe_ds since expert-parallel resharding "
-                              f"was added): it can only be resumed with the parallel layout that wrote it")
+        raise CheckpointError(f"{ckpt_dir} has no {PORTABLE}/ (the run had train.portable_checkpoints=false, or "
+                              f"predates resharding): it can only be resumed with the parallel layout that wrote it "
+                              f"(its world size, model.moe.ep_size, backend and ZeRO stage)")
     merged, fragmented = {}, {}
     for f in sorted(folder.glob("rank*.pt")):
         for key, entry in torch.load(f, map_location="cpu", weights_only=True).items():
@@ -227,10 +229,17 @@ def load_portable(engine, model, ckpt_dir: Path) -> dict:
     return meta
 
 
-def read_layout(ckpt_dir: Path):
-    """The parallel layout that wrote a checkpoint, or None if it has no portable state."""
+def has_portable(ckpt_dir: Path) -> bool:
+    return (ckpt_dir / PORTABLE / "meta.json").exists()
+
+
+def read_layout(ckpt_dir: Path, client_state: Optional[dict] = None):
+    """The parallel layout that wrote a checkpoint: from its portable copy, else from the client state
+    saved with it (every checkpoint records it), else None (a checkpoint older than both)."""
     f = ckpt_dir / PORTABLE / "meta.json"
-    return json.loads(f.read_text())["layout"] if f.exists() else None
+    if f.exists():
+        return json.loads(f.read_text())["layout"]
+    return (client_state or {}).get("layout")
 
 
 def resume_resharded(engine, model, scheduler, ckpt_dir: Path) -> dict:

@@ -33,7 +33,7 @@ from .distributed import all_reduce_mean, build_engine, device, init_distributed
 from .flops import flops_per_token
 from .model import MoELanguageModel
 from .monitor import Monitor, quality, reduce_metrics
-from .reshard import read_layout, resume_resharded, save_portable
+from .reshard import has_portable, read_layout, resume_resharded, save_portable
 
 
 def tqdm_write(msg: str) -> None:
@@ -147,9 +147,16 @@ def train(cfg: Config) -> dict:
     start = 0
     if resume:
         root, tag = resume
-        check_compatible(read_client_state(root / tag), meta, f"{root}/{tag}")  # before any weight is loaded
-        saved = read_layout(root / tag)
+        saved_client = read_client_state(root / tag)
+        check_compatible(saved_client, meta, f"{root}/{tag}")  # before any weight is loaded
+        saved = read_layout(root / tag, saved_client)
         if saved is not None and saved != layout:
+            if not has_portable(root / tag):
+                raise CheckpointError(
+                    f"{root}/{tag} was written with the parallel layout {saved} and this run has {layout}, but the "
+                    f"checkpoint has no portable copy (the run had train.portable_checkpoints=false), so its "
+                    f"optimizer state cannot be resharded: resume with the layout that wrote it (its weights still "
+                    f"evaluate and export under any layout: `s2moe eval`, `s2moe export`)")
             client = resume_resharded(engine, model, scheduler, root / tag)
             if rank == 0:
                 print(f"[s2moe] resharded {root / tag}: {saved} -> {layout} (model and optimizer state)", flush=True)
@@ -178,7 +185,7 @@ def train(cfg: Config) -> dict:
 
     def save(step: int) -> None:
         """Write to ``{tag}.partial`` on every rank, then rank 0 verifies and publishes it as ``latest``."""
-        client = {"step": step, "config": resolved, "vocab_fingerprint": vocab_fingerprint(meta)}
+        client = {"step": step, "config": resolved, "vocab_fingerprint": vocab_fingerprint(meta), "layout": layout}
         root, tag = out_dir / "checkpoints", f"step{step:07d}"
         partial = tag + PARTIAL
         try:

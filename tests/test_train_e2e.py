@@ -213,6 +213,25 @@ def test_reshard_local_1_process_to_ep2_on_2_processes(ep_runs, tmp_path, data_d
         assert resumed[s] == pytest.approx(full[s], rel=1e-4, abs=1e-5), (s, full[s], resumed[s])
 
 
+def test_layout_change_without_portable_copy_is_refused_and_nothing_is_lost(tmp_path, data_dir):
+    """train.portable_checkpoints=false saves time and disk, and then the layout is fixed: resuming
+    under another one is one clear error (which says why and what would work), the run untouched."""
+    import hashlib
+
+    out = tmp_path / "noportable"
+    base = [f"data.data_dir={data_dir}", "train.steps=4", "train.save_interval=2", "train.eval_interval=2",
+            "model.moe.num_experts=4", f"train.out_dir={out}", "train.portable_checkpoints=false", *COMMON]
+    assert_ok(single_train(base + ["train.stop_at_step=2"]))
+    assert not (out / "checkpoints" / "step0000002" / "s2moe_portable").exists()
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
+    proc = deepspeed_train(2, base + ["model.moe.backend=deepspeed", "model.moe.ep_size=2", "train.resume=auto"])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "was written with the parallel layout {'world': 1, 'ep_size': 1, 'backend': 'local'" in proc.stderr
+    assert "'ep_size': 2, 'backend': 'deepspeed'" in proc.stderr and "train.portable_checkpoints=false" in proc.stderr
+    assert "resume with the layout that wrote it" in proc.stderr
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_export_expert_parallel_checkpoint_to_safetensors(ep_runs, tmp_path):
     from safetensors import safe_open
 
