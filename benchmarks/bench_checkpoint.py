@@ -45,7 +45,7 @@ def main(argv=None):
                      f"{r['portable_save_s'] / r['ds_save_s']:.2f}", f"{r['ds_bytes'] / 2**20:.1f}",
                      f"{r['portable_bytes'] / 2**20:.1f}"])
     print(f"2 processes, gloo, ZeRO 2, AdamW; median of {args.reps} saves\n")
-    print(table(rows, ["model", "params (M)", "DeepSpeed save ms", "portable copy ms", "portable / DeepSpeed",
+    print(table(rows, ["model", "params per rank (M)", "DeepSpeed save ms", "portable copy ms", "portable / DeepSpeed",
                        "DeepSpeed MiB", "portable MiB"]))
 
 
