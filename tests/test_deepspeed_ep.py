@@ -119,3 +119,72 @@ def test_ragged_single_process_matches_reference(kernel):
     for e in range(4):
         torch.testing.assert_close(experts[e].w2.grad, ref.w2.grad[e], rtol=1e-4, atol=1e-5)
     assert torch.count_nonzero(experts[2].w1.grad) == 0  # the empty expert gets a zero gradient, not None
+
+
+def _every_router_ep_vs_local(rank, world):
+    """Per rank, each router's MoE layer (S2MoE on and off) on ep=2 equals the same layer on the local
+    backend: routing, combine, aux losses and every gradient; the backend is the only difference."""
+    import torch.distributed as dist
+
+    from s2moe_ds.moe.layer import MoEConfig, S2MoEConfig
+    from s2moe_ds.moe.routers import ROUTERS
+    from s2moe_ds.moe.s2moe import build_moe_layer
+
+    checked = []
+    T = 24 if rank == 0 else 9  # different token counts per rank
+    for router in ROUTERS:
+        # competition on every step, so CompeteSMoE's all-experts path (forward_all) runs through the exchange
+        args = {"compete_prob": 1.0} if router == "competesmoe" else {}
+        for s2 in (False, True):
+            for mode in ("dropless", "ragged"):
+                layers = []
+                for backend in ("local", "deepspeed"):
+                    cfg = MoEConfig(num_experts=4, k=1 if s2 else 2, d_ff=32, router=router, router_args=args,
+                                    backend=backend, ep_size=2 if backend == "deepspeed" else 1, ep_mode=mode,
+                                    s2moe=S2MoEConfig(enabled=s2, noise="learnable"))
+                    torch.manual_seed(0)
+                    layer = build_moe_layer(cfg, 16, layer_id=1, seed=3).train()
+                    if backend == "deepspeed":
+                        layer.experts.set_deepspeed_parallelism()
+                    layers.append(layer)
+                g = torch.Generator().manual_seed(10 + rank)
+                x0, up = torch.randn(T, 16, generator=g), torch.randn(T, 16, generator=g)
+                res = []
+                for layer in layers:
+                    torch.manual_seed(5)  # S2MoE noise and InfoNCE negatives: the same draws in both
+                    x = x0.clone().requires_grad_()
+                    out = layer(x)
+                    loss = (out.y * up).sum() + sum(out.aux_losses.values())
+                    loss.backward()
+                    res.append((out, x.grad))
+                (lo, gl), (ep, ge) = res
+                where = f"{router} s2moe={s2} {mode}"
+                torch.testing.assert_close(ep.y, lo.y, rtol=1e-5, atol=1e-5, msg=lambda m: f"{where}: {m}")
+                assert lo.aux_losses.keys() == ep.aux_losses.keys(), where
+                for name in lo.aux_losses:
+                    torch.testing.assert_close(ep.aux_losses[name], lo.aux_losses[name], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(ge, gl, rtol=1e-4, atol=1e-5, msg=lambda m: f"{where} input grad: {m}")
+                local, dsl = layers
+                ds_params = dict(dsl.named_parameters())
+                for name, p in local.named_parameters():
+                    if name.startswith("experts."):
+                        continue
+                    torch.testing.assert_close(ds_params[name].grad, p.grad, rtol=1e-4, atol=1e-5,
+                                               msg=lambda m: f"{where} grad of {name}: {m}")
+                # a rank's experts also serve the other rank's tokens: their gradient is the local
+                # backend's summed over both ranks
+                summed = {n: getattr(local.experts, n).grad.clone() for n in ("w1", "w2")}
+                for t in summed.values():
+                    dist.all_reduce(t)
+                for j, e in enumerate(dsl.experts.local_expert_ids()):
+                    ex = dsl.experts.deepspeed_moe.experts.deepspeed_experts[j]
+                    for n, t in summed.items():
+                        torch.testing.assert_close(getattr(ex, n).grad, t[e], rtol=1e-4, atol=1e-5,
+                                                   msg=lambda m: f"{where} grad of expert {e} {n}: {m}")
+                checked.append(where)
+    return checked
+
+
+def test_every_router_with_and_without_s2moe_on_ep2_equals_the_local_backend():
+    res = run_distributed(_every_router_ep_vs_local, 2, timeout=300)
+    assert len(res[0]) == len(res[1]) == 5 * 2 * 2
