@@ -3,8 +3,9 @@ DeepSpeed's groups.
 
 **Unverified on a GPU**: this machine has no CUDA. Everything except the kernel call is shared with
 ``backend=deepspeed, ep_mode=ragged`` and tested on CPU with 2 real processes; ``tests/test_megablocks_gpu.py``
-(marked ``gpu``) compares this backend with the local one. Until someone runs those tests on a GPU,
-treat it as untested.
+(marked ``gpu``) compares this backend with the local one and with MegaBlocks' own dMoE experts
+(``ParallelDroplessMLP``, ``mlp_impl='grouped'``) fed the same routing and weights. Until someone runs
+those tests on a GPU, treat it as untested.
 
 What it is: the ragged (dropless, padding-free) expert parallelism of ``ragged.py`` — MegaBlocks' own
 scheme: sort by expert, exchange counts, variable-size all-to-all, grouped compute, reverse — with
