@@ -7,6 +7,7 @@ evaluate, sample, run experiment suites and write their report.
     s2moe eval runs/tiny
     s2moe sample runs/tiny --prompt "def "
     s2moe export runs/tiny --out tiny.safetensors           # consolidated, any expert-parallel layout
+    s2moe reshard runs/ep2 runs/ep1 --nproc 1 model.moe.ep_size=1 train.grad_accum=2   # another layout
     s2moe experiment cpu-shakespeare                         # a suite of runs -> results/cpu-shakespeare
     s2moe report results/cpu-shakespeare                     # -> docs/results.md with plots
 """
@@ -46,13 +47,30 @@ def main_export(argv=None) -> int:
     return 0
 
 
+def main_reshard(argv=None) -> int:
+    from .reshard import reshard_run
+
+    ap = argparse.ArgumentParser(prog="s2moe reshard", description="Write a checkpoint (model and optimizer state) "
+                                 "into a new run directory in another parallel layout: world size, expert-parallel "
+                                 "size, backend or ZeRO stage. (train.resume=auto does this by itself when a run is "
+                                 "resumed under another layout; this writes the converted checkpoint ahead of time.)")
+    ap.add_argument("src", help="run directory, checkpoints/ folder or checkpoint tag folder")
+    ap.add_argument("dst", help="new run directory")
+    ap.add_argument("--nproc", type=int, default=1, help="processes of the new layout (>1: the deepspeed launcher)")
+    ap.add_argument("overrides", nargs="*", help="the new layout, e.g. model.moe.ep_size=1 model.moe.backend=local "
+                                                 "train.grad_accum=2 (keep the global batch)")
+    args = ap.parse_intermixed_args(argv)  # overrides may follow --nproc
+    reshard_run(args.src, args.dst, args.nproc, args.overrides)
+    return 0
+
+
 def main_train(argv=None) -> int:
     from .train import main
 
     return main(argv)
 
 
-COMMANDS = {"prepare": main_prepare, "train": main_train, "export": main_export}
+COMMANDS = {"prepare": main_prepare, "train": main_train, "export": main_export, "reshard": main_reshard}
 
 
 def main(argv=None) -> int:

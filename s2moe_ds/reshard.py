@@ -4,8 +4,7 @@ DeepSpeed restores model weights but not the ZeRO-partitioned optimizer state wh
 world size changes. So next to every DeepSpeed checkpoint we write a *portable* copy, keyed by
 layout-free names, and load from it whenever the layout differs:
 
-- every parameter's full fp32 value and Adam moments (``exp_avg``, ``exp_avg_sq``), gathered with
-  DeepSpeed's ``safe_get_full_*`` (ZeRO 1/2) or read directly (ZeRO 0);
+- every parameter's fp32 value and Adam moments (``exp_avg``, ``exp_avg_sq``);
 - expert parameters one entry per **global** expert (``blocks.3.ffn.experts.w1#5``), whatever backend
   or expert-parallel rank held them: the local backend's stacked ``w1[5]`` and DeepSpeed's
   ``...deepspeed_experts.{j}.w1`` on the rank owning expert 5 map to the same key;
@@ -18,6 +17,10 @@ holds whole tensors; rank 0 writes the shared parameters and the first rank of e
 expert-data-parallel group its experts. Reading merges every rank's file and assembles whole tensors
 (checkpoints written by earlier versions, whole tensors only, read the same way). Loading sets the
 module parameter, the fp32 master partition and both moments, then the step.
+
+``s2moe reshard SRC DST`` (``reshard_run``) does the same conversion ahead of time: it loads SRC's
+checkpoint into a run with the new layout and saves it at once into DST, a native checkpoint of that
+layout (for DeepSpeed's own tools, or to stop relying on the portable copy), without training a step.
 """
 from __future__ import annotations
 
@@ -259,3 +262,62 @@ def resume_resharded(engine, model, scheduler, ckpt_dir: Path) -> dict:
     engine.global_steps = states.get("global_steps", meta["adam_step"])
     engine.global_samples = states.get("global_samples", 0)
     return {k: states[k] for k in ("step", "config", "vocab_fingerprint") if k in states}
+
+
+def reshard_run(src: str, dst: str, nproc: int, overrides: list[str]) -> Path:
+    """Write SRC's newest checkpoint (a run dir, checkpoints dir or tag dir) into the new run dir DST in
+    the layout ``nproc`` processes and ``overrides`` (``model.moe.ep_size``, ``model.moe.backend``,
+    ``train.ds_config``, ``train.grad_accum`` ...) give, model and optimizer state; returns DST's tag."""
+    import shlex
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from .checkpoint import CheckpointError, checkpoint_tags, find_checkpoint, read_client_state, verify_checkpoint, write_config
+    from .configtools import ConfigError
+
+    ckpt = find_checkpoint(src)
+    verify_checkpoint(ckpt)
+    client = read_client_state(ckpt)
+    if "config" not in client or "step" not in client:
+        raise CheckpointError(f"{ckpt} is not an s2moe_ds training checkpoint (no step/config in its client state)")
+    if not has_portable(ckpt):
+        raise CheckpointError(f"{ckpt} has no {PORTABLE}/ (the run had train.portable_checkpoints=false): its "
+                              f"optimizer state cannot be resharded; resume it with the layout that wrote it")
+    out = Path(dst)
+    if checkpoint_tags(out / "checkpoints"):
+        raise ConfigError(f"{out} already holds checkpoints; give s2moe reshard a new run directory")
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    out.mkdir(parents=True, exist_ok=True)
+    source_cfg = out / "source_config.yaml"
+    source_cfg.write_text(yaml.safe_dump(client["config"], sort_keys=False))
+    step = int(client["step"])
+    args = ["--config", str(source_cfg), *overrides, f"train.out_dir={out}", f"train.resume={ckpt}",
+            f"train.stop_at_step={step}", "train.progress=false"]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "s2moe_ds.train", *args]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = Path(sys.executable).parent / "deepspeed"
+        cmd = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(nproc), "--master_port",
+               str(port), "--module", "s2moe_ds.train", *args]
+    print("+ " + shlex.join(cmd), flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise CheckpointError(f"resharding {ckpt} into {out} failed (see the messages above); {ckpt} is unchanged")
+    new = out / "checkpoints" / f"step{step:07d}"
+    if not new.is_dir():
+        raise CheckpointError(f"resharding wrote no checkpoint {new}; {ckpt} is unchanged")
+    # DST continues the run: same config, the new layout, resumed automatically, no stop step
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["train"].update(resume="auto", stop_at_step=0)
+    write_config(out, cfg)
+    source_cfg.unlink()
+    launch = "python -m s2moe_ds.train" if nproc == 1 else f"deepspeed --num_gpus {nproc} --module s2moe_ds.train"
+    print(f"[s2moe reshard] {ckpt} ({read_layout(ckpt, client)}) -> {new} ({read_layout(new)}) at step {step}; "
+          f"continue the run with: {launch} --config {out / 'config.yaml'}", flush=True)
+    return new

@@ -215,6 +215,8 @@ def train(cfg: Config) -> dict:
     engine.train()
     t_last, last_logged = time.perf_counter(), start
     end = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
+    if resume and start >= end and resume[0].resolve() != (out_dir / "checkpoints").resolve():
+        save(start)  # a checkpoint of another run and no step to train (`s2moe reshard`): write it in this layout
     skipped = consecutive = 0
     inject = {int(v) for v in os.environ.get("S2MOE_INJECT_NONFINITE_AT", "").split(",") if v.strip()}
     can_skip = engine.zero_optimization_stage() >= 1

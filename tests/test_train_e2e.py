@@ -213,6 +213,31 @@ def test_reshard_local_1_process_to_ep2_on_2_processes(ep_runs, tmp_path, data_d
         assert resumed[s] == pytest.approx(full[s], rel=1e-4, abs=1e-5), (s, full[s], resumed[s])
 
 
+def test_reshard_command_writes_a_native_checkpoint_of_the_new_layout(ep_runs, tmp_path, data_dir):
+    """`s2moe reshard`: ep=2 on 2 processes -> ep=1 on 1 process ahead of time. The new run resumes it
+    natively (no resharding at resume) and continues with the uninterrupted ep=2 run's losses."""
+    src = ep_runs / "ep2" / "checkpoints" / "step0000003"
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    dst = tmp_path / "ep1"
+    proc = cli("reshard", str(src), str(dst), "--nproc", "1", "model.moe.ep_size=1", "train.grad_accum=2")
+    assert_ok(proc)
+    assert "[s2moe reshard]" in proc.stdout and "'ep_size': 2" in proc.stdout and "'ep_size': 1" in proc.stdout
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before  # the source is untouched
+    new = dst / "checkpoints" / "step0000003"
+    assert (dst / "checkpoints" / "latest").read_text().strip() == "step0000003"
+    layout = json.loads((new / "s2moe_portable" / "meta.json").read_text())["layout"]
+    assert layout == {"world": 1, "ep_size": 1, "backend": "deepspeed", "zero_stage": 2}
+    cont = deepspeed_train(1, [f"data.data_dir={data_dir}", f"train.out_dir={dst}", *COMMON], config=str(dst / "config.yaml"))
+    assert_ok(cont)
+    assert "resharded" not in cont.stdout + cont.stderr and "steps 3->6" in cont.stdout
+    full, resumed = train_losses(ep_runs / "ep2"), train_losses(dst)
+    assert sorted(resumed) == [4, 5, 6]
+    for s in range(4, 7):
+        assert resumed[s] == pytest.approx(full[s], rel=1e-4, abs=1e-5), (s, full[s], resumed[s])
+    again = cli("reshard", str(src), str(dst))
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+
+
 def test_layout_change_without_portable_copy_is_refused_and_nothing_is_lost(tmp_path, data_dir):
     """train.portable_checkpoints=false saves time and disk, and then the layout is fixed: resuming
     under another one is one clear error (which says why and what would work), the run untouched."""
@@ -229,6 +254,8 @@ def test_layout_change_without_portable_copy_is_refused_and_nothing_is_lost(tmp_
     assert "was written with the parallel layout {'world': 1, 'ep_size': 1, 'backend': 'local'" in proc.stderr
     assert "'ep_size': 2, 'backend': 'deepspeed'" in proc.stderr and "train.portable_checkpoints=false" in proc.stderr
     assert "resume with the layout that wrote it" in proc.stderr
+    tool = cli("reshard", str(out), str(tmp_path / "converted"))  # the ahead-of-time tool refuses it the same way
+    assert tool.returncode == 2 and "has no s2moe_portable/" in tool.stderr and "Traceback" not in tool.stderr
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == before
 
 
