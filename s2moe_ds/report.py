@@ -268,12 +268,12 @@ def write_report(folder: Path, out: Path, command: str = "") -> Path:
     steps = sorted({r["rows"][0]["step"] for r in runs})
     seeds = sorted({r["seed"] for r in runs})
     rel = lambda p: Path(p).relative_to(out.parent) if Path(p).is_relative_to(out.parent) else p  # noqa: E731
+    shown = command or meta.get("command", f"s2moe experiment {folder.name}")
     text = [f"# Results: {meta.get('suite', folder.name)}", "", meta.get("description", ""), "",
             "Produced by (from the repository root; the experiment command is resumable and runs only what is "
             "missing):", "", "```",
-            command or meta.get("command", f"s2moe experiment {folder.name}"), f"s2moe report {folder} --out {out}",
-            "```", ""]
-    history = [c for c in meta.get("commands", []) if c != (command or meta.get("command"))]
+            shown, f"s2moe report {folder} --out {out}", "```", ""]
+    history = [c for c in meta.get("commands", []) if c != shown]
     if history:
         text += ["The runs were made, in this order, by:", "", "```", *history, "```", ""]
     text += [

@@ -160,13 +160,8 @@ def _assemble(key: str, entry: dict, source: Path) -> dict:
 
 
 def read_portable(ckpt_dir: Path) -> tuple[dict, dict]:
-    from .checkpoint import CheckpointError
-
+    require_portable(ckpt_dir)
     folder = ckpt_dir / PORTABLE
-    if not (folder / "meta.json").exists():
-        raise CheckpointError(f"{ckpt_dir} has no {PORTABLE}/ (the run had train.portable_checkpoints=false, or "
-                              f"predates resharding): it can only be resumed with the parallel layout that wrote it "
-                              f"(its world size, model.moe.ep_size, backend and ZeRO stage)")
     merged, fragmented = {}, {}
     for f in sorted(folder.glob("rank*.pt")):
         for key, entry in torch.load(f, map_location="cpu", weights_only=True).items():
@@ -236,12 +231,20 @@ def has_portable(ckpt_dir: Path) -> bool:
     return (ckpt_dir / PORTABLE / "meta.json").exists()
 
 
+def require_portable(ckpt_dir: Path) -> None:
+    from .checkpoint import CheckpointError
+
+    if not has_portable(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir} has no {PORTABLE}/ (the run had train.portable_checkpoints=false, or "
+                              f"predates resharding): it can only be resumed with the parallel layout that wrote it "
+                              f"(its world size, model.moe.ep_size, backend and ZeRO stage)")
+
+
 def read_layout(ckpt_dir: Path, client_state: Optional[dict] = None):
     """The parallel layout that wrote a checkpoint: from its portable copy, else from the client state
     saved with it (every checkpoint records it), else None (a checkpoint older than both)."""
-    f = ckpt_dir / PORTABLE / "meta.json"
-    if f.exists():
-        return json.loads(f.read_text())["layout"]
+    if has_portable(ckpt_dir):
+        return json.loads((ckpt_dir / PORTABLE / "meta.json").read_text())["layout"]
     return (client_state or {}).get("layout")
 
 
@@ -269,7 +272,6 @@ def reshard_run(src: str, dst: str, nproc: int, overrides: list[str]) -> Path:
     the layout ``nproc`` processes and ``overrides`` (``model.moe.ep_size``, ``model.moe.backend``,
     ``train.ds_config``, ``train.grad_accum`` ...) give, model and optimizer state; returns DST's tag."""
     import shlex
-    import socket
     import subprocess
     import sys
 
@@ -277,15 +279,14 @@ def reshard_run(src: str, dst: str, nproc: int, overrides: list[str]) -> Path:
 
     from .checkpoint import CheckpointError, checkpoint_tags, find_checkpoint, read_client_state, verify_checkpoint, write_config
     from .configtools import ConfigError
+    from .distributed import free_port
 
     ckpt = find_checkpoint(src)
     verify_checkpoint(ckpt)
     client = read_client_state(ckpt)
     if "config" not in client or "step" not in client:
         raise CheckpointError(f"{ckpt} is not an s2moe_ds training checkpoint (no step/config in its client state)")
-    if not has_portable(ckpt):
-        raise CheckpointError(f"{ckpt} has no {PORTABLE}/ (the run had train.portable_checkpoints=false): its "
-                              f"optimizer state cannot be resharded; resume it with the layout that wrote it")
+    require_portable(ckpt)
     out = Path(dst)
     if checkpoint_tags(out / "checkpoints"):
         raise ConfigError(f"{out} already holds checkpoints; give s2moe reshard a new run directory")
@@ -300,12 +301,9 @@ def reshard_run(src: str, dst: str, nproc: int, overrides: list[str]) -> Path:
     if nproc == 1:
         cmd = [sys.executable, "-m", "s2moe_ds.train", *args]
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         launcher = Path(sys.executable).parent / "deepspeed"
         cmd = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(nproc), "--master_port",
-               str(port), "--module", "s2moe_ds.train", *args]
+               str(free_port()), "--module", "s2moe_ds.train", *args]
     print("+ " + shlex.join(cmd), flush=True)
     if subprocess.run(cmd).returncode != 0:
         raise CheckpointError(f"resharding {ckpt} into {out} failed (see the messages above); {ckpt} is unchanged")
