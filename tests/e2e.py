@@ -1,6 +1,7 @@
 """Helpers for end-to-end tests that run the real `deepspeed` launcher and CLI in subprocesses."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -57,3 +58,9 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+
+
+def snapshot(root: Path) -> dict:
+    """sha256 of every file under ``root`` by relative path: compare before and after to show nothing changed."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

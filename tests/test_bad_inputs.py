@@ -1,24 +1,17 @@
 """At least 25 bad inputs, each a clear error naming the problem and the fix, each leaving an existing
 run's checkpoints and logs exactly as they were. Plus an unwritable run directory and a full disk."""
-import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from e2e import REPO, assert_ok, cli, env, single_train
+from e2e import REPO, assert_ok, cli, env, single_train, snapshot
 
 pytestmark = pytest.mark.slow
 CFG = ["--config", "configs/tiny.yaml"]
 COMMON = ["train.log_interval=1", "train.eval_iters=2", "train.progress=false", "train.eval_interval=100"]
-
-
-def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from e2e import assert_ok, cli, deepspeed_train, single_train, train_losses
+from e2e import assert_ok, cli, deepspeed_train, single_train, snapshot, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -217,12 +217,12 @@ def test_reshard_command_writes_a_native_checkpoint_of_the_new_layout(ep_runs, t
     """`s2moe reshard`: ep=2 on 2 processes -> ep=1 on 1 process ahead of time. The new run resumes it
     natively (no resharding at resume) and continues with the uninterrupted ep=2 run's losses."""
     src = ep_runs / "ep2" / "checkpoints" / "step0000003"
-    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    before = snapshot(src)
     dst = tmp_path / "ep1"
     proc = cli("reshard", str(src), str(dst), "--nproc", "1", "model.moe.ep_size=1", "train.grad_accum=2")
     assert_ok(proc)
     assert "[s2moe reshard]" in proc.stdout and "'ep_size': 2" in proc.stdout and "'ep_size': 1" in proc.stdout
-    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before  # the source is untouched
+    assert snapshot(src) == before  # the source is untouched
     new = dst / "checkpoints" / "step0000003"
     assert (dst / "checkpoints" / "latest").read_text().strip() == "step0000003"
     layout = json.loads((new / "s2moe_portable" / "meta.json").read_text())["layout"]
@@ -241,14 +241,12 @@ def test_reshard_command_writes_a_native_checkpoint_of_the_new_layout(ep_runs, t
 def test_layout_change_without_portable_copy_is_refused_and_nothing_is_lost(tmp_path, data_dir):
     """train.portable_checkpoints=false saves time and disk, and then the layout is fixed: resuming
     under another one is one clear error (which says why and what would work), the run untouched."""
-    import hashlib
-
     out = tmp_path / "noportable"
     base = [f"data.data_dir={data_dir}", "train.steps=4", "train.save_interval=2", "train.eval_interval=2",
             "model.moe.num_experts=4", f"train.out_dir={out}", "train.portable_checkpoints=false", *COMMON]
     assert_ok(single_train(base + ["train.stop_at_step=2"]))
     assert not (out / "checkpoints" / "step0000002" / "s2moe_portable").exists()
-    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
+    before = snapshot(out)
     proc = deepspeed_train(2, base + ["model.moe.backend=deepspeed", "model.moe.ep_size=2", "train.resume=auto"])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "was written with the parallel layout {'world': 1, 'ep_size': 1, 'backend': 'local'" in proc.stderr
@@ -256,7 +254,7 @@ def test_layout_change_without_portable_copy_is_refused_and_nothing_is_lost(tmp_
     assert "resume with the layout that wrote it" in proc.stderr
     tool = cli("reshard", str(out), str(tmp_path / "converted"))  # the ahead-of-time tool refuses it the same way
     assert tool.returncode == 2 and "has no s2moe_portable/" in tool.stderr and "Traceback" not in tool.stderr
-    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == before
+    assert snapshot(out) == before
 
 
 def test_export_expert_parallel_checkpoint_to_safetensors(ep_runs, tmp_path):
