@@ -8,9 +8,9 @@ from s2moe_ds.distributed import deepspeed_config
 
 def test_tiny_config_loads_with_overrides():
     cfg = load_config(REPO_ROOT / "configs/tiny.yaml", ["train.steps=7", "model.moe.router=xmoe",
-                                                        "model.moe.router_args.temperature=0.5", "model.moe_layers=[1]"])
+                                                        "model.moe.router_args.balance_temperature=0.5", "model.moe_layers=[1]"])
     assert cfg.train.steps == 7 and cfg.model.moe.router == "xmoe"
-    assert cfg.model.moe.router_args == {"temperature": 0.5}
+    assert cfg.model.moe.router_args == {"balance_temperature": 0.5}
     assert cfg.model.moe_layer_ids() == [1]
     assert cfg.model.moe.s2moe.enabled is True  # from the file
 
@@ -24,7 +24,7 @@ BAD = [
     (["train.stpes=5"], ["train.stpes", "did you mean 'steps'"]),
     (["model.moe.k=9"], ["model.moe.k", "num_experts (8)"]),
     (["model.moe.router=topk"], ["model.moe.router", "smoe", "xmoe", "stablemoe", "competesmoe", "vqmoe"]),
-    (["model.moe.router=xmoe", "model.moe.router_args.temperature=0"], ["model.moe.router_args.temperature", "> 0"]),
+    (["model.moe.router=xmoe", "model.moe.router_args.balance_temperature=0"], ["model.moe.router_args.balance_temperature", "> 0"]),
     (["model.moe.router_args.temprature=0.3"], ["temprature", "valid keys", "z_loss_coef"]),
     (["train.lr=fast"], ["train.lr", "expected a number"]),
     (["train.steps=1.5"], ["train.steps", "expected an integer"]),

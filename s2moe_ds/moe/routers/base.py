@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...configtools import check_positive
+from ...configtools import check_choice, check_positive
+
+WEIGHT_RULES = ("auto", "renorm", "prob", "per_k")
+EVAL_WEIGHTS = ("train", "per_k")
 
 
 @dataclass
@@ -26,9 +28,18 @@ class RouterConfig:
 
     balance_coef: float = 0.01
     """Weight of the Switch/GShard balance loss ``E * sum_i f_i * P_i`` (0 disables it)."""
+    weights: str = "auto"
+    """Combine weights of the selected experts, one rule for training and inference whatever the k:
+    'renorm' = softmax over the selected scores (the S2MoE/VQMoE/CompeteSMoE authors' fastmoe gates, at
+    every k: weight 1 at k=1); 'prob' = each selected expert's probability under the softmax over all
+    experts, not renormalised (Switch's top-1); 'auto' = 'renorm' when the *training* k is >= 2, 'prob'
+    when it is 1 (a weight of 1 would give the router no gradient from the task loss); 'per_k' = the old
+    convention that switches with the current k ('prob' at k=1, 'renorm' at k >= 2), so a top-2-trained
+    model evaluated at top-1 scales its one expert by its probability (kept to reproduce old numbers)."""
 
     def validate(self, prefix: str) -> None:
         check_positive(f"{prefix}.balance_coef", self.balance_coef, allow_zero=True)
+        check_choice(f"{prefix}.weights", self.weights, WEIGHT_RULES)
 
 
 @dataclass
@@ -45,6 +56,25 @@ class RouterOutput:
     """Named diagnostics (detached tensors)."""
     precomputed_TD: Optional[Tensor] = None
     """Set when the router already ran the experts (CompeteSMoE competition): the layer output."""
+    extra_value_TD: Optional[Tensor] = None
+    """An output the router computed itself with the experts on other inputs (VQMoE's discrete branch);
+    ``extra_weight_T1 * extra_value_TD`` is added to the routed slots' output."""
+    extra_weight_T1: Optional[Tensor] = None
+    """The weight of ``extra_value_TD`` (None: 1)."""
+    extra_ids_TK: Optional[Tensor] = None
+    """The experts ``extra_value_TD`` used (counted in the routing metrics)."""
+
+    @property
+    def extra_TD(self) -> Optional[Tensor]:
+        if self.extra_value_TD is None or self.extra_weight_T1 is None:
+            return self.extra_value_TD
+        return self.extra_weight_T1.to(self.extra_value_TD.dtype) * self.extra_value_TD
+
+    def all_ids(self) -> Tensor:
+        """Every expert evaluation of this routing: the slots and the extra term's."""
+        if self.extra_ids_TK is None:
+            return self.expert_ids_TK
+        return torch.cat([self.expert_ids_TK, self.extra_ids_TK], dim=-1)
 
 
 class AllExperts(Protocol):
@@ -59,7 +89,8 @@ class Router(nn.Module):
 
     config_cls: type = RouterConfig
 
-    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int, layer_id: int = 0, seed: int = 0):
+    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int, layer_id: int = 0, seed: int = 0,
+                 train_k: Optional[int] = None, eval_weights: str = "train", vocab_size: int = 0):
         super().__init__()
         self.cfg = cfg
         self.d_model = d_model
@@ -67,17 +98,49 @@ class Router(nn.Module):
         self.layer_id = layer_id
         self.seed = seed
         self.step = 0
+        self.train_k = train_k
+        """The layer's training k: what 'auto' weights are decided by (None: the k of each call)."""
+        self.eval_weights = eval_weights
+        """'train' (evaluation uses the training rule) or 'per_k' (the old convention, at evaluation only)."""
+        self.vocab_size = vocab_size
+        self.token_ids_T: Optional[Tensor] = None
+        """The input token ids of the current forward, set by the language model (routers that route by
+        token id read them: StableMoE 'two_stage')."""
 
     def set_step(self, step: int) -> None:
         self.step = int(step)
 
     def forward(self, x_TD: Tensor, k: int, experts: Optional[AllExperts] = None) -> RouterOutput:
         out = self.route(x_TD, k, experts)
-        out.metrics.update(routing_metrics(out.probs_TE, out.expert_ids_TK, self.num_experts))
+        out.metrics.update(routing_metrics(out.probs_TE, out.all_ids(), self.num_experts))
         return out
 
     def route(self, x_TD: Tensor, k: int, experts: Optional[AllExperts]) -> RouterOutput:
         raise NotImplementedError
+
+    def input_space_vectors(self) -> Optional[Tensor]:
+        """One vector per expert (or code) in the d_model input space, the direction the router scores a
+        token along (collapse diagnostics): a linear router's rows, or expert embeddings of width D."""
+        proj = getattr(self, "proj", None)
+        if isinstance(proj, nn.Linear) and proj.out_features == self.num_experts:
+            return proj.weight.detach().float()
+        embed = getattr(self, "embeddings", None)
+        if isinstance(embed, nn.Parameter) and embed.shape[-1] == self.d_model:
+            return embed.detach().float()
+        return None
+
+    def weight_rule(self, k: int) -> str:
+        """The concrete rule ('renorm' or 'prob') for the selected experts' weights at this call's k."""
+        rule = self.cfg.weights
+        if rule == "per_k" or (not self.training and self.eval_weights == "per_k"):
+            return "prob" if k == 1 else "renorm"
+        if rule == "auto":
+            return "renorm" if (self.train_k or k) >= 2 else "prob"
+        return rule
+
+    def select(self, scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k experts by score and their combine weights under ``weight_rule(k)``."""
+        return topk_weights(scores_TE, k, self.weight_rule(k))
 
     @classmethod
     def flops_per_token(cls, cfg: RouterConfig, d_model: int, num_experts: int) -> float:
@@ -90,17 +153,19 @@ class Router(nn.Module):
         return k
 
 
-def topk_softmax(logits_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k experts by logit; combine weights = softmax over the selected logits.
+def topk_weights(scores_TE: Tensor, k: int, rule: str) -> tuple[Tensor, Tensor]:
+    """Top-k experts by score; combine weights by ``rule``.
 
-    For k = 1 the weight is the expert's probability under the softmax over *all* logits (Switch,
-    and fairseq's top1gating that the XMoE/StableMoE/S2MoE code descends from): a softmax over one
-    selected logit is constantly 1 and would give the router no gradient from the task loss.
+    'renorm': softmax over the k selected scores (sums to 1; constantly 1 at k = 1, so the router then
+    gets no gradient from the task loss). 'prob': each selected expert's probability under the softmax
+    over *all* scores (Switch's top-1 rule; sums to less than 1).
     """
-    top_logits_TK, ids_TK = logits_TE.topk(k, dim=-1)
-    if k == 1:
-        return logits_TE.softmax(dim=-1).gather(-1, ids_TK), ids_TK
-    return top_logits_TK.softmax(dim=-1), ids_TK
+    top_TK, ids_TK = scores_TE.topk(k, dim=-1)
+    if rule == "renorm":
+        return top_TK.softmax(dim=-1), ids_TK
+    if rule == "prob":
+        return scores_TE.softmax(dim=-1).gather(-1, ids_TK), ids_TK
+    raise ValueError(f"unknown combine-weight rule {rule!r}; valid: 'renorm', 'prob'")
 
 
 def expert_counts(ids_TK: Tensor, num_experts: int) -> Tensor:
@@ -120,11 +185,6 @@ def switch_balance_loss(probs_TE: Tensor, ids_TK: Tensor, num_experts: int) -> T
 def router_z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE z-loss: mean squared log-partition of the router logits."""
     return torch.logsumexp(logits_TE.float(), dim=-1).pow(2).mean()
-
-
-def cosine_logits(h_TR: Tensor, embed_ER: Tensor, temperature: float) -> Tensor:
-    """Cosine similarity between tokens and unit-normalised expert embeddings, over a temperature."""
-    return F.normalize(h_TR, dim=-1) @ F.normalize(embed_ER, dim=-1).t() / temperature
 
 
 @torch.no_grad()
