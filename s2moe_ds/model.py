@@ -51,7 +51,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         if moe:
-            self.ffn = build_moe_layer(cfg.moe, cfg.d_model, layer_id=layer_id, seed=seed)
+            self.ffn = build_moe_layer(cfg.moe, cfg.d_model, layer_id=layer_id, seed=seed,
+                                       out_init_std=0.02 / math.sqrt(2 * cfg.n_layer), vocab_size=cfg.vocab_size)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
@@ -114,13 +115,33 @@ class MoELanguageModel(nn.Module):
         return [(i, b.ffn) for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)]
 
     def set_step(self, step: int) -> None:
-        """Tell the routers the training step (CompeteSMoE schedule, StableMoE freeze)."""
+        """Tell the routers the training step (CompeteSMoE schedule, StableMoE stages)."""
         for _, layer in self.moe_layers():
             layer.router.set_step(step)
 
-    def set_inference(self, k: Optional[int] = None, pathways: Optional[str] = None) -> None:
-        """Override each MoE layer's evaluation top-k and S2MoE inference pathways ('clean'/'both')."""
+    def set_total_steps(self, total_steps: int, seed: int) -> None:
+        """Give schedule-driven routers the run's length: CompeteSMoE's competition schedule (warm-up
+        fraction, per-step layer cap) over all its layers, from the run seed."""
+        from .moe.routers.competesmoe import CompeteSMoERouter, CompetitionSchedule
+
+        routers = [layer.router for _, layer in self.moe_layers() if isinstance(layer.router, CompeteSMoERouter)]
+        if not routers:
+            return
+        c = routers[0].cfg
+        schedule = CompetitionSchedule(seed, len(routers), total_steps, c.compete_prob, c.warmup_fraction,
+                                       c.max_compete_layers)
+        for i, r in enumerate(routers):
+            r.schedule, r.schedule_index = schedule, i
+
+    def set_inference(self, k: Optional[int] = None, pathways: Optional[str] = None,
+                      weights: Optional[str] = None) -> None:
+        """Override each MoE layer's evaluation top-k, S2MoE inference pathways ('clean'/'both') and
+        combine-weight convention ('train': the training rule; 'per_k': the old convention)."""
         for _, layer in self.moe_layers():
+            if weights is not None:
+                if weights not in ("train", "per_k"):
+                    raise ValueError(f"inference weights must be 'train' or 'per_k', got {weights!r}")
+                layer.cfg.eval_weights = layer.router.eval_weights = weights
             if k is not None:
                 if not 1 <= k <= layer.cfg.num_experts:
                     raise ValueError(f"inference top-k must be in [1, {layer.cfg.num_experts}], got {k}")
@@ -134,6 +155,8 @@ class MoELanguageModel(nn.Module):
             raise ValueError(f"sequence length {L} exceeds model.context ({self.cfg.context})")
         pos = torch.arange(L, device=idx_BL.device)
         x = self.drop(self.tok_emb(idx_BL) + self.pos_emb(pos))
+        for _, layer in self.moe_layers():
+            layer.router.token_ids_T = idx_BL.reshape(-1)
         aux_losses, metrics = {}, {}
         for i, block in enumerate(self.blocks):
             x, aux, met = block(x)

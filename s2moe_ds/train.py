@@ -141,6 +141,7 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = MoELanguageModel(cfg.model, seed=t.seed).to(dev)
+    model.set_total_steps(t.steps, t.seed)
     engine, scheduler = build_engine(model, cfg, world)
     layout = {"world": world, "ep_size": ep, "backend": cfg.model.moe.backend,
               "zero_stage": engine.zero_optimization_stage()}
@@ -176,7 +177,7 @@ def train(cfg: Config) -> dict:
             shutil.rmtree(stale, ignore_errors=True)
     mon = Monitor(out_dir, rank == 0, t.tensorboard, resolved)
     counts = model.param_counts()
-    flops_train = flops_per_token(cfg.model, training=True)
+    flops_train = flops_per_token(cfg.model, training=True, batch_tokens=t.micro_batch_size * cfg.model.context)
     qname = quality(0.0, meta["tokenizer"])[0]
     if rank == 0:
         print(f"[s2moe] world={world} device={dev} params total={counts['total']:,} "

@@ -16,10 +16,11 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..configtools import check_choice, check_positive, fail
+from ..configtools import check_choice, check_positive, check_range, fail
 from .backends import BACKENDS, ExpertSpec, build_backend
 from .backends.local import IMPLS
 from .routers import ROUTERS, RouterOutput, build_router, router_config
+from .routers.base import EVAL_WEIGHTS
 
 
 @dataclass
@@ -35,7 +36,19 @@ class S2MoEConfig:
     sigma2: float = 0.1
     """Std of the additive noise N2 ~ Normal(0, sigma2^2) (project default)."""
     uncertainty_coef: float = 0.1
-    """beta: weight of the InfoNCE uncertainty loss (project default 0.1)."""
+    """beta: weight of the uncertainty loss L_u (InfoNCE, plus the noise-level term with learnable noise;
+    project default 0.1)."""
+    target_similarity: float = 0.99
+    """Learnable noise only: the mean cosine between a token and its noisy copy that L_u's noise-level
+    term holds the noise at (0.99 is what the default fixed sigmas give on LayerNorm outputs, so the
+    learnable ablation starts from and stays at the fixed noise's size; InfoNCE decides its shape)."""
+    noise_target_coef: float = 1.0
+    """Learnable noise only: weight, inside L_u, of the noise-level term
+    ``(log(1 - mean cos(x, x_hat)) - log(1 - target_similarity))^2``."""
+    gate: str = "learned"
+    """'learned': ``g = sigmoid(Linear(D, 1)(x))`` per token; 'fixed': ``g = gate_value`` (an ablation)."""
+    gate_value: float = 0.5
+    """The constant gate with ``gate: fixed``."""
     temperature: float = 0.1
     """tau: InfoNCE temperature over cosine similarities (project default 0.1)."""
     uncertainty_on: str = "inputs"
@@ -55,6 +68,11 @@ class S2MoEConfig:
         check_positive(f"{prefix}.sigma1", self.sigma1, allow_zero=self.noise == "fixed")
         check_positive(f"{prefix}.sigma2", self.sigma2, allow_zero=self.noise == "fixed")
         check_positive(f"{prefix}.uncertainty_coef", self.uncertainty_coef, allow_zero=True)
+        if not 0 < self.target_similarity < 1:
+            fail(f"{prefix}.target_similarity", f"must be in (0, 1), got {self.target_similarity!r}")
+        check_positive(f"{prefix}.noise_target_coef", self.noise_target_coef, allow_zero=True)
+        check_choice(f"{prefix}.gate", self.gate, ("learned", "fixed"))
+        check_range(f"{prefix}.gate_value", self.gate_value, 0.0, 1.0)
         check_positive(f"{prefix}.temperature", self.temperature)
         check_choice(f"{prefix}.uncertainty_on", self.uncertainty_on, ("inputs", "outputs"))
         check_positive(f"{prefix}.num_negatives", self.num_negatives, allow_zero=True)
@@ -69,6 +87,11 @@ class MoEConfig:
     """Experts per token in training (per pathway under S2MoE)."""
     eval_k: int = 0
     """Experts per token at evaluation/inference; 0 means the same as ``k``."""
+    eval_weights: str = "train"
+    """Combine weights at evaluation: 'train' applies the router's training rule (``router_args.weights``)
+    at any eval_k, so a top-2-trained model at top-1 gives its expert weight 1 and an S2MoE model trained
+    at top-1 keeps full-softmax probabilities at top-2; 'per_k' is the old convention (full-softmax
+    probability at k=1, softmax over the selected at k >= 2), kept to reproduce earlier numbers."""
     d_ff: int = 0
     """Expert hidden width; 0 means 4 x d_model."""
     activation: str = "gelu"
@@ -109,6 +132,7 @@ class MoEConfig:
                 fail(f"{prefix}.{name}", f"must be between {1 if name == 'k' else 0} and num_experts "
                      f"({self.num_experts}), got {value}")
         check_positive(f"{prefix}.d_ff", self.d_ff, allow_zero=True)
+        check_choice(f"{prefix}.eval_weights", self.eval_weights, EVAL_WEIGHTS)
         check_choice(f"{prefix}.router", self.router, ROUTERS)
         router_config(self.router, self.router_args, prefix=f"{prefix}.router_args")
         check_choice(f"{prefix}.backend", self.backend, BACKENDS)
@@ -140,13 +164,18 @@ class MoEOutput:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0):
+    def __init__(self, cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0, out_init_std: float = 0.02,
+                 vocab_size: int = 0):
+        """``out_init_std``: std of the experts' output matrices at initialisation (the model passes the
+        dense FFN's GPT-2 residual scaling, 0.02 / sqrt(2 n_layer); input matrices use 0.02).
+        ``vocab_size``: for routers that route by token id (StableMoE 'two_stage')."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.layer_id = layer_id
-        self.router = build_router(cfg.router, cfg.router_args, d_model, cfg.num_experts, layer_id=layer_id, seed=seed)
-        spec = ExpertSpec(cfg.num_experts, d_model, cfg.d_ff or 4 * d_model, cfg.activation)
+        self.router = build_router(cfg.router, cfg.router_args, d_model, cfg.num_experts, layer_id=layer_id, seed=seed,
+                                   train_k=cfg.k, eval_weights=cfg.eval_weights, vocab_size=vocab_size)
+        spec = ExpertSpec(cfg.num_experts, d_model, cfg.d_ff or 4 * d_model, cfg.activation, out_init_std=out_init_std)
         self.experts = build_backend(cfg.backend, spec, impl=cfg.backend_impl, ep_size=cfg.ep_size,
                                      ep_mode=cfg.ep_mode, capacity_factor=cfg.capacity_factor,
                                      min_capacity=cfg.min_capacity)
@@ -160,7 +189,10 @@ class MoELayer(nn.Module):
     def dispatch(self, x_TD: Tensor, route: RouterOutput) -> Tensor:
         if route.precomputed_TD is not None:
             return route.precomputed_TD
-        return self.experts(x_TD, route.expert_ids_TK, route.weights_TK)
+        if route.expert_ids_TK.shape[1] == 0:
+            return route.extra_TD
+        y_TD = self.experts(x_TD, route.expert_ids_TK, route.weights_TK)
+        return y_TD if route.extra_TD is None else y_TD + route.extra_TD
 
     def forward(self, x: Tensor) -> MoEOutput:
         x_TD = x.reshape(-1, x.shape[-1])

@@ -6,11 +6,29 @@ Training forward (and evaluation with ``s2moe.inference='both'``):
   1. ``x_hat = N1 * x + N2`` with N1 ~ Normal(1, sigma1^2), N2 ~ Normal(0, sigma2^2) per element;
   2. clean and noisy tokens are concatenated and routed + dispatched **once** (so a distributed backend
      pays one all-to-all), each pathway with the layer's k (top-1 by default: the expert FLOPs of top-2);
-  3. ``y = g(x) * f(x) + (1 - g(x)) * f(x_hat)`` with ``g = sigmoid(Linear(D, 1))`` per token;
-  4. losses: the router's (balance ...) over both pathways, plus ``uncertainty_coef`` x InfoNCE between
-     clean and noisy representations (inputs by default) with sampled negatives.
+  3. ``y = g(x) * f(x) + (1 - g(x)) * f(x_hat)`` with ``g = sigmoid(Linear(D, 1))`` per token
+     (``gate: fixed`` uses a constant instead, for the ablation);
+  4. losses: the router's (balance ...) over both pathways, plus ``uncertainty_coef`` x L_u.
 Evaluation (default): noise is off, ``x_hat = x`` in expectation, so only the clean pathway runs, with
 ``moe.eval_k`` experts (top-1 by default): ``y = f(x)``.
+
+**The top-1 combine weight.** The router's default ``weights: auto`` gives a top-1-trained pathway its
+expert's probability under the softmax over all experts (Switch's rule), not the weight 1 that the
+authors' fastmoe gates give at k=1 (a softmax over one selected score): with weight 1 the router would
+get no gradient from the task loss, only from the balance loss. Evaluation keeps that rule at any k
+(``moe.eval_weights: train``): top-1 uses the probability it was trained with, and top-2 uses both
+experts' probabilities, not renormalised.
+
+**The uncertainty loss L_u.** InfoNCE between clean and noisy representations: token i's clean vector
+must be closer (cosine / tau) to its own noisy copy than to other tokens' noisy copies. Taken on the
+pathway inputs (default) it acts on the backbone (the representation must stay identifiable under the
+noise); on the outputs (``uncertainty_on: outputs``) on the experts and router (their outputs must be
+robust to it). With fixed sigmas (default) L_u has no handle on the noise itself. With
+``noise: learnable`` it does: the per-feature sigmas are trained by L_u, which is InfoNCE plus a
+noise-level term ``noise_target_coef * (log(1 - mean cos(x, x_hat)) - log(1 - target_similarity))^2``.
+InfoNCE alone would shrink the noise to nothing (an unperturbed copy is the easiest to identify); the
+level term holds its overall size at a target similarity, and InfoNCE decides where it goes: more noise
+on the features that identify a token least. The ablations in docs/results.md measure both.
 """
 from __future__ import annotations
 
@@ -72,13 +90,41 @@ class GaussianNoise(nn.Module):
         return torch.addcmul(x_TD, var.sqrt(), torch.randn_like(x_TD))
 
 
+def noise_level_loss(x_TD: Tensor, x_hat_TD: Tensor, target_similarity: float) -> tuple[Tensor, Tensor]:
+    """``(log(1 - mean cos) - log(1 - target))^2`` and the mean cosine between tokens and noisy copies.
+
+    In log(1 - cos) the term is scale-free: 1 - cos grows with the squared noise-to-signal ratio, so the
+    loss is about 4 (log sigma - log sigma_target)^2 whatever the target."""
+    cos = F.cosine_similarity(x_TD.float(), x_hat_TD.float(), dim=-1).mean()
+    gap = torch.log1p(-cos.clamp(max=1 - 1e-6)) - math.log(1 - target_similarity)
+    return gap.square(), cos.detach()
+
+
+def merge_metrics(a: dict, b: dict) -> dict:
+    """Routing metrics of two separately routed pathways as one: counts added, the rest averaged,
+    imbalance recomputed from the summed counts."""
+    out = {}
+    for name in a.keys() & b.keys():
+        out[name] = a[name] + b[name] if name == "tokens_per_expert" else (a[name] + b[name]) / 2
+    if "tokens_per_expert" in out:
+        c = out["tokens_per_expert"].float()
+        out["load_imbalance"] = c.max() / c.mean().clamp_min(1e-12)
+    return out
+
+
 class S2MoELayer(MoELayer):
-    def __init__(self, cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0):
-        super().__init__(cfg, d_model, layer_id=layer_id, seed=seed)
+    def __init__(self, cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0, out_init_std: float = 0.02,
+                 vocab_size: int = 0):
+        super().__init__(cfg, d_model, layer_id=layer_id, seed=seed, out_init_std=out_init_std, vocab_size=vocab_size)
         s = cfg.s2moe
         self.noise = GaussianNoise(s.sigma1, s.sigma2, d_model, learnable=s.noise == "learnable")
-        self.gate = nn.Linear(d_model, 1)
+        self.gate = nn.Linear(d_model, 1) if s.gate == "learned" else None
         self.fused_dispatch = s.fused_dispatch
+
+    def gate_values(self, x_TD: Tensor) -> Tensor:
+        if self.gate is None:
+            return x_TD.new_full((x_TD.shape[0], 1), self.cfg.s2moe.gate_value)
+        return torch.sigmoid(self.gate(x_TD))
 
     def pathways(self, x_TD: Tensor, x_hat_TD: Tensor) -> tuple[Tensor, Tensor, dict, dict]:
         """``f(x)`` and ``f(x_hat)`` through one routing + dispatch (or two, for comparison)."""
@@ -89,7 +135,7 @@ class S2MoELayer(MoELayer):
             return yy[: len(x_TD)], yy[len(x_TD):], dict(route.aux_losses), route.metrics
         r1, r2 = self.route(x_TD), self.route(x_hat_TD)
         losses = {n: (r1.aux_losses[n] + r2.aux_losses[n]) / 2 for n in r1.aux_losses}
-        return self.dispatch(x_TD, r1), self.dispatch(x_hat_TD, r2), losses, r1.metrics
+        return self.dispatch(x_TD, r1), self.dispatch(x_hat_TD, r2), losses, merge_metrics(r1.metrics, r2.metrics)
 
     def gated_fused(self, x_TD: Tensor, x_hat_TD: Tensor, g_T1: Tensor) -> tuple[Tensor, dict, dict] | None:
         """The mixed output in one dispatch with the gate folded into the combine weights.
@@ -101,11 +147,15 @@ class S2MoELayer(MoELayer):
             return None
         xx = torch.cat([x_TD, x_hat_TD])
         route = self.route(xx)
-        if route.precomputed_TD is not None:
-            y_clean, y_noisy = route.precomputed_TD[: len(x_TD)], route.precomputed_TD[len(x_TD):]
+        if route.precomputed_TD is not None or route.expert_ids_TK.shape[1] == 0:
+            yy = self.dispatch(xx, route)
+            y_clean, y_noisy = yy[: len(x_TD)], yy[len(x_TD):]
             return g_T1 * y_clean + (1 - g_T1) * y_noisy, dict(route.aux_losses), route.metrics
         gate_2T = torch.cat([g_T1, 1 - g_T1]).to(route.weights_TK.dtype)
         y_TD = self.experts(xx, route.expert_ids_TK, route.weights_TK * gate_2T, num_out=len(x_TD))
+        if route.extra_TD is not None:  # the router's own term (VQMoE's discrete branch), gated alike
+            e = route.extra_TD
+            y_TD = y_TD + g_T1.to(e.dtype) * e[: len(x_TD)] + (1 - g_T1.to(e.dtype)) * e[len(x_TD):]
         return y_TD, dict(route.aux_losses), route.metrics
 
     def forward(self, x: Tensor) -> MoEOutput:
@@ -114,21 +164,27 @@ class S2MoELayer(MoELayer):
             return super().forward(x)
         x_TD = x.reshape(-1, x.shape[-1])
         x_hat_TD = self.noise(x_TD)
-        g_T1 = torch.sigmoid(self.gate(x_TD))
+        g_T1 = self.gate_values(x_TD)
         fused = self.gated_fused(x_TD, x_hat_TD, g_T1)
         if fused is not None:
             y_TD, losses, metrics = fused
         else:
             y_clean, y_noisy, losses, metrics = self.pathways(x_TD, x_hat_TD)
             y_TD = g_T1 * y_clean + (1 - g_T1) * y_noisy
+        level, cos = noise_level_loss(x_TD, x_hat_TD, s.target_similarity)
         if self.training and s.uncertainty_coef > 0:
             a, p = (x_TD, x_hat_TD) if s.uncertainty_on == "inputs" else (y_clean, y_noisy)
-            losses["uncertainty"] = s.uncertainty_coef * info_nce(a, p, s.temperature, s.num_negatives)
+            l_u = info_nce(a, p, s.temperature, s.num_negatives)
+            if s.noise == "learnable" and s.noise_target_coef > 0:
+                l_u = l_u + s.noise_target_coef * level
+            losses["uncertainty"] = s.uncertainty_coef * l_u
         s1, s2 = self.noise.sigmas()
-        metrics = dict(metrics, gate_mean=g_T1.detach().mean(), sigma1=s1.detach().mean(), sigma2=s2.detach().mean())
+        metrics = dict(metrics, gate_mean=g_T1.detach().mean(), sigma1=s1.detach().mean(), sigma2=s2.detach().mean(),
+                       noise_cos=cos)
         return MoEOutput(y_TD.view_as(x), losses, metrics)
 
 
-def build_moe_layer(cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0) -> MoELayer:
+def build_moe_layer(cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0,
+                    out_init_std: float = 0.02, vocab_size: int = 0) -> MoELayer:
     cls = S2MoELayer if cfg.s2moe.enabled else MoELayer
-    return cls(cfg, d_model, layer_id=layer_id, seed=seed)
+    return cls(cfg, d_model, layer_id=layer_id, seed=seed, out_init_std=out_init_std, vocab_size=vocab_size)

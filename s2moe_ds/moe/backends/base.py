@@ -8,7 +8,6 @@ grouping, all-to-all) is the backend's business; routers and the S2MoE layer onl
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +26,10 @@ class ExpertSpec:
     d_model: int
     d_ff: int
     activation: str = "gelu"
+    init_std: float = 0.02
+    """Std of the input matrices (w1, w3) at initialisation: the dense FFN's (GPT-2's) 0.02."""
+    out_init_std: float = 0.02
+    """Std of the output matrix w2; the model passes the dense FFN's residual scaling 0.02/sqrt(2 n_layer)."""
 
     def validate(self, prefix: str = "moe") -> None:
         check_positive(f"{prefix}.num_experts", self.num_experts)
@@ -36,12 +39,16 @@ class ExpertSpec:
 
 def init_expert(spec: ExpertSpec, base_seed: int, expert: int) -> dict:
     """Initial weights of global expert ``expert``, from its own generator: the same whichever backend,
-    process or expert-parallel layout holds it (so ep=1 and ep=2 runs start identical)."""
+    process or expert-parallel layout holds it (so ep=1 and ep=2 runs start identical).
+
+    Normal(0, init_std) inputs and Normal(0, out_init_std) outputs, as the dense FFN is initialised, so an
+    MoE-vs-dense comparison compares architectures, not initialisations (a 1/sqrt(fan_in) init made the
+    MoE output ~25x the dense FFN's at step 0)."""
     g = torch.Generator().manual_seed((base_seed * 1_000_003 + expert) % (1 << 63))
     D, Fh = spec.d_model, spec.d_ff
-    w = {"w1": torch.randn(D, Fh, generator=g) / math.sqrt(D), "w2": torch.randn(Fh, D, generator=g) / math.sqrt(Fh)}
+    w = {"w1": torch.randn(D, Fh, generator=g) * spec.init_std, "w2": torch.randn(Fh, D, generator=g) * spec.out_init_std}
     if spec.activation == "swiglu":
-        w["w3"] = torch.randn(D, Fh, generator=g) / math.sqrt(D)
+        w["w3"] = torch.randn(D, Fh, generator=g) * spec.init_std
     return w
 
 
