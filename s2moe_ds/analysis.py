@@ -1,31 +1,44 @@
 """Representation-collapse diagnostics for a trained model, layer by layer.
 
-For each feed-forward sublayer (MoE or dense) on a sample of real tokens:
+Shape suffixes: T tokens, D model width, K routed slots per token.
 
-- ``expert_output_similarity``: mean pairwise cosine similarity between the outputs of every two
-  experts on the *same* tokens (each expert run on every sampled token). 1 means the experts compute
-  the same function (collapsed); near 0 means unrelated outputs.
-- ``router_similarity``: mean absolute pairwise cosine similarity between the router's per-expert
-  vectors (linear router rows, cosine-router expert embeddings, or VQ codes).
-- ``jacobian_effective_rank``: the Jacobian of the sublayer's output with respect to its input, per
-  token (``d_model x d_model``), summarised by its effective rank ``exp(H(s / sum s))`` over the
-  singular values ``s`` (Roy & Vetterli, 2007), averaged over tokens; ``jacobian_spectrum`` is the mean
-  normalised singular-value spectrum. A collapsed layer maps inputs onto few directions: low rank.
-- ``routing_entropy`` / ``load_imbalance``: of the inference routing on the sample.
+Each MoE layer is measured **as it was trained** (its training top-k; for S2MoE both pathways with one
+fixed noise draw, mixed by the gate), in evaluation mode otherwise (no dropout, no CompeteSMoE
+competition), on a random sample of real tokens (the inputs its sublayer receives):
 
-The sublayers act on each token independently at inference, so one backward pass per output
-dimension gives every sampled token's Jacobian row at once.
+- ``routing_jacobian_effective_rank`` / ``routing_jacobian_spectrum``: the *routing term* of the layer's
+  Jacobian, the quantity the collapse argument of X-MoE and S2MoE is about. Writing the layer as
+  ``y = sum_k w_k(x) f_k(x)``, its Jacobian is ``sum_k w_k J_fk`` (the experts') plus
+  ``sum_k f_k (dw_k/dx)^T`` (the routing term): every column of the latter lies in the span of the
+  selected experts' outputs, and every row in the span of the router's vectors, so a low-dimensional
+  router confines it to few directions. It is computed exactly as the Jacobian of
+  ``sum_k w_k(x) sg(f_k(x))`` (expert outputs held constant); for S2MoE,
+  ``g(x) sum_k w_k(x) sg(f_k(x)) + (1 - g(x)) sum_k w_k(x_hat) sg(f_k(x_hat))``, so the gate and both
+  pathways' routers count. Effective rank ``exp(H(s / sum s))`` of the singular values (Roy & Vetterli,
+  2007), averaged over tokens. Low means collapse onto few directions.
+- ``jacobian_effective_rank`` / ``jacobian_spectrum``: the same for the whole layer (experts and routing).
+- ``expert_output_similarity``: mean pairwise cosine similarity between the outputs of every two experts
+  on the *same* tokens (each expert run on every sampled token); 1 means the experts compute the same
+  function.
+- ``router_similarity``: mean absolute pairwise cosine between the routers' per-expert vectors mapped
+  into the d_model input space (``Router.input_space_vectors``: linear rows; XMoE's ``W_proj^T e_i``; the
+  authors' StableMoE embeddings; VQMoE's codebook), so routers of different routing widths compare.
+- ``routing_entropy`` / ``load_imbalance`` / ``tokens_per_expert``: of the inference routing on the sample.
+
+Dense FFNs get the whole-layer Jacobian only. The sublayers act on each token independently, so one
+backward pass per output dimension gives every sampled token's Jacobian row at once.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .moe.layer import MoELayer
+from .moe.s2moe import S2MoELayer
 
 
 def ffn_inputs(model, idx_BL: Tensor) -> list[Tensor]:
@@ -47,15 +60,36 @@ def _ffn_out(ffn, x_TD: Tensor) -> Tensor:
     return out.y if isinstance(ffn, MoELayer) else out
 
 
+def trained_layer_fn(layer: MoELayer, routing_only: bool, noise_seed: int = 0) -> Callable[[Tensor], Tensor]:
+    """The MoE layer as trained, as a function of its input; ``routing_only`` holds expert outputs constant."""
+    def slots(xx_TD: Tensor):
+        route = layer.route(xx_TD, k=layer.cfg.k)
+        ones = xx_TD.new_ones(len(xx_TD), 1)
+        out_TKD = torch.stack([layer.experts(xx_TD, route.expert_ids_TK[:, j:j + 1], ones)
+                               for j in range(route.expert_ids_TK.shape[1])], dim=1)
+        if routing_only:
+            out_TKD = out_TKD.detach()
+        y_TD = (route.weights_TK.unsqueeze(-1).to(out_TKD.dtype) * out_TKD).sum(1)
+        if route.extra_value_TD is not None:  # VQMoE: mix weight x discrete branch
+            v_TD = route.extra_value_TD.detach() if routing_only else route.extra_value_TD
+            y_TD = y_TD + (v_TD if route.extra_weight_T1 is None else route.extra_weight_T1.to(v_TD.dtype) * v_TD)
+        return y_TD
+
+    def fn(x_TD: Tensor) -> Tensor:
+        if not (isinstance(layer, S2MoELayer) and layer.cfg.s2moe.enabled):
+            return slots(x_TD)
+        with torch.random.fork_rng():
+            torch.manual_seed(noise_seed)
+            x_hat_TD = layer.noise(x_TD)
+        g_T1 = layer.gate_values(x_TD)
+        yy = slots(torch.cat([x_TD, x_hat_TD]))
+        return g_T1 * yy[: len(x_TD)] + (1 - g_T1) * yy[len(x_TD):]
+    return fn
+
+
 def router_vectors(router) -> Optional[Tensor]:
-    """The router's one-vector-per-expert parameter: expert embeddings, VQ codes or linear rows."""
-    for name in ("embeddings", "codebook"):
-        if isinstance(getattr(router, name, None), torch.nn.Parameter):
-            return getattr(router, name).detach()
-    proj = getattr(router, "proj", None)
-    if isinstance(proj, torch.nn.Linear):
-        return proj.weight.detach()
-    return None
+    """The router's one-vector-per-expert (or per-code) directions in the d_model input space."""
+    return router.input_space_vectors()
 
 
 def mean_pairwise_cosine(rows_ND: Tensor, absolute: bool = False) -> float:
@@ -76,15 +110,16 @@ def expert_output_similarity(layer: MoELayer, x_TD: Tensor) -> float:
     return sum(sims) / len(sims)
 
 
-def jacobian_spectra(ffn, x_TD: Tensor) -> Tensor:
-    """Singular values ``[tokens, d_model]`` of each token's Jacobian d ffn(x_t) / d x_t (ffn in eval mode)."""
+def jacobian_spectra(f, x_TD: Tensor) -> Tensor:
+    """Singular values ``[tokens, d_model]`` of each token's Jacobian d f(x)_t / d x_t (``f`` a callable
+    or an FFN module, applied token-wise)."""
     x = x_TD.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        y = _ffn_out(ffn, x)
+        y = _ffn_out(f, x) if isinstance(f, torch.nn.Module) else f(x)
         rows = []
         for j in range(y.shape[-1]):
-            (g,) = torch.autograd.grad(y[:, j].sum(), x, retain_graph=j + 1 < y.shape[-1])
-            rows.append(g)
+            (g,) = torch.autograd.grad(y[:, j].sum(), x, retain_graph=j + 1 < y.shape[-1], allow_unused=True)
+            rows.append(torch.zeros_like(x) if g is None else g)
     J_TDD = torch.stack(rows, dim=1)  # [token, output dim, input dim]
     return torch.linalg.svdvals(J_TDD.float())
 
@@ -95,8 +130,22 @@ def effective_rank(s_TD: Tensor) -> Tensor:
     return h.exp()
 
 
+def _spectrum_summary(s_TD: Tensor, prefix: str) -> dict:
+    spectrum = (s_TD / s_TD.sum(-1, keepdim=True).clamp_min(1e-12)).mean(0)
+    return {f"{prefix}effective_rank": float(effective_rank(s_TD).mean()),
+            f"{prefix}spectrum": [round(float(v), 6) for v in spectrum]}
+
+
+def sample_tokens(n_total: int, n: int, seed: int) -> Tensor:
+    """``n`` token positions drawn without replacement (all of them if ``n >= n_total``), sorted."""
+    if n >= n_total:
+        return torch.arange(n_total)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[:n].sort().values
+
+
 @torch.no_grad()
-def analyse(model, idx_BL: Tensor, jacobian_tokens: int = 128) -> list[dict]:
+def analyse(model, idx_BL: Tensor, jacobian_tokens: int = 128, seed: int = 0) -> list[dict]:
     """One dict per block with the diagnostics above (MoE-only entries are None for dense blocks)."""
     was_training = model.training
     model.eval()
@@ -105,23 +154,29 @@ def analyse(model, idx_BL: Tensor, jacobian_tokens: int = 128) -> list[dict]:
         layers = []
         for i, (block, x_TD) in enumerate(zip(model.blocks, inputs)):
             ffn = block.ffn
-            s = jacobian_spectra(ffn, x_TD[:jacobian_tokens])
-            spectrum = (s / s.sum(-1, keepdim=True).clamp_min(1e-12)).mean(0)
+            sel = sample_tokens(len(x_TD), jacobian_tokens, seed + i)
+            xs = x_TD[sel]
             rec = {"layer": i, "kind": "moe" if isinstance(ffn, MoELayer) else "dense",
-                   "jacobian_effective_rank": float(effective_rank(s).mean()),
-                   "jacobian_spectrum": [round(float(v), 6) for v in spectrum],
+                   "routing_jacobian_effective_rank": None, "routing_jacobian_spectrum": None,
                    "expert_output_similarity": None, "router_similarity": None,
                    "routing_entropy": None, "load_imbalance": None, "tokens_per_expert": None}
-            if isinstance(ffn, MoELayer):
-                rec["expert_output_similarity"] = expert_output_similarity(ffn, x_TD)
-                vecs = router_vectors(ffn.router)
-                rec["router_similarity"] = None if vecs is None else mean_pairwise_cosine(vecs, absolute=True)
-                route = ffn.route(x_TD)
-                probs = route.probs_TE.float()
-                rec["routing_entropy"] = float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
-                counts = torch.bincount(route.expert_ids_TK.reshape(-1), minlength=ffn.cfg.num_experts).float()
-                rec["load_imbalance"] = float(counts.max() / counts.mean().clamp_min(1e-12))
-                rec["tokens_per_expert"] = counts.long().tolist()
+            if not isinstance(ffn, MoELayer):
+                rec.update(_spectrum_summary(jacobian_spectra(ffn, xs), "jacobian_"))
+                layers.append(rec)
+                continue
+            ffn.router.token_ids_T = idx_BL.reshape(-1)[sel]  # routers that route by token id see the sample's
+            rec.update(_spectrum_summary(jacobian_spectra(trained_layer_fn(ffn, False, seed), xs), "jacobian_"))
+            rec.update(_spectrum_summary(jacobian_spectra(trained_layer_fn(ffn, True, seed), xs), "routing_jacobian_"))
+            ffn.router.token_ids_T = idx_BL.reshape(-1)
+            rec["expert_output_similarity"] = expert_output_similarity(ffn, x_TD)
+            vecs = router_vectors(ffn.router)
+            rec["router_similarity"] = None if vecs is None else mean_pairwise_cosine(vecs, absolute=True)
+            route = ffn.route(x_TD)
+            probs = route.probs_TE.float()
+            rec["routing_entropy"] = float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
+            counts = torch.bincount(route.all_ids().reshape(-1), minlength=ffn.cfg.num_experts).float()
+            rec["load_imbalance"] = float(counts.max() / counts.mean().clamp_min(1e-12))
+            rec["tokens_per_expert"] = counts.long().tolist()
             layers.append(rec)
         return layers
     finally:
