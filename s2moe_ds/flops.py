@@ -6,7 +6,8 @@ Per layer, forward:
 - dense FFN: ``4 d f``;
 - MoE FFN: the router's FLOPs plus (expected experts evaluated per token) x (one expert's FLOPs);
   under S2MoE in training both pathways route and run (twice the router and experts), plus the gate
-  ``2 d`` and the InfoNCE negatives ``2 M d``; at inference with the clean pathway only, one pass;
+  ``2 d`` and the InfoNCE negatives ``2 M d`` (M = ``num_negatives``, or every token of the micro-batch
+  when it is 0: ``batch_tokens``); at inference with the clean pathway only, one pass;
 - the LM head ``2 d V``.
 Training FLOPs are 3x forward (backward costs twice the forward).
 """
@@ -20,7 +21,7 @@ def expert_flops(d_model: int, d_ff: int, activation: str) -> int:
     return 2 * (3 if activation == "swiglu" else 2) * d_model * d_ff
 
 
-def moe_layer_flops(cfg: ModelConfig, training: bool, k: int | None = None) -> float:
+def moe_layer_flops(cfg: ModelConfig, training: bool, k: int | None = None, batch_tokens: int | None = None) -> float:
     m = cfg.moe
     cls = router_class(m.router)
     rcfg = router_config(m.router, m.router_args)
@@ -31,17 +32,24 @@ def moe_layer_flops(cfg: ModelConfig, training: bool, k: int | None = None) -> f
         return per_pass
     extra = 2 * d
     if training and m.s2moe.uncertainty_coef > 0:
-        extra += 2 * m.s2moe.num_negatives * d + 2 * d  # negatives + the positive's dot product
+        negatives = m.s2moe.num_negatives
+        if negatives == 0 or (batch_tokens and negatives > batch_tokens):
+            if not batch_tokens:
+                raise ValueError("model.moe.s2moe.num_negatives is 0 (every token of the micro-batch is a "
+                                 "negative): pass batch_tokens (micro_batch_size x context) to count its FLOPs")
+            negatives = batch_tokens
+        extra += 2 * negatives * d + 2 * d  # negatives + the positive's dot product
     return 2 * per_pass + extra
 
 
-def flops_per_token(cfg: ModelConfig, training: bool, k: int | None = None) -> float:
-    """Forward(+backward when ``training``) FLOPs per token; ``k`` overrides the MoE top-k."""
+def flops_per_token(cfg: ModelConfig, training: bool, k: int | None = None, batch_tokens: int | None = None) -> float:
+    """Forward(+backward when ``training``) FLOPs per token; ``k`` overrides the MoE top-k;
+    ``batch_tokens`` (tokens per micro-batch) is needed when InfoNCE uses every token as a negative."""
     d, n = cfg.d_model, cfg.context
     moe_ids = set(cfg.moe_layer_ids())
     total = 0.0
     for i in range(cfg.n_layer):
         total += 8 * d * d + 4 * n * d
-        total += moe_layer_flops(cfg, training, k) if i in moe_ids else 4 * d * (cfg.d_ff or 4 * d)
+        total += moe_layer_flops(cfg, training, k, batch_tokens) if i in moe_ids else 4 * d * (cfg.d_ff or 4 * d)
     total += 2 * d * cfg.vocab_size
     return 3 * total if training else total

@@ -58,8 +58,19 @@ class ExpertFFN(nn.Module):
         return h @ self.w2
 
 
-def slot_locations(ids_KT: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """Position of each slot in its expert's buffer, filling first choices (k=0) first; and the counts."""
+def slot_locations(ids_KT: Tensor, num_experts: int, num_out: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Position of each slot in its expert's buffer, filling first choices (k=0) first; and the counts.
+
+    With ``num_out`` < T, rows ``t`` and ``t + num_out`` are pathways of one token (S2MoE's ``[x; x_hat]``):
+    within each choice they take buffer places alternately (token 0 clean, token 0 noisy, token 1 clean,
+    ...), so an overflowing expert drops both pathways alike instead of the noisy one first."""
+    T = ids_KT.shape[1]
+    if num_out is not None and num_out < T:
+        perm = torch.arange(T, device=ids_KT.device).view(T // num_out, num_out).t().reshape(-1)
+        loc_perm, counts_E = slot_locations(ids_KT[:, perm], num_experts)
+        loc = torch.empty_like(loc_perm)
+        loc[:, perm] = loc_perm
+        return loc, counts_E
     flat = ids_KT.reshape(-1)
     order = flat.argsort(stable=True)
     counts_E = torch.bincount(flat, minlength=num_experts)
@@ -79,14 +90,14 @@ class RoutedGate(nn.Module):
         self.capacity_factor = capacity_factor
         self.min_capacity = min_capacity
         self.ep_group = None
-        self._routing: Optional[tuple[Tensor, Tensor]] = None
+        self._routing: Optional[tuple[Tensor, Tensor, Optional[int]]] = None
         self.dropped = 0
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
 
-    def set_routing(self, ids_TK: Tensor, weights_TK: Tensor) -> None:
-        self._routing = (ids_TK, weights_TK)
+    def set_routing(self, ids_TK: Tensor, weights_TK: Tensor, num_out: Optional[int] = None) -> None:
+        self._routing = (ids_TK, weights_TK, num_out)
 
     def _group_max(self, value: int, device) -> int:
         if self.ep_group is None or not dist.is_initialized() or dist.get_world_size(self.ep_group) == 1:
@@ -98,11 +109,11 @@ class RoutedGate(nn.Module):
     def forward(self, tokens_TD: Tensor, used_token=None, sparse_routes=True, use_tutel=False):
         if self._routing is None:
             raise RuntimeError("RoutedGate called without a routing decision; call the backend, not its MOELayer")
-        ids_TK, weights_TK = self._routing
+        ids_TK, weights_TK, num_out = self._routing
         self._routing = None
         T, K = ids_TK.shape
         ids_KT = ids_TK.t().contiguous()
-        loc_KT, counts_E = slot_locations(ids_KT, self.num_experts)
+        loc_KT, counts_E = slot_locations(ids_KT, self.num_experts, num_out)
         if self.mode == "dropless":
             capacity = self._group_max(int(counts_E.max()) if T else 0, tokens_TD.device)
         else:
@@ -172,7 +183,7 @@ class DeepSpeedEPBackend(_moe_base()):
             group = self.deepspeed_moe.ep_group if self.ep_size > 1 else None
             return ragged_moe(x_TD, ids_TK, weights_TK, num_out or x_TD.shape[0], self.num_experts, group,
                               self.local_experts_compute)
-        self.deepspeed_moe.gate.set_routing(ids_TK, weights_TK)
+        self.deepspeed_moe.gate.set_routing(ids_TK, weights_TK, num_out)
         y_TD = self.deepspeed_moe(x_TD, None)
         return fold_rows(y_TD, num_out or x_TD.shape[0])
 
