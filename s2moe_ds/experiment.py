@@ -12,11 +12,18 @@ its training top-k and at each extra inference top-k, and analysed (``s2moe_ds.a
 ``result.json`` marks it done. Rerunning the same command after an interruption skips finished runs
 and resumes an unfinished one from its last checkpoint. ``results.json``, ``results.csv`` and
 ``results.md`` (mean and standard deviation over seeds) are rewritten after every run.
+
+Every run records the code it ran (``code``: the git commit and a fingerprint of the package sources and
+configs). A table only ever holds runs of one fingerprint (the current code's, else the one most runs
+have), so runs from before a code fix never share a mean with runs after it; an unfinished run is not
+resumed with other code. A variant may list its own ``seeds``; ``--shard I/N`` runs every N-th run of
+the list (from the I-th), so N workers can share one suite folder.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -36,6 +43,37 @@ from .config import REPO_ROOT
 
 SUITE_DIR = REPO_ROOT / "experiments"
 SUITE_KEYS = {"description", "base", "overrides", "seeds", "eval", "variants", "nproc"}
+VARIANT_KEYS = {"name", "config", "overrides", "seeds"}
+NOT_NUMERIC = {"report.py"}  # package files that cannot change a run's numbers (the report writer)
+
+
+def code_version() -> dict:
+    """The code a run is made with: a fingerprint of the package sources (all but ``NOT_NUMERIC``) and
+    of configs/ and ds_configs/, and the git commit (``-dirty`` when those files differ from it)."""
+    files = [p for p in (REPO_ROOT / "s2moe_ds").rglob("*.py") if p.name not in NOT_NUMERIC]
+    files += list((REPO_ROOT / "configs").glob("*.yaml")) + list((REPO_ROOT / "ds_configs").glob("*.json"))
+    h = hashlib.sha256()
+    for p in sorted(files):
+        h.update(p.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "s2moe_ds", "configs", "ds_configs"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown", ""
+    return {"fingerprint": h.hexdigest()[:16], "commit": commit + ("-dirty" if dirty else "")}
+
+
+def variant_seeds(suite: dict, variant: dict) -> list[int]:
+    """A variant's own seed list, or the suite's (``--seeds`` replaces the suite's and filters a
+    variant's own)."""
+    own = variant.get("seeds")
+    if own is None:
+        return list(suite["seeds"])
+    if suite.get("seeds_given"):
+        return [s for s in own if s in suite["seeds"]]
+    return list(own)
 
 
 def find_suite(name: str) -> Path:
@@ -61,6 +99,11 @@ def load_suite(path: Path) -> dict:
     names = [v.get("name") for v in suite["variants"]]
     if any(not n for n in names) or len(set(names)) != len(names):
         raise ConfigError(f"suite {path}: every variant needs a unique 'name'; got {names}")
+    for v in suite["variants"]:
+        bad = set(v) - VARIANT_KEYS
+        if bad:
+            raise ConfigError(f"suite {path}: variant {v['name']!r} has unknown key(s) {sorted(bad)}; valid keys: "
+                              f"{sorted(VARIANT_KEYS)}")
     suite.setdefault("base", None)
     suite.setdefault("overrides", [])
     suite.setdefault("seeds", [0])
@@ -111,7 +154,7 @@ def evaluate_run(run_dir: Path, suite: dict) -> tuple[list[dict], list[dict]]:
     from .data.loader import WindowSampler
     from .data.prepare import load_split
     from .evaluate import evaluate_model, load_model
-    from .flops import flops_per_token
+    from .flops import flops_per_token, moe_layer_flops
 
     torch.manual_seed(0)
     model, meta, info = load_model(str(run_dir))
@@ -121,36 +164,49 @@ def evaluate_run(run_dir: Path, suite: dict) -> tuple[list[dict], list[dict]]:
                            f"was stopped early); rerun the same command to resume it")
     moe = cfg.model.moe
     is_moe = bool(cfg.model.moe_layer_ids())
-    settings = [("train_k", moe.k if is_moe else None, None)]
+    # (label, k, pathways, combine-weight convention): the training rule at every k, and at the other
+    # top-k also the old per-k convention ('-perk'), so both conventions stay visible
+    settings = [("train_k", moe.k if is_moe else None, None, "train")]
     if is_moe:
-        settings += [(f"top{k}", k, None) for k in suite["eval"]["extra_k"] if k != moe.k]
+        for k in suite["eval"]["extra_k"]:
+            if k != moe.k:
+                settings += [(f"top{k}", k, None, "train"), (f"top{k}-perk", k, None, "per_k")]
         if moe.s2moe.enabled and suite["eval"].get("s2moe_both_pathways", True):
-            settings.append((f"top{moe.k}-both", moe.k, "both"))
+            settings.append((f"top{moe.k}-both", moe.k, "both", "train"))
     rows = []
-    for label, k, pathways in settings:
+    for label, k, pathways, weights in settings:
         if is_moe:
-            model.set_inference(k=k, pathways=pathways or ("clean" if moe.s2moe.enabled else None))
+            model.set_inference(k=k, pathways=pathways or ("clean" if moe.s2moe.enabled else None), weights=weights)
         res = evaluate_model(model, meta, cfg.data.data_dir, suite["eval"]["split"])
         rows.append({"inference": label, "k": res.k if is_moe else 0, "pathways": res.pathways if moe.s2moe.enabled and is_moe else "",
+                     "weights": weights if is_moe else "",
                      "loss": res.loss, res.metric: res.value, "metric": res.metric, "tokens": res.tokens,
                      "inference_mflops_per_token": res.inference_gflops_per_token * 1e3,
-                     "train_mflops_per_token": flops_per_token(cfg.model, training=True) / 1e6,
+                     "inference_moe_mflops_per_token": (moe_layer_flops(cfg.model, training=False, k=k) * len(
+                         cfg.model.moe_layer_ids()) / 1e6) if is_moe else 0.0,
+                     "train_mflops_per_token": flops_per_token(cfg.model, training=True, batch_tokens=cfg.train.micro_batch_size
+                                                               * cfg.model.context) / 1e6,
                      "tokens_per_sec": res.tokens_per_sec, "params_total": res.params_total,
                      "params_active": res.params_active, "step": info["step"]})
-    if is_moe:  # analyse at the training top-k, clean pathway
-        model.set_inference(k=moe.k, pathways="clean" if moe.s2moe.enabled else None)
+    if is_moe:  # inference routing statistics at the training top-k and rule, clean pathway
+        model.set_inference(k=moe.k, pathways="clean" if moe.s2moe.enabled else None, weights="train")
     val = load_split(cfg.data.data_dir, suite["eval"]["split"], meta)
     n = max(1, suite["eval"]["analysis_tokens"] // cfg.model.context)
     x, _ = next(WindowSampler(val, cfg.model.context).sequential(n, 1))
-    return rows, analyse(model, x)
+    return rows, analyse(model, x, jacobian_tokens=suite["eval"].get("jacobian_tokens", 128))
 
 
-def finished_runs(out: Path, suite: dict, steps: Optional[int] = None) -> list[dict]:
+def finished_runs(out: Path, suite: dict, steps: Optional[int] = None, quiet: bool = False) -> list[dict]:
     """Every finished run in ``out`` that belongs to this suite: all of its variants and every seed found
     on disk (not only the seeds or variants of the command at hand, so a suite completed by several
     partial commands is tabled whole), in variant order then seed order. A run whose spec differs from
     what this suite (at ``steps``) would give that variant and seed is left out with a warning, so runs
-    of another budget never share a mean with these."""
+    of another budget never share a mean with these. Of the rest, only the runs of one code version are
+    kept (``code_version``: the current code's if any run has it, else the version most runs have)."""
+    def warn(msg: str) -> None:
+        if not quiet:
+            print(f"[s2moe experiment] warning: {msg}", file=sys.stderr, flush=True)
+
     results = []
     for variant in suite["variants"]:
         found = []
@@ -161,11 +217,20 @@ def finished_runs(out: Path, suite: dict, steps: Optional[int] = None) -> list[d
             r = json.loads(f.read_text())
             spec = {k: r.get(k) for k in ("variant", "seed", "config", "overrides", "nproc")}
             if spec != run_spec(suite, variant, int(seed_text), steps):
-                print(f"[s2moe experiment] warning: {f.parent} was run with another spec than this suite's "
-                      f"(overrides {spec['overrides']}); left out of the table", file=sys.stderr, flush=True)
+                warn(f"{f.parent} was run with another spec than this suite's (overrides {spec['overrides']}); "
+                     f"left out of the table")
                 continue
             found.append(r)
         results += sorted(found, key=lambda r: r["seed"])
+    versions = [(r.get("code") or {}).get("fingerprint") for r in results]
+    if len(set(versions)) > 1:
+        current = code_version()["fingerprint"]
+        keep = current if current in versions else max(set(versions), key=versions.count)
+        for r, v in zip(results, versions):
+            if v != keep:
+                warn(f"{r['variant']}-seed{r['seed']} was made by other code (commit "
+                     f"{(r.get('code') or {}).get('commit', 'unrecorded')}) than the table's; left out of it")
+        results = [r for r, v in zip(results, versions) if v == keep]
     return results
 
 
@@ -173,17 +238,27 @@ def aggregate(out: Path, suite: dict, steps: Optional[int] = None) -> list[dict]
     """Collect every finished run's rows and rewrite results.json / results.csv / results.md."""
     rows = []
     for r in finished_runs(out, suite, steps):
-        rows += [{"variant": r["variant"], "seed": r["seed"], "train_wall_s": r["train_wall_s"], **row}
+        code = (r.get("code") or {}).get("commit", "")
+        rows += [{"variant": r["variant"], "seed": r["seed"], "train_wall_s": r["train_wall_s"], **row, "code": code}
                  for row in r["rows"]]
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    _write_atomic(out / "results.json", json.dumps(rows, indent=1))
     if rows:
         fields = list(dict.fromkeys(k for r in rows for k in r))
-        with open(out / "results.csv", "w", newline="") as f:
+        tmp = out / f".results.csv.{os.getpid()}"
+        with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
-    (out / "results.md").write_text(summary_markdown(rows))
+        os.replace(tmp, out / "results.csv")
+    _write_atomic(out / "results.md", summary_markdown(rows))
     return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Several workers (``--shard``) rewrite the tables: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def record_command(out: Path, suite: dict, steps: Optional[int], command: str, full_command: str = "") -> None:
@@ -220,6 +295,7 @@ def summary_rows(rows: list[dict]) -> list[dict]:
         out.append({"variant": variant, "inference": inference, "k": rs[0]["k"], "pathways": rs[0]["pathways"],
                     "metric": metric, "values": [r[metric] for r in rs], "seeds": [r["seed"] for r in rs],
                     "inference_mflops_per_token": rs[0]["inference_mflops_per_token"],
+                    "inference_moe_mflops_per_token": rs[0].get("inference_moe_mflops_per_token"),
                     "train_mflops_per_token": rs[0]["train_mflops_per_token"],
                     "tokens_per_sec": [r["tokens_per_sec"] for r in rs],
                     "train_wall_s": [r["train_wall_s"] for r in rs], "step": rs[0]["step"]})
@@ -254,7 +330,7 @@ def prepare_data(suite: dict) -> None:
 
 
 def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optional[list[str]] = None,
-              command: str = "", full_command: str = "") -> list[dict]:
+              command: str = "", full_command: str = "", shard: tuple[int, int] = (0, 1)) -> list[dict]:
     variants = suite["variants"]
     if only:
         unknown = set(only) - {v["name"] for v in variants}
@@ -265,28 +341,42 @@ def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optiona
     out.mkdir(parents=True, exist_ok=True)
     record_command(out, suite, steps, command, full_command)
     prepare_data(suite)
+    code = code_version()
     # seed-major: an interrupted or time-boxed suite has every variant on the first seeds
-    todo = [(v, s) for s in suite["seeds"] for v in variants]
+    seeds = sorted({s for v in variants for s in variant_seeds(suite, v)})
+    todo = [(v, s) for s in seeds for v in variants if s in variant_seeds(suite, v)]
+    todo = todo[shard[0]::shard[1]]
     for n, (variant, seed) in enumerate(todo, 1):
         spec = run_spec(suite, variant, seed, steps)
         run_dir = out / "runs" / f"{variant['name']}-seed{seed}"
         spec_file, result_file = run_dir / "spec.json", run_dir / "result.json"
+        old_code = None
         if spec_file.exists():
             old = json.loads(spec_file.read_text())
+            old_code = old.pop("code", None)
             if old != spec:
                 raise ConfigError(f"{run_dir} was started with a different spec ({old}) than this command's "
                                   f"({spec}); use another --out, or move that run away to restart it")
         if result_file.exists():
-            print(f"[s2moe experiment] {n}/{len(todo)} {variant['name']} seed {seed}: done earlier, skipped", flush=True)
+            done_code = json.loads(result_file.read_text()).get("code") or {}
+            note = "" if done_code.get("fingerprint") == code["fingerprint"] else (
+                f" (by other code, commit {done_code.get('commit', 'unrecorded')}: not in this code's table; "
+                f"move the run away to redo it)")
+            print(f"[s2moe experiment] {n}/{len(todo)} {variant['name']} seed {seed}: done earlier, skipped{note}",
+                  flush=True)
             continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        spec_file.write_text(json.dumps(spec, indent=1))
-        print(f"[s2moe experiment] {n}/{len(todo)} {variant['name']} seed {seed}", flush=True)
         resumed = (run_dir / "checkpoints" / "latest").exists()
+        if resumed and (old_code or {}).get("fingerprint") != code["fingerprint"]:
+            raise ConfigError(f"{run_dir} was started by other code (commit {(old_code or {}).get('commit', 'unrecorded')}) "
+                              f"than this checkout's ({code['commit']}); resuming it would mix two code versions in "
+                              f"one run: move it away to restart it, or check out that commit to finish it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec_file.write_text(json.dumps({**spec, "code": code}, indent=1))
+        print(f"[s2moe experiment] {n}/{len(todo)} {variant['name']} seed {seed}", flush=True)
         wall = _train(spec, run_dir)
         rows, layers = evaluate_run(run_dir, suite)
         tmp = result_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**spec, "train_wall_s": wall, "resumed": resumed, "rows": rows,
+        tmp.write_text(json.dumps({**spec, "code": code, "train_wall_s": wall, "resumed": resumed, "rows": rows,
                                    "analysis": layers}, indent=1))
         os.replace(tmp, result_file)
         for r in rows:
@@ -299,20 +389,37 @@ def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optiona
     return rows
 
 
+def parse_shard(text: Optional[str]) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard must be I/N with 0 <= I < N (e.g. 0/2 and 1/2 for two workers), got {text!r}")
+    return i, n
+
+
 def main_experiment(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="s2moe experiment", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("suite", help="a suite name from experiments/ or a suite .yaml path")
     ap.add_argument("--out", default=None, help="results folder (default: results/<suite>)")
-    ap.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the suite's list")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the suite's list (and "
+                                                  "filtering a variant's own list)")
     ap.add_argument("--steps", type=int, default=None, help="train.steps for every run (a shorter budget)")
     ap.add_argument("--only", default=None, help="comma-separated variant names to run")
     ap.add_argument("--nproc", type=int, default=None, help="processes per run (>1 uses the deepspeed launcher)")
+    ap.add_argument("--shard", default=None, help="I/N: run every N-th run of the list from the I-th (N workers "
+                                                  "sharing one --out, e.g. 0/2 and 1/2)")
     args = ap.parse_args(argv)
+    shard = parse_shard(args.shard)
     suite = load_suite(find_suite(args.suite))
     if args.seeds:
         try:
             suite["seeds"] = [int(s) for s in args.seeds.split(",")]
+            suite["seeds_given"] = True
         except ValueError:
             raise ConfigError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
     if args.nproc:
@@ -324,5 +431,5 @@ def main_experiment(argv=None) -> int:
     full = [args.suite] + (["--out", args.out] if args.out else []) + (["--steps", str(args.steps)] if args.steps else [])
     full += ["--nproc", str(args.nproc)] if args.nproc else []
     run_suite(suite, out, args.steps, args.only.split(",") if args.only else None, command,
-              "s2moe experiment " + shlex.join(full))
+              "s2moe experiment " + shlex.join(full), shard)
     return 0

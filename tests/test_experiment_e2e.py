@@ -31,8 +31,9 @@ def test_suite_writes_one_table_with_every_variant_and_inference_setting(smoke):
     _, out, proc = smoke
     rows = json.loads((out / "results.json").read_text())
     got = {(r["variant"], r["inference"]) for r in rows}
-    assert got == {("dense", "train_k"), ("smoe-top2", "train_k"), ("smoe-top2", "top1"), ("s2moe-top1", "train_k"),
-                   ("s2moe-top1", "top2"), ("s2moe-top1", "top1-both")}
+    assert got == {("dense", "train_k"), ("smoe-top2", "train_k"), ("smoe-top2", "top1"), ("smoe-top2", "top1-perk"),
+                   ("s2moe-top1", "train_k"), ("s2moe-top1", "top2"), ("s2moe-top1", "top2-perk"),
+                   ("s2moe-top1", "top1-both")}
     by = {(r["variant"], r["inference"]): r for r in rows}
     for r in rows:
         assert r["step"] == 8 and 1.0 < r["bpc"] < 8.0 and r["tokens"] > 100_000
@@ -41,12 +42,16 @@ def test_suite_writes_one_table_with_every_variant_and_inference_setting(smoke):
         by[("smoe-top2", "top1")]["inference_mflops_per_token"])
     assert by[("smoe-top2", "train_k")]["inference_mflops_per_token"] > by[("smoe-top2", "top1")]["inference_mflops_per_token"]
     assert by[("s2moe-top1", "train_k")]["k"] == 1 and by[("s2moe-top1", "top1-both")]["pathways"] == "both"
+    # both weight conventions at the other top-k: the training rule and the old per-k one differ
+    assert by[("smoe-top2", "top1")]["weights"] == "train" and by[("smoe-top2", "top1-perk")]["weights"] == "per_k"
+    assert by[("smoe-top2", "top1")]["bpc"] != by[("smoe-top2", "top1-perk")]["bpc"]
     md = (out / "results.md").read_text()
-    assert md.count("\n| ") == 6 and "s2moe-top1 | top1-both (k=1, both)" in md
+    assert md.count("\n| ") == 8 and "s2moe-top1 | top1-both (k=1, both)" in md
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 7 and csv_lines[0].startswith("variant,seed,train_wall_s,inference")
+    assert len(csv_lines) == 9 and csv_lines[0].startswith("variant,seed,train_wall_s,inference")
     res = json.loads((out / "runs" / "s2moe-top1-seed0" / "result.json").read_text())
     assert [la["kind"] for la in res["analysis"]] == ["moe"] * 4
+    assert len(res["code"]["fingerprint"]) == 16 and res["code"]["commit"]
     assert "train.seed=0" in res["overrides"] and "1/3 dense seed 0" in proc.stdout
 
 
@@ -63,6 +68,21 @@ def test_rerun_skips_finished_runs_and_resumes_an_unfinished_one(smoke):
     after = json.loads((out / "results.json").read_text())
     key = lambda r: (r["variant"], r["inference"])  # noqa: E731
     assert {key(r): r["bpc"] for r in after} == pytest.approx({key(r): r["bpc"] for r in before})
+
+
+def test_an_unfinished_run_of_other_code_is_not_resumed(smoke):
+    path, out, _ = smoke
+    run = out / "runs" / "dense-seed0"
+    spec = json.loads((run / "spec.json").read_text())
+    result = (run / "result.json").read_text()
+    (run / "result.json").unlink()
+    (run / "spec.json").write_text(json.dumps({**spec, "code": {"fingerprint": "0" * 16, "commit": "abc1234"}}))
+    try:
+        proc = cli("experiment", str(path), "--out", str(out), "--only", "dense", timeout=300)
+        assert proc.returncode == 2 and "other code (commit abc1234)" in proc.stderr and "mix two code versions" in proc.stderr
+    finally:
+        (run / "spec.json").write_text(json.dumps(spec))
+        (run / "result.json").write_text(result)
 
 
 def test_a_changed_spec_is_refused_and_nothing_is_lost(smoke):

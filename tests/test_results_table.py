@@ -21,13 +21,46 @@ def _row(variant, seed, bpc, k):
             "params_total": 10, "params_active": 5, "step": 10}
 
 
-def _write_run(out, suite, variant, seed, bpc, steps=None):
+def _write_run(out, suite, variant, seed, bpc, steps=None, code=None):
     spec = run_spec(suite, variant, seed, steps)
     d = out / "runs" / f"{variant['name']}-seed{seed}"
     d.mkdir(parents=True)
     k = 1 if variant["name"].startswith("s2moe") else 2
-    (d / "result.json").write_text(json.dumps({**spec, "train_wall_s": 1.0, "resumed": False,
+    extra = {"code": code} if code else {}
+    (d / "result.json").write_text(json.dumps({**spec, **extra, "train_wall_s": 1.0, "resumed": False,
                                                "rows": [_row(variant["name"], seed, bpc, k)], "analysis": []}))
+
+
+def test_runs_of_two_code_versions_never_share_a_table(tmp_path, capsys):
+    from s2moe_ds.experiment import code_version
+
+    smoe, s2 = SUITE["variants"]
+    now = code_version()
+    old = {"fingerprint": "0" * 16, "commit": "abc1234"}
+    _write_run(tmp_path, SUITE, smoe, 0, 2.50, code=old)
+    _write_run(tmp_path, SUITE, smoe, 1, 2.60, code=now)
+    _write_run(tmp_path, SUITE, s2, 0, 2.55, code=old)
+    rows = aggregate(tmp_path, SUITE)  # the current code's runs, although fewer
+    assert [(r["variant"], r["seed"]) for r in rows] == [("smoe-top2", 1)] and rows[0]["code"] == now["commit"]
+    assert "smoe-top2-seed0 was made by other code (commit abc1234)" in capsys.readouterr().err
+    (tmp_path / "runs" / "smoe-top2-seed1" / "result.json").unlink()
+    rows = aggregate(tmp_path, SUITE)  # without the current code: the version most runs have
+    assert [(r["variant"], r["seed"]) for r in rows] == [("smoe-top2", 0), ("s2moe-top1", 0)]
+
+
+def test_variant_seed_lists_and_shards():
+    from s2moe_ds.configtools import ConfigError
+    from s2moe_ds.experiment import parse_shard, variant_seeds
+
+    suite = {**SUITE, "variants": [{"name": "a"}, {"name": "b", "seeds": [0, 1, 2, 3]}]}
+    assert variant_seeds(suite, suite["variants"][0]) == [0, 1, 2]
+    assert variant_seeds(suite, suite["variants"][1]) == [0, 1, 2, 3]
+    given = {**suite, "seeds": [3, 7], "seeds_given": True}
+    assert variant_seeds(given, suite["variants"][0]) == [3, 7] and variant_seeds(given, suite["variants"][1]) == [3]
+    assert parse_shard("1/2") == (1, 2) and parse_shard(None) == (0, 1)
+    for bad in ("2/2", "x", "1/0"):
+        with pytest.raises(ConfigError, match="--shard must be I/N"):
+            parse_shard(bad)
 
 
 def test_table_holds_every_finished_seed_and_variant_not_only_the_last_commands(tmp_path, capsys):

@@ -11,7 +11,7 @@ SUITES = sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
 
 
 def test_the_published_suites_are_there():
-    assert {"cpu-shakespeare", "cpu-shakespeare-smoke", "text8", "enwik8", "wikitext103"} <= set(SUITES)
+    assert {"cpu-shakespeare", "cpu-shakespeare-smoke", "cpu-pydoc", "text8", "enwik8", "wikitext103"} <= set(SUITES)
 
 
 @pytest.mark.parametrize("name", SUITES)
@@ -22,22 +22,43 @@ def test_every_run_of_every_suite_is_a_valid_config(name):
         spec = run_spec(suite, variant, suite["seeds"][0], None)
         cfg = load_config(spec["config"], spec["overrides"])
         moe = bool(cfg.model.moe_layer_ids())
-        assert moe == (variant["name"] != "dense"), variant
+        assert moe == (not variant["name"].startswith("dense")), variant
         if variant["name"].startswith("s2moe"):
             assert cfg.model.moe.s2moe.enabled and cfg.model.moe.k == 1 and cfg.model.moe.eval_k == 1
+        elif variant["name"].startswith("vqmoe"):  # top-1 plus the codebook's expert: two per token, as top-2
+            assert cfg.model.moe.router == "vqmoe" and cfg.model.moe.k == 1 and not cfg.model.moe.s2moe.enabled
         elif moe:  # baselines: top-2, the same expert FLOPs per training token as S2MoE's two top-1 pathways
             assert not cfg.model.moe.s2moe.enabled and cfg.model.moe.k == 2
 
 
 def test_cpu_suite_is_the_issue_recipe():
+    from s2moe_ds.experiment import variant_seeds
+    from s2moe_ds.flops import flops_per_token
+    from s2moe_ds.model import MoELanguageModel
+
     suite = load_suite(find_suite("cpu-shakespeare"))
-    spec = run_spec(suite, suite["variants"][-1], 0, None)
-    cfg = load_config(spec["config"], spec["overrides"])
-    m, t = cfg.model, cfg.train
+    by_name = {v["name"]: v for v in suite["variants"]}
+    cfgs = {}
+    for name, v in by_name.items():
+        spec = run_spec(suite, v, 0, None)
+        cfgs[name] = load_config(spec["config"], spec["overrides"])
+        cfgs[name].model.vocab_size = 65
+    m, t = cfgs["s2moe-top1"].model, cfgs["s2moe-top1"].train
     assert (m.n_layer, m.n_head, m.d_model, m.context, m.moe.num_experts) == (4, 4, 128, 64, 8)
-    assert (t.micro_batch_size, t.steps, cfg.data.dataset) == (12, 2000, "shakespeare")
-    assert [v["name"] for v in suite["variants"]] == ["dense", "smoe-top2", "xmoe-top2", "stablemoe-top2",
-                                                      "competesmoe-top2", "vqmoe-top2", "s2moe-top1"]
+    assert (t.micro_batch_size, t.steps, cfgs["s2moe-top1"].data.dataset) == (12, 2000, "shakespeare")
+    assert {"dense", "dense-wide", "smoe-top2", "xmoe-top2", "stablemoe-top2", "competesmoe-top2", "vqmoe-top1",
+            "s2moe-top1", "s2moe-nonoise", "s2moe-noinfonce", "s2moe-gate05", "s2moe-learnable"} == set(by_name)
+    # the headline pair has 10 paired seeds, every other variant at least 3
+    assert variant_seeds(suite, by_name["s2moe-top1"]) == variant_seeds(suite, by_name["smoe-top2"]) == list(range(10))
+    assert all(len(variant_seeds(suite, v)) >= 3 for v in suite["variants"])
+    # VQMoE at the same expert FLOPs per training token as SMoE top-2 (it had a third expert before)
+    bt = 12 * 64
+    assert flops_per_token(cfgs["vqmoe-top1"].model, True, batch_tokens=bt) == pytest.approx(
+        flops_per_token(cfgs["smoe-top2"].model, True, batch_tokens=bt), rel=0.02)
+    # the wide dense model has the MoE models' total parameters (within 1%)
+    wide = MoELanguageModel(cfgs["dense-wide"].model).param_counts()["total"]
+    moe = MoELanguageModel(cfgs["smoe-top2"].model).param_counts()["total"]
+    assert wide == pytest.approx(moe, rel=0.01)
 
 
 def test_bad_suite_files_are_named(tmp_path: Path):
