@@ -3,6 +3,7 @@
     s2moe eval runs/tiny                         # latest checkpoint, val split, the trained eval_k
     s2moe eval runs/tiny --split test --k 2      # inference top-k override
     s2moe eval runs/tiny --pathways both         # S2MoE: noisy pathway too at inference
+    s2moe eval runs/tiny --k 1 --weights per_k   # the old combine-weight convention at another k
     s2moe sample runs/tiny --prompt "def " --tokens 200
 
 The split is walked in consecutive non-overlapping windows of the model's context (every token
@@ -66,8 +67,9 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_model(model: MoELanguageModel, meta: dict, data_dir: str, split: str = "val", k: Optional[int] = None,
-                   pathways: Optional[str] = None, batch_size: int = 32, max_batches: int = 0) -> EvalResult:
-    model.set_inference(k=k, pathways=pathways)
+                   pathways: Optional[str] = None, batch_size: int = 32, max_batches: int = 0,
+                   weights: Optional[str] = None) -> EvalResult:
+    model.set_inference(k=k, pathways=pathways, weights=weights)
     mcfg = model.cfg
     sampler = WindowSampler(load_split(data_dir, split, meta), mcfg.context)
     total, count = 0.0, 0
@@ -92,6 +94,9 @@ def main_eval(argv=None) -> int:
     ap.add_argument("--split", default="val", choices=["train", "val", "test"])
     ap.add_argument("--k", type=int, default=None, help="inference top-k (default: the config's eval_k)")
     ap.add_argument("--pathways", choices=["clean", "both"], default=None, help="S2MoE pathways at inference")
+    ap.add_argument("--weights", choices=["train", "per_k"], default=None,
+                    help="combine weights at an inference k other than the training k: 'train' (default) keeps "
+                         "the training rule, 'per_k' the old convention (probability at k=1)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0: whole split)")
     ap.add_argument("--data-dir", default=None, help="prepared data folder (default: the one in the run's config)")
@@ -100,7 +105,7 @@ def main_eval(argv=None) -> int:
     torch.manual_seed(0)
     model, meta, info = load_model(args.run, args.data_dir)
     res = evaluate_model(model, meta, info["config"].data.data_dir, args.split, args.k, args.pathways,
-                         args.batch_size, args.max_batches)
+                         args.batch_size, args.max_batches, args.weights)
     if args.json:
         print(json.dumps({**res.__dict__, "checkpoint": info["checkpoint"], "step": info["step"]}))
     else:

@@ -55,6 +55,17 @@ def test_suite_writes_one_table_with_every_variant_and_inference_setting(smoke):
     assert "train.seed=0" in res["overrides"] and "1/3 dense seed 0" in proc.stdout
 
 
+def test_eval_cli_reproduces_both_weight_conventions_of_the_table(smoke):
+    _, out, _ = smoke
+    rows = {(r["variant"], r["inference"]): r for r in json.loads((out / "results.json").read_text())}
+    run = out / "runs" / "smoe-top2-seed0"
+    for weights, label in (("train", "top1"), ("per_k", "top1-perk")):
+        proc = cli("eval", str(run), "--k", "1", "--weights", weights, "--json", timeout=300)
+        assert_ok(proc)
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert got["value"] == pytest.approx(rows[("smoe-top2", label)]["bpc"], rel=1e-6), weights
+
+
 def test_rerun_skips_finished_runs_and_resumes_an_unfinished_one(smoke):
     path, out, _ = smoke
     run = out / "runs" / "smoe-top2-seed0"
