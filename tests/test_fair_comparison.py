@@ -166,3 +166,19 @@ def test_capacity_priority_alternates_the_two_pathways():
     kept = (loc < 4)[0]
     assert kept[:4].sum() == 2 and kept[4:].sum() == 2
     assert slot_locations(ids_KT, 2)[0].tolist() == [list(range(8))]  # one pathway: token order
+
+
+@pytest.mark.parametrize("sigma1,sigma2", [(0.0, 0.0), (0.1, 0.0)])
+def test_zero_sigmas_give_finite_gradients(sigma1, sigma2):
+    """The no-noise ablation: sqrt's gradient at 0 made every gradient NaN (and ZeRO skipped every step)."""
+    torch.manual_seed(0)
+    layer = _s2moe(sigma1=sigma1, sigma2=sigma2)
+    layer.train()
+    x = torch.randn(16, 16)
+    x[0] = 0.0
+    x.requires_grad_(True)
+    out = layer(x)
+    (out.y.sum() + sum(out.aux_losses.values())).backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    if sigma1 == sigma2 == 0:
+        assert torch.equal(layer.noise(x.detach()), x.detach())

@@ -87,7 +87,10 @@ class GaussianNoise(nn.Module):
         at half the random numbers (the draw cost 5% of a CPU training step); still reparameterised."""
         s1, s2 = (s.to(x_TD.dtype) for s in self.sigmas())  # buffers may stay fp32 under bf16 engines
         var = torch.addcmul(s2.square(), x_TD.square(), s1.square())
-        return torch.addcmul(x_TD, var.sqrt(), torch.randn_like(x_TD))
+        # sqrt's gradient at 0 is 0/0: with a zero sigma (the no-noise ablation) or sigma2 = 0 at x = 0 it
+        # would turn every gradient into NaN. Clamping first changes nothing where var >= 1e-12 (every
+        # element with the default sigmas) and gives those elements a zero-noise, zero-gradient draw.
+        return torch.addcmul(x_TD, var.clamp_min(1e-12).sqrt() * (var > 1e-12), torch.randn_like(x_TD))
 
 
 def noise_level_loss(x_TD: Tensor, x_hat_TD: Tensor, target_similarity: float) -> tuple[Tensor, Tensor]:
