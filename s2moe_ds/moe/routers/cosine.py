@@ -73,6 +73,17 @@ def orthogonal_embeddings(num_experts: int, dim: int, gain: float) -> Tensor:
     return e
 
 
+def authors_gate(router: Router, scores_TE: Tensor, k: int) -> RouterOutput:
+    """Steps 4-5 of the authors' gates: top-k on the raw scores, weights by the router's rule, the balance
+    loss on ``softmax(scores / balance_temperature)``."""
+    weights_TK, ids_TK = router.select(scores_TE, k)
+    probs_TE = (scores_TE.float() / router.cfg.balance_temperature).softmax(-1)
+    losses = {}
+    if router.cfg.balance_coef > 0:
+        losses["balance"] = router.cfg.balance_coef * switch_balance_loss(probs_TE, ids_TK, router.num_experts)
+    return RouterOutput(weights_TK, ids_TK, probs_TE, losses)
+
+
 @dataclass
 class XMoEConfig(RouterConfig):
     variant: str = "authors"
@@ -146,12 +157,7 @@ class XMoERouter(Router):
         scores_TE = embedding_scores(self.proj(x_TD), self.embeddings)
         if self.cfg.variant == "torchscale":
             return self._torchscale(scores_TE, k)
-        weights_TK, ids_TK = self.select(scores_TE, k)
-        probs_TE = (scores_TE.float() / self.cfg.balance_temperature).softmax(-1)
-        losses = {}
-        if self.cfg.balance_coef > 0:
-            losses["balance"] = self.cfg.balance_coef * switch_balance_loss(probs_TE, ids_TK, self.num_experts)
-        return RouterOutput(weights_TK, ids_TK, probs_TE, losses)
+        return authors_gate(self, scores_TE, k)
 
     def _torchscale(self, scores_TE: Tensor, k: int) -> RouterOutput:
         probs_TE = scores_TE.float().softmax(-1)
@@ -197,12 +203,7 @@ class StableMoERouter(Router):
         if self.cfg.variant == "two_stage":
             return self._two_stage(x_TD)
         scores_TE = embedding_scores(x_TD, self.embeddings)
-        weights_TK, ids_TK = self.select(scores_TE, k)
-        probs_TE = (scores_TE.float() / self.cfg.balance_temperature).softmax(-1)
-        losses = {}
-        if self.cfg.balance_coef > 0:
-            losses["balance"] = self.cfg.balance_coef * switch_balance_loss(probs_TE, ids_TK, self.num_experts)
-        return RouterOutput(weights_TK, ids_TK, probs_TE, losses)
+        return authors_gate(self, scores_TE, k)
 
     def distilled_logits(self, T: int) -> Tensor:
         ids_T = self.token_ids_T
