@@ -16,11 +16,27 @@ NO_SSH=${NO_SSH:-0}
 check_common
 [ -n "$HOSTFILE" ] || die "set HOSTFILE to a hostfile with one '<host> slots=<N>' line per node"
 [ -f "$HOSTFILE" ] || die "hostfile '$HOSTFILE' does not exist"
-grep -Eq '^[^#[:space:]]+[[:space:]]+slots=[0-9]+' "$HOSTFILE" \
-  || die "hostfile '$HOSTFILE' has no '<host> slots=<N>' line"
+# every non-comment line must be '<host> slots=<N>' with N >= 1, each host once (DeepSpeed's own parser
+# accepts slots=0 and starts no rank there, and a repeated host silently replaces the earlier line)
+NODES=0
+declare -A SEEN=()
+LINENO_HF=0
+while IFS= read -r line || [ -n "$line" ]; do
+  LINENO_HF=$((LINENO_HF + 1))
+  line=${line%%#*}
+  [[ "$line" =~ ^[[:space:]]*$ ]] && continue
+  [[ "$line" =~ ^[[:space:]]*([^[:space:]]+)[[:space:]]+slots=([0-9]+)[[:space:]]*$ ]] \
+    || die "hostfile '$HOSTFILE' line $LINENO_HF is '$line'; expected '<host> slots=<N>'"
+  host=${BASH_REMATCH[1]}
+  slots=${BASH_REMATCH[2]}
+  [ "$slots" -ge 1 ] || die "hostfile '$HOSTFILE' line $LINENO_HF gives $host slots=$slots; every host needs at least 1 slot (remove the line to leave a host out)"
+  [ -z "${SEEN[$host]:-}" ] || die "hostfile '$HOSTFILE' lists $host twice (lines ${SEEN[$host]} and $LINENO_HF); give each host once"
+  SEEN[$host]=$LINENO_HF
+  NODES=$((NODES + 1))
+done < "$HOSTFILE"
+[ "$NODES" -ge 1 ] || die "hostfile '$HOSTFILE' has no '<host> slots=<N>' line"
 [ -n "${MASTER_ADDR:-}" ] || die "set MASTER_ADDR to the address of the first host (rank 0), reachable from every node"
 require_cmd deepspeed "install the package first: pip install -r requirements.txt -e ."
-NODES=$(grep -Ec '^[^#[:space:]]+[[:space:]]+slots=' "$HOSTFILE")
 args=(--hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 if [ "$NO_SSH" = "1" ]; then
   [[ "${NODE_RANK:-}" =~ ^[0-9]+$ ]] || die "NO_SSH=1 needs NODE_RANK (0..$((NODES - 1))) for this node"

@@ -47,24 +47,36 @@ def latest_tag(root: Path) -> Optional[str]:
     return tag if (root / tag).is_dir() else None
 
 
-def write_manifest(ckpt_dir: Path) -> None:
-    """Record every file of a finished checkpoint (size and sha256) so loads can detect damage."""
+def write_manifest(ckpt_dir: Path, run_id: str = "") -> None:
+    """Record every file of a finished checkpoint (size and sha256) so loads can detect damage, and the
+    run it belongs to (so a checkpoint copied in from another run is never resumed by mistake)."""
     files = {str(p.relative_to(ckpt_dir)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
              for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
     tmp = ckpt_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(files, indent=1))
+    tmp.write_text(json.dumps({"run_id": run_id, "files": files}, indent=1))
     tmp.replace(ckpt_dir / MANIFEST)
 
 
-def verify_checkpoint(ckpt_dir: Path) -> None:
-    """Raise CheckpointError naming the first missing, truncated or altered file of a checkpoint."""
+def read_manifest(ckpt_dir: Path) -> dict:
+    """``{"run_id": ..., "files": {...}}`` (manifests written before run ids held the files only)."""
     manifest = ckpt_dir / MANIFEST
     if not manifest.exists():
         raise CheckpointError(f"{ckpt_dir} has no {MANIFEST}: the checkpoint was never completed")
     try:
-        files = json.loads(manifest.read_text())
-    except json.JSONDecodeError:
+        data = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{manifest} is corrupt") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir} was removed while being read (rotated away by a running training's "
+                              f"train.keep_last?); read a newer checkpoint") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{manifest} is corrupt")
+    return data if "files" in data else {"run_id": "", "files": data}
+
+
+def verify_checkpoint(ckpt_dir: Path) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file of a checkpoint."""
+    files = read_manifest(ckpt_dir)["files"]
     for rel, info in files.items():
         f = ckpt_dir / rel
         if not f.exists():
@@ -81,9 +93,22 @@ def checkpoint_tags(root: Path) -> list[str]:
     return sorted(tags, reverse=True)
 
 
-def newest_valid(root: Path, log=print) -> Optional[str]:
-    """The newest checkpoint that verifies; says which newer ones were skipped and why."""
+def manifest_run_id(ckpt_dir: Path) -> Optional[str]:
+    try:
+        return read_manifest(ckpt_dir).get("run_id") or None
+    except CheckpointError:
+        return None
+
+
+def newest_valid(root: Path, run_id: Optional[str], log=print) -> Optional[str]:
+    """The newest checkpoint of run ``run_id`` (None: of any run) that verifies; says which newer ones
+    were skipped and why. A checkpoint of another run is never chosen."""
     for tag in checkpoint_tags(root):
+        owner = manifest_run_id(root / tag)
+        if run_id and owner and owner != run_id:
+            log(f"[s2moe] skipping checkpoint {root / tag}: it belongs to another run (run id {owner}, this run "
+                f"is {run_id}); resume from it explicitly with train.resume=PATH if that is what you want")
+            continue
         try:
             verify_checkpoint(root / tag)
             return tag
@@ -92,15 +117,22 @@ def newest_valid(root: Path, log=print) -> Optional[str]:
     return None
 
 
-def publish(root: Path, partial_tag: str, tag: str, keep_last: int = 0) -> None:
+def publish(root: Path, partial_tag: str, tag: str, keep_last: int = 0, run_id: str = "") -> None:
     """Rank 0, after every rank finished writing ``partial_tag``: manifest, rename, then ``latest``.
-    A crash at any point leaves either the previous ``latest`` or the new, complete one."""
+    A crash at any point leaves either the previous ``latest`` or the new, complete one. A published tag
+    of the same name (an abandoned branch: a run resumed from an older checkpoint of this directory)
+    is kept as ``replaced-{tag}-{n}``, not deleted."""
     import shutil
 
-    write_manifest(root / partial_tag)
+    write_manifest(root / partial_tag, run_id)
     final = root / tag
     if final.exists():
-        shutil.rmtree(final)
+        n = 1
+        while (root / f"replaced-{tag}-{n}").exists():
+            n += 1
+        final.rename(root / f"replaced-{tag}-{n}")
+        print(f"[s2moe] {final} existed (from a branch this run abandoned); kept as {root / f'replaced-{tag}-{n}'}",
+              flush=True)
     (root / partial_tag).rename(final)
     tmp = root / "latest.tmp"
     tmp.write_text(tag)
@@ -112,26 +144,67 @@ def publish(root: Path, partial_tag: str, tag: str, keep_last: int = 0) -> None:
                 shutil.rmtree(root / old, ignore_errors=True)
 
 
+RUN_FILE = "run.json"
+
+
+def run_id_of(out_dir: str | Path) -> Optional[str]:
+    """The run id recorded in ``{out_dir}/run.json`` at the run's first start (None if absent)."""
+    f = Path(out_dir) / RUN_FILE
+    try:
+        return json.loads(f.read_text()).get("run_id") or None
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def run_leftovers(out_dir: str | Path) -> list[str]:
+    """What a training run has written into ``out_dir``: checkpoints (published or partial), ``latest``,
+    logs, config, run id."""
+    out_dir = Path(out_dir)
+    found = [str(p.relative_to(out_dir)) for p in sorted((out_dir / "checkpoints").glob("*"))] if (
+        out_dir / "checkpoints").is_dir() else []
+    found += [name for name in ("metrics.jsonl", "config.yaml", RUN_FILE) if (out_dir / name).exists()]
+    if (out_dir / "tensorboard").is_dir() and any((out_dir / "tensorboard").iterdir()):
+        found.append("tensorboard/")
+    return found
+
+
 def resolve_resume(resume: str, out_dir: str) -> Optional[tuple[Path, str]]:
-    """(checkpoint root, tag) to resume from, or None to start fresh. Refuses to start fresh over a run
-    that already has checkpoints, so a forgotten ``train.resume=auto`` never overwrites them."""
+    """(checkpoint root, tag) to resume from, or None to start fresh.
+
+    '' starts fresh and refuses any directory a run has written to (checkpoints, logs, config), so a
+    forgotten ``train.resume=auto`` never overwrites or mixes into a run. 'auto' follows ``latest``; only
+    when it is missing or fails verification does it fall back to the newest verified checkpoint of the
+    same run (never one copied in from another run), and it says why."""
     root = ckpt_root(out_dir)
     if resume == "":
-        if latest_tag(root):
-            raise ConfigError(f"train.out_dir {out_dir!r} already holds checkpoints (latest: {latest_tag(root)}); "
-                              f"pass train.resume=auto to continue that run, or choose a new train.out_dir")
+        found = run_leftovers(out_dir)
+        if found:
+            shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+            raise ConfigError(f"train.out_dir {out_dir!r} already holds a run ({shown}); pass train.resume=auto "
+                              f"to continue it, or choose a new train.out_dir")
         return None
     if resume == "auto":
         tag = latest_tag(root)
         if tag is None and not checkpoint_tags(root):
             return None
-        valid = newest_valid(root)
+        run_id = run_id_of(out_dir) or (manifest_run_id(root / tag) if tag else None)
+        if tag is not None:
+            owner = manifest_run_id(root / tag)
+            try:
+                if run_id and owner and owner != run_id:
+                    raise CheckpointError(f"it belongs to another run (run id {owner}, this run is {run_id})")
+                verify_checkpoint(root / tag)
+                return root, tag
+            except CheckpointError as e:
+                why = f"the latest checkpoint {tag!r} is not usable ({e})"
+        else:
+            named = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+            why = (f"'latest' names {named!r}, which does not exist" if named else f"{root} has no 'latest'")
+        valid = newest_valid(root, run_id)
         if valid is None:
-            raise CheckpointError(f"train.resume=auto: no valid checkpoint under {root} (every one failed "
-                                  f"verification, see above); start a new train.out_dir or pass train.resume=PATH")
-        if valid != tag:
-            print(f"[s2moe] latest checkpoint {tag!r} is not usable; resuming from the newest valid one, {valid!r}",
-                  flush=True)
+            raise CheckpointError(f"train.resume=auto: {why}, and no other checkpoint of this run under {root} "
+                                  f"verifies; start a new train.out_dir or pass train.resume=PATH")
+        print(f"[s2moe] {why}; resuming from the newest verified checkpoint of this run, {valid!r}", flush=True)
         return root, valid
     path = Path(resume)
     if (path / "latest").exists():
@@ -164,9 +237,15 @@ def model_state_file(ckpt_dir: Path) -> Path:
 
 def _load(f: Path) -> dict:
     if not f.exists():
+        if not f.parent.exists():
+            raise CheckpointError(f"{f.parent} was removed while being read (rotated away by a running training's "
+                                  f"train.keep_last?); read a newer checkpoint")
         raise CheckpointError(f"{f} is missing: the checkpoint is incomplete")
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{f.parent} was removed while being read (rotated away by a running training's "
+                              f"train.keep_last?); read a newer checkpoint") from None
     except Exception as e:  # truncated or corrupt file
         raise CheckpointError(f"cannot read {f} ({type(e).__name__}: {e}); the file is corrupt or truncated") from None
 
@@ -212,6 +291,7 @@ def consolidated_state(ckpt_dir: Path, model_cfg: dict) -> dict:
 
 def export_safetensors(run: str | Path, out: str | Path) -> Path:
     """One consolidated file (local layout, every expert) + the config, loadable anywhere without DeepSpeed."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     state, client, ckpt = load_for_eval(run)
@@ -220,10 +300,18 @@ def export_safetensors(run: str | Path, out: str | Path) -> Path:
     meta = {"config": json.dumps(client["config"]), "step": str(client.get("step")),
             "vocab_fingerprint": str(client.get("vocab_fingerprint", "")), "source": str(ckpt)}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the folder of {out} ({e.strerror or e}); choose a writable --out") from None
     tmp = out.with_suffix(out.suffix + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-    tmp.replace(out)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+        tmp.replace(out)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {out} ({getattr(e, 'strerror', None) or e}); nothing was left half-written: "
+                              f"choose a writable --out with free space") from None
     return out
 
 
@@ -249,7 +337,7 @@ def _load_safetensors(path: Path) -> tuple[dict, dict, Path]:
 def read_client_state(ckpt_dir: Path) -> dict:
     """The step, config, vocabulary fingerprint and parallel layout saved with a checkpoint."""
     raw = _load(model_state_file(ckpt_dir))
-    return {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint", "layout")}
+    return {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint", "layout", "run_id", "data")}
 
 
 def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
@@ -266,8 +354,78 @@ def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
     return consolidated_state(ckpt, client["config"]["model"]), client, ckpt
 
 
-def write_config(out_dir: Path, config: dict) -> None:
+def write_config(out_dir: Path, config: dict, keep_previous_as: Optional[str] = None) -> None:
+    """``config.yaml`` = the resolved config of this start; a different earlier one is kept under
+    ``keep_previous_as`` (a resume with changed settings does not erase what the run was trained with)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config, sort_keys=False)
+    current = out_dir / "config.yaml"
+    if keep_previous_as and current.exists() and current.read_text() != text:
+        current.replace(out_dir / keep_previous_as)
     tmp = out_dir / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    tmp.replace(out_dir / "config.yaml")
+    tmp.write_text(text)
+    tmp.replace(current)
+
+
+def write_run_id(out_dir: Path, run_id: str) -> None:
+    """``run.json`` names the run (written once, at its first start)."""
+    f = Path(out_dir) / RUN_FILE
+    if not f.exists():
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"run_id": run_id}))
+        tmp.replace(f)
+
+
+# Resuming with another value of these cannot be right: the weights or the data do not fit.
+SHAPE_FIELDS = ("model.vocab_size", "model.n_layer", "model.n_head", "model.d_model", "model.d_ff", "model.context",
+                "model.tie_embeddings", "model.moe_layers", "model.moe.num_experts", "model.moe.d_ff",
+                "model.moe.activation", "model.moe.router", "model.moe.router_args.variant",
+                "model.moe.router_args.proj_dim", "model.moe.router_args.codebook_size",
+                "model.moe.router_args.distill_dim", "model.moe.s2moe.enabled", "model.moe.s2moe.noise",
+                "model.moe.s2moe.gate")
+# Changing these on resume is how runs are continued or re-laid-out: not reported.
+SILENT_FIELDS = ("train.resume", "train.out_dir", "train.progress", "data.data_dir", "data.source",
+                 "model.moe.backend", "model.moe.ep_size", "model.moe.ep_mode", "model.moe.backend_impl")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_config(client_state: dict, cfg, data_id: dict, source: str, own_run: bool) -> list[str]:
+    """Compare the config a checkpoint was trained with to this run's. Refuses (CheckpointError) what
+    cannot be right (another model shape, another dataset, a step budget below the checkpoint's step in
+    the run's own directory); returns the other differences as ``field old -> new`` lines to print."""
+    saved = client_state.get("config")
+    if not saved:
+        return []
+    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    if cfg.model.vocab_size and saved["model"].get("vocab_size", 0) == 0:
+        old["model.vocab_size"] = new["model.vocab_size"]  # saved before the data filled it in
+    shape = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in SHAPE_FIELDS if old.get(k) != new.get(k)]
+    if shape:
+        raise CheckpointError(f"{source} was trained with another model ({'; '.join(shape)}): its weights do not fit "
+                              f"this config; resume with the model settings it was trained with (its config.yaml)")
+    saved_data = client_state.get("data") or {}
+    for key in ("dataset", "source_sha256"):
+        if saved_data.get(key) and data_id.get(key) and saved_data[key] != data_id[key]:
+            raise CheckpointError(f"{source} was trained on another dataset ({key} {saved_data[key]!r} vs "
+                                  f"{data_id[key]!r} in {cfg.data.data_dir}/meta.json); use the data it was trained on")
+    step = client_state.get("step") or 0
+    t = cfg.train
+    if own_run:
+        if t.steps < step:
+            raise CheckpointError(f"config field 'train.steps' is {t.steps} but {source} is already at step {step}: "
+                                  f"nothing would be trained; give train.steps above {step}")
+        if t.stop_at_step and t.stop_at_step < step:
+            raise CheckpointError(f"config field 'train.stop_at_step' is {t.stop_at_step} but {source} is already at "
+                                  f"step {step}; give a later step (or 0 to run to train.steps)")
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in SILENT_FIELDS and k not in SHAPE_FIELDS and old.get(k) != new.get(k)]

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from .configtools import ConfigError
+from .configtools import ConfigError, arg_int
 
 
 def main_prepare(argv=None) -> int:
@@ -42,6 +43,8 @@ def main_export(argv=None) -> int:
     ap.add_argument("run", help="run directory, checkpoints/ folder or checkpoint tag folder")
     ap.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
     args = ap.parse_args(argv)
+    if not args.out or args.out.endswith("/") or Path(args.out).is_dir():
+        raise ConfigError(f"--out must name a file to write, e.g. model.safetensors; got {args.out!r}")
     out = export_safetensors(args.run, args.out)
     print(f"[s2moe export] wrote {out} ({out.stat().st_size:,} bytes)")
     return 0
@@ -56,7 +59,7 @@ def main_reshard(argv=None) -> int:
                                  "resumed under another layout; this writes the converted checkpoint ahead of time.)")
     ap.add_argument("src", help="run directory, checkpoints/ folder or checkpoint tag folder")
     ap.add_argument("dst", help="new run directory")
-    ap.add_argument("--nproc", type=int, default=1, help="processes of the new layout (>1: the deepspeed launcher)")
+    ap.add_argument("--nproc", type=arg_int(1), default=1, help="processes of the new layout (>1: the deepspeed launcher)")
     ap.add_argument("overrides", nargs="*", help="the new layout, e.g. model.moe.ep_size=1 model.moe.backend=local "
                                                  "train.grad_accum=2 (keep the global batch)")
     args = ap.parse_intermixed_args(argv)  # overrides may follow --nproc
@@ -93,6 +96,10 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         # configuration and data errors: one clear line, no traceback
         print(f"s2moe {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the command reads or writes: name it and the cause
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"s2moe {argv[0]}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

@@ -9,7 +9,7 @@ from typing import List, Optional, Union
 
 import yaml
 
-from .configtools import ConfigError, apply_overrides, check_choice, check_positive, check_range, fail, from_dict, to_dict
+from .configtools import ConfigError, apply_overrides, load_yaml, check_choice, check_positive, check_range, fail, from_dict, to_dict
 from .moe.layer import MoEConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +51,8 @@ class ModelConfig:
             check_choice("model.moe_layers", self.moe_layers, ("all", "every_other", "none"))
         elif any(not 0 <= i < self.n_layer for i in self.moe_layers):
             fail("model.moe_layers", f"layer indices must be in [0, {self.n_layer}), got {self.moe_layers}")
+        elif len(set(self.moe_layers)) != len(self.moe_layers):
+            fail("model.moe_layers", f"lists a layer twice: {self.moe_layers}; give each MoE layer once")
         self.moe.validate("model.moe")
 
 
@@ -133,8 +135,14 @@ class TrainConfig:
             check_positive(f"train.{name}", getattr(self, name))
         for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "save_interval", "stop_at_step", "keep_last", "max_skipped_steps"):
             check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
-        check_range("train.beta1", self.beta1, 0.0, 1.0)
-        check_range("train.beta2", self.beta2, 0.0, 1.0)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                fail(f"train.{name}", f"must be in [0, 1) (Adam's moment decay; 1 never forgets), got {value!r}")
+        if self.lr > 1.0:
+            fail("train.lr", f"must be at most 1 (AdamW moves every weight by about lr per step), got {self.lr!r}")
+        if self.min_lr > self.lr:
+            fail("train.min_lr", f"must not exceed train.lr ({self.lr}), got {self.min_lr!r}")
         check_choice("train.precision", self.precision, PRECISIONS)
 
 
@@ -160,7 +168,7 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} does not exist (configs live in {REPO_ROOT / 'configs'})")
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else load_yaml(text, f"config file {str(path)!r}")
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}")
     if data is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any, Iterable, Sequence
 
@@ -85,6 +86,8 @@ def _coerce(field: str, tp: Any, value: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(field, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            fail(field, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -127,6 +130,62 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def arg_int(lo: int):
+    """An argparse type: an integer >= ``lo`` (argparse then names the option in its error)."""
+    def parse(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+    return parse
+
+
+def arg_float(lo: float, inclusive: bool = True):
+    """An argparse type: a finite number >= ``lo`` (> ``lo`` when not ``inclusive``)."""
+    def parse(text: str) -> float:
+        import argparse
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (value == lo and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {lo}, got {text}")
+        return value
+    return parse
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently: a
+    second ``train:`` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"{self.source}: key {key!r} is given twice, on line {seen[key] + 1} and line "
+                                  f"{key_node.start_mark.line + 1}; keep one (a repeated section replaces the "
+                                  f"earlier one entirely)")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str = "YAML") -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys, naming both lines of ``source``."""
+    loader = _UniqueKeyLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like 'section.field=value' (e.g. train.steps=100)")
@@ -134,7 +193,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty field name; expected 'section.field=value'")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), load_yaml(raw, f"override {text!r}") if raw.strip() else ""
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:

@@ -51,8 +51,15 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     # under mpirun, DeepSpeed's mpi4py discovery sets RANK/WORLD_SIZE/LOCAL_RANK and rank 0's address;
     # the port is the one the user exported (launch/mpirun.sh passes MASTER_PORT), 29500 otherwise
     port = int(os.environ.get("MASTER_PORT", 29500))
-    clear_stale_build_locks()
-    deepspeed.init_distributed(auto_mpi_discovery=mpi, distributed_port=port, verbose=False, timeout=timeout)
+    prepare_comm_op()
+    try:
+        deepspeed.init_distributed(auto_mpi_discovery=mpi, distributed_port=port, verbose=False, timeout=timeout)
+    except RuntimeError as e:
+        if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+            raise ConfigError(f"port {port} on {os.environ.get('MASTER_ADDR', '127.0.0.1')} is already in use (another "
+                              f"job or a leftover process holds it): set MASTER_PORT to a free port "
+                              f"(deepspeed --master_port N)") from None
+        raise
     release_shm_name()
     set_cpu_threads()
     return dist.get_rank(), dist.get_world_size()
@@ -84,29 +91,64 @@ def set_cpu_threads():
     return threads
 
 
-STALE_LOCK_S = 600
+BUILD_LOCK = "s2moe-build.lock"
+BUILD_WAIT_S = 1200
 
 
-def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list:
-    """Remove torch JIT-extension build locks older than ``max_age_s``; returns what was removed.
+def extensions_root() -> Path:
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
 
-    DeepSpeed compiles its CPU comm op on first use, and torch guards each build with a ``lock`` file in
-    the extension's build folder. A build that was killed leaves the file behind, and every later start
-    then waits for it forever, silently. A build takes about a minute, so a lock ten minutes old has no
-    builder left.
-    """
+
+def prepare_comm_op(wait_s: float = BUILD_WAIT_S, log=print) -> list:
+    """Build (or load) DeepSpeed's CPU shared-memory comm op under a lock of ours; returns the torch build
+    locks it removed as stale.
+
+    torch guards each JIT build with a ``lock`` file and waits for it forever, silently, and a build that
+    was killed leaves that file behind: every later start then hung. Every s2moe process builds the op
+    while holding an exclusive ``flock`` on ``{TORCH_EXTENSIONS_DIR}/s2moe-build.lock``, which the kernel
+    releases when its holder dies. So whoever holds the flock knows no other s2moe builder is alive, and
+    a torch ``lock`` file still present then was left by a dead one: it is removed (a non-s2moe process
+    building the same op at that very moment is the one case this cannot tell apart). Waiting for the
+    flock is reported every 30 s and gives up after ``wait_s``."""
+    import fcntl
     import time
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return []
+    root = extensions_root()
+    root.mkdir(parents=True, exist_ok=True)
+    lock_path = root / BUILD_LOCK
     removed = []
-    for lock in Path(root).glob("**/lock"):
+    with open(lock_path, "a") as fh:
+        start = time.monotonic()
+        last_note = None
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited > wait_s:
+                    raise ConfigError(f"waited {waited:.0f} s for {lock_path}: another process on this machine is "
+                                      f"building DeepSpeed's CPU comm op and has not finished; check that process "
+                                      f"(`fuser {lock_path}`) or point TORCH_EXTENSIONS_DIR to another folder") from None
+                if last_note is None or time.monotonic() - last_note >= 30:
+                    log(f"[s2moe] waiting for another process building DeepSpeed's CPU comm op ({lock_path}; "
+                        f"{waited:.0f} s so far, giving up after {wait_s:.0f} s)", flush=True)
+                    last_note = time.monotonic()
+                time.sleep(0.5)
         try:
-            if time.time() - lock.stat().st_mtime > max_age_s:
-                lock.unlink()
-                removed.append(lock)
-                print(f"[s2moe] removed a stale torch extension build lock left by a killed build: {lock}", flush=True)
-        except OSError:
-            pass  # another rank removed it first, or it is not ours to remove
+            for stale in root.glob("**/lock"):
+                stale.unlink(missing_ok=True)
+                removed.append(stale)
+                log(f"[s2moe] removed a torch extension build lock left by a killed build: {stale}", flush=True)
+            from deepspeed.comm.torch import build_shm_op
+
+            build_shm_op()
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
     return removed
 
 
@@ -185,9 +227,35 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: int):
     groups = split_params_into_different_moe_groups_for_optimizer(groups)
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / t.lr)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                                   config=deepspeed_config(cfg, world))
+    try:
+        engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                       config=deepspeed_config(cfg, world))
+    except (ValueError, AssertionError) as e:  # DeepSpeed's config validation
+        raise ConfigError(f"config field 'train.ds_config': DeepSpeed rejected {resolve_path(t.ds_config)} with our "
+                          f"settings filled in ({type(e).__name__}: {' '.join(str(e).split())[:400]}); fix that "
+                          f"entry or start from ds_configs/zero2.json") from None
     return engine, scheduler
+
+
+def apply_schedule(scheduler, lr: float) -> None:
+    """Set every group's learning rate from the config's ``lr`` and the schedule's position. A restored
+    ``LambdaLR`` keeps the ``base_lrs`` of the run that saved it, so a resume with a new ``train.lr``
+    would apply the new schedule times the old lr; the schedule itself (warm-up, min_lr) is ours, a pure
+    function of the step, and is never restored."""
+    scheduler.base_lrs = [lr for _ in scheduler.optimizer.param_groups]
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, value in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = value
+    scheduler._last_lr = lrs
+
+
+def broadcast_str(value: str) -> str:
+    """Rank 0's ``value`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -23,7 +24,8 @@ import torch
 from .checkpoint import check_compatible, load_for_eval
 from .config import config_from_dict
 from .data.loader import WindowSampler
-from .data.prepare import Decoder, load_split, read_meta
+from .configtools import arg_float, arg_int
+from .data.prepare import DataError, Decoder, load_split, read_meta
 from .flops import flops_per_token
 from .model import MoELanguageModel
 from .monitor import quality
@@ -92,13 +94,13 @@ def main_eval(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="s2moe eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="run directory (train.out_dir), its checkpoints/ folder, or one checkpoint tag folder")
     ap.add_argument("--split", default="val", choices=["train", "val", "test"])
-    ap.add_argument("--k", type=int, default=None, help="inference top-k (default: the config's eval_k)")
+    ap.add_argument("--k", type=arg_int(1), default=None, help="inference top-k (default: the config's eval_k)")
     ap.add_argument("--pathways", choices=["clean", "both"], default=None, help="S2MoE pathways at inference")
     ap.add_argument("--weights", choices=["train", "per_k"], default=None,
                     help="combine weights at an inference k other than the training k: 'train' (default) keeps "
                          "the training rule, 'per_k' the old convention (probability at k=1)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0: whole split)")
+    ap.add_argument("--batch-size", type=arg_int(1), default=32)
+    ap.add_argument("--max-batches", type=arg_int(0), default=0, help="stop after this many batches (0: whole split)")
     ap.add_argument("--data-dir", default=None, help="prepared data folder (default: the one in the run's config)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
@@ -106,11 +108,18 @@ def main_eval(argv=None) -> int:
     model, meta, info = load_model(args.run, args.data_dir)
     res = evaluate_model(model, meta, info["config"].data.data_dir, args.split, args.k, args.pathways,
                          args.batch_size, args.max_batches, args.weights)
+    if res.tokens == 0:
+        raise DataError(f"the {args.split} split of {info['config'].data.data_dir} gave no window of "
+                        f"{model.cfg.context + 1} tokens to score; evaluate another split or prepare more data")
     if args.json:
         print(json.dumps({**res.__dict__, "checkpoint": info["checkpoint"], "step": info["step"]}))
     else:
         print(f"[s2moe eval] {info['checkpoint']} (step {info['step']})")
         print(f"[s2moe eval] {res.line()}")
+    if not math.isfinite(res.loss):
+        print(f"s2moe eval: error: the loss of {info['checkpoint']} is {res.loss}: its weights are not finite (a "
+              f"diverged run); evaluate an earlier checkpoint (a tag folder under checkpoints/)", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -118,12 +127,14 @@ def main_sample(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="s2moe sample", description="Generate text from a trained run.")
     ap.add_argument("run")
     ap.add_argument("--prompt", default="\n")
-    ap.add_argument("--tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--k", type=int, default=None, help="inference top-k experts")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokens", type=arg_int(1), default=200)
+    ap.add_argument("--temperature", type=arg_float(0.0, inclusive=False), default=0.8)
+    ap.add_argument("--top-k", type=arg_int(0), default=0, help="sample among the k likeliest tokens (0: all)")
+    ap.add_argument("--k", type=arg_int(1), default=None, help="inference top-k experts")
+    ap.add_argument("--seed", type=arg_int(0), default=0)
     args = ap.parse_args(argv)
+    if not args.prompt:
+        raise ValueError("--prompt must hold at least one character (the text to continue); e.g. --prompt 'def '")
     torch.manual_seed(args.seed)
     model, meta, info = load_model(args.run)
     model.set_inference(k=args.k)

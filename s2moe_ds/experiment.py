@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
-from .configtools import ConfigError
+from .configtools import ConfigError, arg_int, load_yaml
 from .config import REPO_ROOT
 
 SUITE_DIR = REPO_ROOT / "experiments"
@@ -90,7 +89,7 @@ def find_suite(name: str) -> Path:
 
 
 def load_suite(path: Path) -> dict:
-    suite = yaml.safe_load(path.read_text()) or {}
+    suite = load_yaml(path.read_text(), f"suite {path}") or {}
     unknown = set(suite) - SUITE_KEYS
     if unknown:
         raise ConfigError(f"suite {path}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(SUITE_KEYS)}")
@@ -408,20 +407,22 @@ def main_experiment(argv=None) -> int:
     ap.add_argument("--out", default=None, help="results folder (default: results/<suite>)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the suite's list (and "
                                                   "filtering a variant's own list)")
-    ap.add_argument("--steps", type=int, default=None, help="train.steps for every run (a shorter budget)")
+    ap.add_argument("--steps", type=arg_int(1), default=None, help="train.steps for every run (a shorter budget)")
     ap.add_argument("--only", default=None, help="comma-separated variant names to run")
-    ap.add_argument("--nproc", type=int, default=None, help="processes per run (>1 uses the deepspeed launcher)")
+    ap.add_argument("--nproc", type=arg_int(1), default=None, help="processes per run (>1 uses the deepspeed launcher)")
     ap.add_argument("--shard", default=None, help="I/N: run every N-th run of the list from the I-th (N workers "
                                                   "sharing one --out, e.g. 0/2 and 1/2)")
     args = ap.parse_args(argv)
     shard = parse_shard(args.shard)
     suite = load_suite(find_suite(args.suite))
-    if args.seeds:
+    if args.seeds is not None:
         try:
             suite["seeds"] = [int(s) for s in args.seeds.split(",")]
             suite["seeds_given"] = True
         except ValueError:
             raise ConfigError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+    if args.only is not None and not [v for v in args.only.split(",") if v.strip()]:
+        raise ConfigError(f"--only must name at least one variant, e.g. --only smoe-top2,s2moe-top1; got {args.only!r}")
     if args.nproc:
         suite["nproc"] = args.nproc
     out = Path(args.out or REPO_ROOT / "results" / suite["name"]).resolve()

@@ -251,6 +251,7 @@ def read_layout(ckpt_dir: Path, client_state: Optional[dict] = None):
 def resume_resharded(engine, model, scheduler, ckpt_dir: Path) -> dict:
     """Resume from a checkpoint written under another layout; returns the client state."""
     from .checkpoint import _load, model_state_file
+    from .distributed import apply_schedule
 
     states = _load(model_state_file(ckpt_dir))
     meta = load_portable(engine, model, ckpt_dir)
@@ -258,13 +259,10 @@ def resume_resharded(engine, model, scheduler, ckpt_dir: Path) -> dict:
         # the number of parameter groups depends on the layout (expert groups), so restore the schedule's
         # position only and recompute each group's learning rate from the (pure) schedule
         scheduler.last_epoch = states["lr_scheduler"]["last_epoch"]
-        lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        scheduler._last_lr = lrs
+        apply_schedule(scheduler, scheduler.base_lrs[0])
     engine.global_steps = states.get("global_steps", meta["adam_step"])
     engine.global_samples = states.get("global_samples", 0)
-    return {k: states[k] for k in ("step", "config", "vocab_fingerprint") if k in states}
+    return {k: states[k] for k in ("step", "config", "vocab_fingerprint", "run_id", "data") if k in states}
 
 
 def reshard_run(src: str, dst: str, nproc: int, overrides: list[str]) -> Path:

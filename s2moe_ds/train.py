@@ -18,18 +18,19 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (PARTIAL, CheckpointError, check_compatible, latest_tag, publish, read_client_state,
-                         resolve_resume, vocab_fingerprint, write_config)
+from .checkpoint import (PARTIAL, CheckpointError, check_compatible, check_resume_config, latest_tag, publish,
+                         read_client_state, resolve_resume, run_id_of, vocab_fingerprint, write_config, write_run_id)
 from .config import Config, load_config
 from .data.loader import WindowSampler, stream_seed
 from .configtools import ConfigError
 from .data.prepare import DataError, load_split, read_meta
-from .distributed import all_reduce_mean, build_engine, device, init_distributed
+from .distributed import all_reduce_mean, apply_schedule, broadcast_str, build_engine, device, init_distributed
 from .flops import flops_per_token
 from .model import MoELanguageModel
 from .monitor import Monitor, quality, reduce_metrics
@@ -44,6 +45,31 @@ def tqdm_write(msg: str) -> None:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Stopped(Exception):
+    """Training stopped on SIGTERM/SIGINT after every rank saved a checkpoint (exit code 128 + signal)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def finite_parameters(model) -> bool:
+    """Every parameter finite (a step can apply a finite gradient with a non-finite update, e.g. lr too large)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def describe_os_error(e: OSError, path: Path) -> str:
+    """The real cause of a failed write: permissions, space, or what the OS said."""
+    import errno
+
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied ({e.strerror}): make {path} writable"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left ({shutil.disk_usage(path if path.exists() else path.parent).free:,} bytes free on that " \
+               f"file system): free space there (or set train.keep_last)"
+    return f"{e.strerror or e}"
 
 
 def is_comm_failure(e: BaseException) -> bool:
@@ -68,6 +94,26 @@ def inject_rank_fault(rank: int, step: int) -> None:
     time.sleep(10**6)
 
 
+def set_aside_leftovers(out_dir: Path, rank: int) -> None:
+    """``train.resume=auto`` with no checkpoint to resume but logs of a run that died before its first
+    checkpoint: move them into ``abandoned-N/`` (rank 0) so the new run's logs do not mix with them."""
+    if rank == 0:
+        leftovers = [n for n in ("metrics.jsonl", "config.yaml", "run.json", "tensorboard", "checkpoints")
+                     if (out_dir / n).exists()]
+        if leftovers:
+            n = 1
+            while (out_dir / f"abandoned-{n}").exists():
+                n += 1
+            dest = out_dir / f"abandoned-{n}"
+            dest.mkdir(parents=True)
+            for name in leftovers:
+                (out_dir / name).rename(dest / name)
+            print(f"[s2moe] {out_dir} held logs of a run with no checkpoint ({', '.join(leftovers)}); moved them to "
+                  f"{dest} and starting fresh", flush=True)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def check_writable(out_dir: Path) -> None:
     """Fail before training, not at the first checkpoint, when the run directory cannot be written."""
     try:
@@ -86,18 +132,21 @@ class StopRequest:
 
     def __init__(self):
         self.name = None
+        self.signum = 0
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.name = signal.Signals(signum).name
+        self.signum = int(signum)
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.name else 0.0])
+        flag = torch.tensor([float(self.signum)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and not self.name:
             self.name = "a stop signal (on another rank)"
+            self.signum = int(flag.item())
         return bool(flag.item())
 
 
@@ -134,10 +183,20 @@ def train(cfg: Config) -> dict:
     elif cfg.model.vocab_size != meta["vocab_size"]:
         raise ConfigError(f"config field 'model.vocab_size' is {cfg.model.vocab_size} but the dataset in "
                          f"{cfg.data.data_dir} has {meta['vocab_size']} symbols; set it to 0 (take it from the data)")
-    train_windows = WindowSampler(load_split(cfg.data.data_dir, "train", meta), cfg.model.context)
-    val_windows = WindowSampler(load_split(cfg.data.data_dir, "val", meta), cfg.model.context)
+    splits = {name: load_split(cfg.data.data_dir, name, meta) for name in ("train", "val")}
+    for name, tokens in splits.items():
+        if len(tokens) <= cfg.model.context + 1:
+            raise ConfigError(f"config field 'model.context' is {cfg.model.context} but the {name} split of "
+                              f"{cfg.data.data_dir} has only {len(tokens)} tokens; lower model.context below "
+                              f"{len(tokens) - 1} or prepare more data")
+    train_windows = WindowSampler(splits["train"], cfg.model.context)
+    val_windows = WindowSampler(splits["val"], cfg.model.context)
     resume = resolve_resume(t.resume, t.out_dir)
     check_writable(Path(t.out_dir))
+    out_dir = Path(t.out_dir)
+    if t.resume == "auto" and not resume:
+        set_aside_leftovers(out_dir, rank)
+    data_id = {"dataset": meta.get("dataset"), "source_sha256": meta.get("source_sha256")}
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = MoELanguageModel(cfg.model, seed=t.seed).to(dev)
@@ -146,10 +205,16 @@ def train(cfg: Config) -> dict:
     layout = {"world": world, "ep_size": ep, "backend": cfg.model.moe.backend,
               "zero_stage": engine.zero_optimization_stage()}
     start = 0
+    run_id = None
     if resume:
         root, tag = resume
         saved_client = read_client_state(root / tag)
         check_compatible(saved_client, meta, f"{root}/{tag}")  # before any weight is loaded
+        own = root.resolve() == (out_dir / "checkpoints").resolve()
+        changes = check_resume_config(saved_client, cfg, data_id, f"{root}/{tag}", own_run=own)
+        if rank == 0 and changes:
+            print(f"[s2moe] resuming {root}/{tag} with changed settings: " + "; ".join(changes), flush=True)
+        run_id = saved_client.get("run_id")
         saved = read_layout(root / tag, saved_client)
         if saved is not None and saved != layout:
             if not has_portable(root / tag):
@@ -162,16 +227,28 @@ def train(cfg: Config) -> dict:
             if rank == 0:
                 print(f"[s2moe] resharded {root / tag}: {saved} -> {layout} (model and optimizer state)", flush=True)
         else:
-            path, client = engine.load_checkpoint(str(root), tag)
+            try:
+                path, client = engine.load_checkpoint(str(root), tag)
+            except RuntimeError as e:
+                if "size mismatch" not in str(e) and "Missing key" not in str(e) and "Unexpected key" not in str(e):
+                    raise
+                raise CheckpointError(f"{root}/{tag} holds a model of another shape than this config's "
+                                      f"({str(e).splitlines()[0][:300]}); resume with the model settings it was "
+                                      f"trained with (its config.yaml)") from None
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {root}/{tag}")
+            apply_schedule(scheduler, t.lr)  # the restored schedule keeps the old lr; apply the config's
         check_compatible(client, meta, f"{root}/{tag}")
         start = client["step"]
+    run_id = broadcast_str(run_id or run_id_of(out_dir) or uuid.uuid4().hex[:12])
+    end = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
+    own_noop = bool(resume) and start >= end and resume[0].resolve() == (out_dir / "checkpoints").resolve()
 
-    out_dir = Path(t.out_dir)
     resolved = cfg.to_dict()
     if rank == 0:
-        write_config(out_dir, resolved)
+        write_run_id(out_dir, run_id)
+        if not own_noop:  # a resume with nothing to train leaves the run's record as it is
+            write_config(out_dir, resolved, keep_previous_as=f"config.before-step{start:07d}.yaml" if resume else None)
         for stale in (out_dir / "checkpoints").glob("step*" + PARTIAL):
             print(f"[s2moe] removing {stale}: an interrupted, never-published checkpoint write", flush=True)
             shutil.rmtree(stale, ignore_errors=True)
@@ -186,23 +263,33 @@ def train(cfg: Config) -> dict:
 
     def save(step: int) -> None:
         """Write to ``{tag}.partial`` on every rank, then rank 0 verifies and publishes it as ``latest``."""
-        client = {"step": step, "config": resolved, "vocab_fingerprint": vocab_fingerprint(meta), "layout": layout}
+        client = {"step": step, "config": resolved, "vocab_fingerprint": vocab_fingerprint(meta), "layout": layout,
+                  "run_id": run_id, "data": data_id}
         root, tag = out_dir / "checkpoints", f"step{step:07d}"
         partial = tag + PARTIAL
+        ok = torch.tensor([1.0 if finite_parameters(model) else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            raise NonFiniteLoss(f"step {step}: the weights are not finite (the updates diverged although the "
+                                f"gradients were finite: train.lr too large?); not saved. The last good checkpoint "
+                                f"is {latest_tag(root) or 'none'} in {root}; lower train.lr and resume with "
+                                f"train.resume=auto")
         try:
             engine.save_checkpoint(str(root), tag=partial, client_state=client, save_latest=False)
             if t.portable_checkpoints:
                 save_portable(engine, model, root / partial, layout)
         except (OSError, RuntimeError) as e:
             previous = latest_tag(root)
-            free = shutil.disk_usage(root).free
-            raise CheckpointError(f"writing checkpoint {root / partial} failed on rank {rank} ({e}; {free:,} bytes "
-                                  f"free on that file system); nothing was "
-                                  f"published, the previous checkpoint ({previous or 'none'}) is intact. Free space "
-                                  f"in {root} (or set train.keep_last) and resume with train.resume=auto") from None
+            # torch's writer reports a full disk as "unexpected pos ..." (a RuntimeError): give the free space
+            cause = describe_os_error(e, root) if isinstance(e, OSError) else (
+                f"{str(e).strip()}; {shutil.disk_usage(root).free:,} bytes free on that file system")
+            raise CheckpointError(f"writing checkpoint {root / partial} failed on rank {rank}: {cause}. Nothing was "
+                                  f"published; the previous checkpoint ({previous or 'none'}) is intact. Fix that and "
+                                  f"resume with train.resume=auto") from None
         dist.barrier()
         if rank == 0:
-            publish(root, partial, tag, keep_last=t.keep_last)
+            publish(root, partial, tag, keep_last=t.keep_last, run_id=run_id)
         dist.barrier()
 
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.model.context
@@ -215,9 +302,12 @@ def train(cfg: Config) -> dict:
     stop = StopRequest()
     engine.train()
     t_last, last_logged = time.perf_counter(), start
-    end = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
-    if resume and start >= end and resume[0].resolve() != (out_dir / "checkpoints").resolve():
+    if resume and start >= end and not own_noop:
         save(start)  # a checkpoint of another run and no step to train (`s2moe reshard`): write it in this layout
+    if own_noop:
+        if rank == 0:
+            print(f"[s2moe] {resume[0]}/{resume[1]} is already at step {start} (train.steps={t.steps}"
+                  + (f", train.stop_at_step={t.stop_at_step}" if t.stop_at_step else "") + "): nothing to train", flush=True)
     skipped = consecutive = 0
     inject = {int(v) for v in os.environ.get("S2MOE_INJECT_NONFINITE_AT", "").split(",") if v.strip()}
     can_skip = engine.zero_optimization_stage() >= 1
@@ -286,10 +376,8 @@ def train(cfg: Config) -> dict:
                 save(done)
             mon.flush()
             if stopping:
-                if rank == 0:
-                    print(f"[s2moe] {stop.name} received: saved checkpoint step{done:07d} and stopped; "
-                          f"continue with train.resume=auto", flush=True)
-                break
+                raise Stopped(f"{stop.name} received: saved checkpoint step{done:07d} and stopped; continue with "
+                              f"train.resume=auto", stop.signum)
     finally:
         # logs written so far reach disk even when a step fails or a peer is lost
         if progress:
@@ -302,6 +390,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         train(load_config(args.config, args.overrides))
+    except Stopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[s2moe] {e} (exit code {128 + e.signum})", flush=True)
+        return 128 + e.signum
     except (ConfigError, DataError, CheckpointError, NonFiniteLoss, OSError) as e:
         # a problem with the inputs, the disk or the run itself: one clear message per rank, no traceback
         rank = os.environ.get("RANK", "0")

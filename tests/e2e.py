@@ -27,9 +27,10 @@ def env() -> dict:
     return e
 
 
-def run(cmd: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: int = 300, cwd: Path = REPO, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command; a hang fails the test at ``timeout`` instead of hanging CI."""
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     return proc
 
 
@@ -39,8 +40,10 @@ def deepspeed_train(nproc: int, overrides: list[str], config: str = "configs/tin
     return run(cmd, timeout=timeout)
 
 
-def single_train(overrides: list[str], config: str = "configs/tiny.yaml", timeout: int = 300):
-    return run([sys.executable, "-m", "s2moe_ds.train", "--config", config, *overrides], timeout=timeout)
+def single_train(overrides: list[str], config: str = "configs/tiny.yaml", timeout: int = 300,
+                 extra_env: dict | None = None):
+    return run([sys.executable, "-m", "s2moe_ds.train", "--config", config, *overrides], timeout=timeout,
+               extra_env=extra_env)
 
 
 def cli(*args: str, timeout: int = 300):

@@ -38,6 +38,15 @@ def world(tmp_path_factory):
     meta["vocab_size"] = 20
     (base / "mismatch" / "meta.json").write_text(json.dumps(meta))
     (base / "zero3.json").write_text('{"zero_optimization": {"stage": 3}}')
+    (base / "badds.json").write_text('{"zero_optimization": {"stage": 2, "reduce_bucket_size": "lots"}}')
+    (base / "twice.yaml").write_text("train:\n  steps: 5\nmodel:\n  n_layer: 2\ntrain:\n  lr: 0.01\n")
+    d = base / "nofield"
+    d.mkdir()
+    for f in data.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((data / "meta.json").read_text())
+    del meta["splits"]
+    (d / "meta.json").write_text(json.dumps(meta))
     (base / "bad.yaml").write_text("train: [unclosed")
     (base / "a_file").write_text("not a directory")
     return base
@@ -79,8 +88,21 @@ def cases(b: Path):
         ("model vocab_size disagrees with data", CFG + ok + ["model.vocab_size=50"], ["model.vocab_size", "103 symbols"]),
         ("checkpoint trained on another vocabulary", CFG + [f"data.data_dir={b / 'other'}", run, "train.steps=4",
                                                             "train.resume=auto", *COMMON], ["different vocabulary"]),
-        ("fresh start over an existing run", CFG + [d, run, "train.steps=4", *COMMON], ["already holds checkpoints",
+        ("fresh start over an existing run", CFG + [d, run, "train.steps=4", *COMMON], ["already holds a run",
                                                                                          "train.resume=auto"]),
+        ("infinite learning rate", CFG + ok + ["train.lr=.inf"], ["train.lr", "finite number"]),
+        ("absurd learning rate", CFG + ok + ["train.lr=1e30"], ["train.lr", "at most 1"]),
+        ("min_lr above lr", CFG + ok + ["train.min_lr=0.5"], ["train.min_lr", "must not exceed train.lr"]),
+        ("beta2 = 1", CFG + ok + ["train.beta2=1.0"], ["train.beta2", "[0, 1)"]),
+        ("an MoE layer listed twice", CFG + ok + ["model.moe_layers=[1,1]"], ["model.moe_layers", "twice"]),
+        ("a section given twice", ["--config", str(b / "twice.yaml")] + ok, ["'train' is given twice", "line 1",
+                                                                              "line 5"]),
+        ("context longer than a split", CFG + [f"data.data_dir={b / 'other'}", fresh, "model.context=1000", *COMMON],
+         ["model.context", "only 500 tokens"]),
+        ("meta.json missing a field", CFG + [f"data.data_dir={b / 'nofield'}", fresh, *COMMON],
+         ["meta.json lacks splits", "s2moe prepare"]),
+        ("DeepSpeed rejects its config", CFG + ok + [f"train.ds_config={b / 'badds.json'}"],
+         ["DeepSpeed rejected", "reduce_bucket_size"]),
         ("resume from a path that is no checkpoint", CFG + ok + [f"train.resume={b / 'pydoc'}"],
          ["not 'auto' and not a checkpoint folder"]),
         ("run directory under a file", CFG + [d, f"train.out_dir={b / 'a_file' / 'run'}", *COMMON],

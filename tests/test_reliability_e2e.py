@@ -98,6 +98,7 @@ def test_sigterm_saves_and_exits_cleanly_on_every_rank(tmp_path, data_dir):
     os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert "SIGTERM received: saved checkpoint" in output, output[-3000:]
+    assert proc.returncode != 0  # stopped, not finished: `train && export` must not go on (each rank exits 143)
     tag = (out / "checkpoints" / "latest").read_text().strip()
     stopped_at = int(tag[len("step"):])
     assert 3 <= stopped_at < 400 and stopped_at == max(train_losses(out))
@@ -117,7 +118,7 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, data_dir):
     assert ev.returncode == 2 and str(victim) in ev.stderr and "truncated" in ev.stderr
     proc = deepspeed_train(2, base + ["train.steps=8", "train.resume=auto"])
     assert_ok(proc)
-    assert "resuming from the newest valid one, 'step0000004'" in proc.stdout
+    assert "resuming from the newest verified checkpoint of this run, 'step0000004'" in proc.stdout
     assert "steps 4->8" in proc.stdout
 
 

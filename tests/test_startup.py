@@ -45,19 +45,3 @@ def test_cpu_threads_split_between_local_ranks(monkeypatch):
         assert set_cpu_threads() is None
     finally:
         torch.set_num_threads(before)
-
-
-def test_stale_extension_build_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
-    import time
-
-    from s2moe_ds.distributed import clear_stale_build_locks
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
-    for lock in (stale, fresh):
-        lock.parent.mkdir()
-        lock.write_text("")
-    old = time.time() - 3600
-    os.utime(stale, (old, old))  # a killed build an hour ago; a live build would hold `fresh`
-    assert clear_stale_build_locks() == [stale]
-    assert not stale.exists() and fresh.exists()

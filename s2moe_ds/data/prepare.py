@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import urllib.request
 import zipfile
@@ -201,16 +202,30 @@ def prepare(dataset: str, out_dir: str | Path, source: str = "", tokenizer: str 
         ids, meta = tokenize_sentencepiece(corpus, out, vocab_size)
     else:
         ids, meta = tokenize_chars(corpus)
-    for split, arr in ids.items():
-        tmp = out / f"{split}.bin.tmp"
-        arr.tofile(tmp)
-        os.replace(tmp, out / f"{split}.bin")
     meta.update(dataset=dataset, source=corpus.source, source_sha256=corpus.sha256,
                 dtype=np.dtype(next(iter(ids.values())).dtype).name, splits={s: int(len(a)) for s, a in ids.items()})
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "meta.json")
+    tmps = [out / f"{split}.bin.tmp" for split in ids] + [out / "meta.json.tmp"]
+    try:
+        # meta.json goes first and comes back last: a folder caught half-way holds no meta.json, which
+        # every reader reports as "not prepared", never a new token file under an old meta.json
+        (out / "meta.json").unlink(missing_ok=True)
+        for split, arr in ids.items():
+            arr.tofile(out / f"{split}.bin.tmp")
+        (out / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
+        for split in ids:
+            os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
+        os.replace(out / "meta.json.tmp", out / "meta.json")
+    except OSError as e:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(out).free
+        raise DataError(f"writing the prepared data into {out} failed ({e.strerror or e}; {free:,} bytes free there); "
+                        f"nothing half-written was left behind: free space or choose another data.data_dir, then "
+                        f"run `s2moe prepare` again") from None
     return meta
+
+
+META_FIELDS = ("tokenizer", "vocab_size", "dataset", "dtype", "splits")
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -219,9 +234,14 @@ def read_meta(data_dir: str | Path) -> dict:
         raise DataError(f"no prepared data at {data_dir} (missing meta.json): run "
                         f"`s2moe prepare --config CONFIG` (or `python -m s2moe_ds.cli prepare ...`) first")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is corrupt ({e}); re-run `s2moe prepare`") from None
+    missing = [k for k in META_FIELDS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)} (written by another tool or damaged); re-run "
+                        f"`s2moe prepare`")
+    return meta
 
 
 def load_split(data_dir: str | Path, split: str, meta: Optional[dict] = None) -> np.ndarray:
