@@ -11,6 +11,8 @@ import yaml
 
 from .configtools import ConfigError, apply_overrides, load_yaml, check_choice, check_positive, check_range, fail, from_dict, to_dict
 from .moe.layer import MoEConfig
+from .monitor import TRACKERS
+from .schedule import SCHEDULES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -90,7 +92,12 @@ class TrainConfig:
     """Micro-steps per optimizer step."""
     lr: float = 1e-3
     min_lr: float = 1e-4
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the schedule."""
+    lr_schedule: str = "cosine"
+    """After the linear warm-up: 'cosine' (decay to min_lr), 'linear', or 'wsd' (constant, then a linear
+    decay over the last ``decay_fraction`` of the steps); see s2moe_ds/schedule.py."""
+    decay_fraction: float = 0.2
+    """'wsd' only: the share of ``steps`` spent decaying to min_lr."""
     warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -123,9 +130,18 @@ class TrainConfig:
     portable_checkpoints: bool = True
     """Also write each checkpoint's full fp32 weights and Adam moments per parameter (per global expert),
     so a run can resume under a different ep_size / world size / ZeRO stage (see s2moe_ds/reshard.py)."""
-    tensorboard: bool = True
+    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where rank 0 sends its numbers besides metrics.jsonl: any of 'tensorboard', 'csv' (metrics.csv),
+    'wandb' (needs ``pip install wandb``; WANDB_MODE=offline works without an account)."""
+    wandb_project: str = "s2moe"
+    """W&B project (tracker 'wandb')."""
+    wandb_entity: str = ""
+    """W&B entity (team or user); '' uses the account's default."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for the MFU in the progress line; 0 looks it up (GPU table) or
+    estimates it (CPU: threads x clock x vector width)."""
     progress: bool = True
-    """Progress bar on rank 0."""
+    """A tqdm bar on rank 0 when stderr is a terminal (the progress line is printed in every case)."""
     dist_timeout_s: int = 600
     """Process-group timeout: a rank waiting on a dead peer fails after this long instead of hanging."""
 
@@ -144,6 +160,13 @@ class TrainConfig:
         if self.min_lr > self.lr:
             fail("train.min_lr", f"must not exceed train.lr ({self.lr}), got {self.min_lr!r}")
         check_choice("train.precision", self.precision, PRECISIONS)
+        check_choice("train.lr_schedule", self.lr_schedule, SCHEDULES)
+        for i, name in enumerate(self.trackers):
+            check_choice(f"train.trackers[{i}]", name, TRACKERS)
+        if len(set(self.trackers)) != len(self.trackers):
+            fail("train.trackers", f"lists a tracker twice: {self.trackers}")
+        check_positive("train.peak_tflops", self.peak_tflops, allow_zero=True)
+        check_range("train.decay_fraction", self.decay_fraction, 0.0, 1.0)
 
 
 @dataclass

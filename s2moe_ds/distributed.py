@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import socket
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch.distributed as dist
 
 from .config import Config, resolve_path
 from .configtools import ConfigError
+from .schedule import lr_at
 
 
 def free_port() -> int:
@@ -204,15 +204,6 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     return ds
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warm-up, then cosine decay from lr to min_lr over the remaining steps."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-    return t.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
-
-
 def build_engine(model: torch.nn.Module, cfg: Config, world: int):
     import deepspeed
 
@@ -226,7 +217,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: int):
     # expert-parallel parameters (allreduce=False) need groups of their own for ZeRO
     groups = split_params_into_different_moe_groups_for_optimizer(groups)
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
-    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / t.lr)
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, t) / t.lr)
     try:
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                        config=deepspeed_config(cfg, world))

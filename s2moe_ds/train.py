@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,9 @@ from .data.prepare import DataError, load_split, read_meta
 from .distributed import all_reduce_mean, apply_schedule, broadcast_str, build_engine, device, init_distributed
 from .flops import flops_per_token
 from .model import MoELanguageModel
-from .monitor import Monitor, quality, reduce_metrics
+from .monitor import Monitor, StepMoEMetrics, quality
+from .progress import Progress, device_peak_flops
+from .runlock import lock_run_dir
 from .reshard import has_portable, read_layout, resume_resharded, save_portable
 
 
@@ -92,6 +95,33 @@ def inject_rank_fault(rank: int, step: int) -> None:
     if kind == "raise":
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
     time.sleep(10**6)
+
+
+def grad_norm(engine) -> Optional[float]:
+    """The global gradient norm of the last step, when the engine computed one (it does when clipping)."""
+    value = engine.get_global_grad_norm()
+    if value is None:
+        return None
+    value = float(value)
+    return value if value == value and value >= 0 else None
+
+
+def global_batch_change(client: dict, t, world: int) -> list[str]:
+    """A line when the global batch (windows per optimizer step) differs from the checkpoint's, with the
+    ``train.grad_accum`` that would keep it."""
+    saved_t = (client.get("config") or {}).get("train", {})
+    saved_world = (client.get("layout") or {}).get("world")
+    if not saved_world or "micro_batch_size" not in saved_t:
+        return []
+    old = saved_world * saved_t["micro_batch_size"] * saved_t.get("grad_accum", 1)
+    new = world * t.micro_batch_size * t.grad_accum
+    if old == new:
+        return []
+    per_accum = world * t.micro_batch_size
+    keep = f"train.grad_accum={old // per_accum} keeps it" if old % per_accum == 0 else \
+        f"no train.grad_accum keeps it with {world} rank(s) x {t.micro_batch_size}"
+    return [f"global batch {old} -> {new} windows per step ({saved_world} rank(s) x {saved_t['micro_batch_size']} x "
+            f"{saved_t.get('grad_accum', 1)} -> {world} x {t.micro_batch_size} x {t.grad_accum}; {keep})"]
 
 
 def set_aside_leftovers(out_dir: Path, rank: int) -> None:
@@ -191,8 +221,9 @@ def train(cfg: Config) -> dict:
                               f"{len(tokens) - 1} or prepare more data")
     train_windows = WindowSampler(splits["train"], cfg.model.context)
     val_windows = WindowSampler(splits["val"], cfg.model.context)
-    resume = resolve_resume(t.resume, t.out_dir)
     check_writable(Path(t.out_dir))
+    run_lock = lock_run_dir(t.out_dir, rank)  # noqa: F841 (held open for the job's lifetime)
+    resume = resolve_resume(t.resume, t.out_dir)
     out_dir = Path(t.out_dir)
     if t.resume == "auto" and not resume:
         set_aside_leftovers(out_dir, rank)
@@ -212,6 +243,7 @@ def train(cfg: Config) -> dict:
         check_compatible(saved_client, meta, f"{root}/{tag}")  # before any weight is loaded
         own = root.resolve() == (out_dir / "checkpoints").resolve()
         changes = check_resume_config(saved_client, cfg, data_id, f"{root}/{tag}", own_run=own)
+        changes += global_batch_change(saved_client, t, world)
         if rank == 0 and changes:
             print(f"[s2moe] resuming {root}/{tag} with changed settings: " + "; ".join(changes), flush=True)
         run_id = saved_client.get("run_id")
@@ -252,7 +284,7 @@ def train(cfg: Config) -> dict:
         for stale in (out_dir / "checkpoints").glob("step*" + PARTIAL):
             print(f"[s2moe] removing {stale}: an interrupted, never-published checkpoint write", flush=True)
             shutil.rmtree(stale, ignore_errors=True)
-    mon = Monitor(out_dir, rank == 0, t.tensorboard, resolved)
+    mon = Monitor(out_dir, rank == 0, t.trackers, resolved, run_id=run_id)
     counts = model.param_counts()
     flops_train = flops_per_token(cfg.model, training=True, batch_tokens=t.micro_batch_size * cfg.model.context)
     qname = quality(0.0, meta["tokenizer"])[0]
@@ -262,6 +294,13 @@ def train(cfg: Config) -> dict:
               f"steps {start}->{t.steps}" + (f" (resumed from {resume[0]}/{resume[1]})" if resume else ""), flush=True)
 
     def save(step: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            _save(step)
+        finally:
+            prog.add_ckpt(time.perf_counter() - t0)
+
+    def _save(step: int) -> None:
         """Write to ``{tag}.partial`` on every rank, then rank 0 verifies and publishes it as ``latest``."""
         client = {"step": step, "config": resolved, "vocab_fingerprint": vocab_fingerprint(meta), "layout": layout,
                   "run_id": run_id, "data": data_id}
@@ -293,15 +332,19 @@ def train(cfg: Config) -> dict:
         dist.barrier()
 
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.model.context
+    peak, peak_source = device_peak_flops(t.precision, t.peak_tflops)
+    prog = Progress(end, start, tokens_per_step, flops_train, peak * world)
+    if rank == 0:
+        print(f"[s2moe] MFU against {peak * world / 1e12:.3f} TFLOP/s ({world} x {peak / 1e12:.3f}, {peak_source})",
+              flush=True)
     progress = None
-    if rank == 0 and t.progress:
+    if rank == 0 and t.progress and sys.stderr.isatty():  # a bar only on a terminal; the line goes to any log
         from tqdm import tqdm
 
-        progress = tqdm(total=t.steps, initial=start, desc="train", mininterval=2, file=sys.stderr, disable=None)
+        progress = tqdm(total=t.steps, initial=start, desc="train", mininterval=2, file=sys.stderr)
     result = {}
     stop = StopRequest()
     engine.train()
-    t_last, last_logged = time.perf_counter(), start
     if resume and start >= end and not own_noop:
         save(start)  # a checkpoint of another run and no step to train (`s2moe reshard`): write it in this layout
     if own_noop:
@@ -313,8 +356,10 @@ def train(cfg: Config) -> dict:
     can_skip = engine.zero_optimization_stage() >= 1
     try:
         for step in range(start, end):
+            step_t0 = time.perf_counter()
             model.set_step(step)
             micro_losses = []
+            moe_step = StepMoEMetrics()
             for micro in range(t.grad_accum):
                 # the global micro-batch index: the same windows and noise whatever the (world, accum) split
                 g = micro * world + rank
@@ -327,9 +372,11 @@ def train(cfg: Config) -> dict:
                 inject_rank_fault(rank, step)
                 engine.backward(loss_total)
                 engine.step()
+                moe_step.add(out.aux_losses, out.metrics)
                 micro_losses.append(torch.stack([out.loss.detach().float(), loss_total.detach().float() - out.loss.detach().float()]))
             stats = all_reduce_mean(torch.stack(micro_losses).mean(0))
             loss, aux = float(stats[0]), float(stats[1])
+            prog.add_train(time.perf_counter() - step_t0)
             finite = bool(torch.isfinite(stats).all())
             if not finite and not can_skip:
                 raise NonFiniteLoss(f"step {step}: training loss is {loss} (aux {aux}); the weights are diverging. "
@@ -357,15 +404,18 @@ def train(cfg: Config) -> dict:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.3f}")
             if (done % t.log_interval == 0 or done == end) and not step_skipped:
-                metrics = reduce_metrics(out.metrics)
-                now = time.perf_counter()
+                aux_by_layer, metrics = moe_step.reduce()
+                lr = scheduler.get_last_lr()[0]
+                line, timing = prog.report(done, loss, lr, grad_norm(engine))
                 mon.scalars(done, {"train/loss": loss, f"train/{qname}": quality(loss, meta["tokenizer"])[1],
-                                   "train/aux_loss": aux, "train/lr": scheduler.get_last_lr()[0],
-                                   "train/tokens_per_sec": tokens_per_step * (done - last_logged) / max(now - t_last, 1e-9)})
-                mon.moe(done, {k: float(v.detach()) for k, v in out.aux_losses.items()}, metrics)
-                t_last, last_logged = now, done
+                                   "train/aux_loss": aux, "train/lr": lr, **timing})
+                mon.moe(done, aux_by_layer, metrics)
+                if rank == 0:
+                    tqdm_write(line) if progress else print(line, flush=True)
             if done % t.eval_interval == 0 or done == end:
+                eval_t0 = time.perf_counter()
                 val = evaluate(engine, val_windows, cfg, rank, dev)
+                prog.add_eval(time.perf_counter() - eval_t0)
                 result = {"step": done, "val_loss": val, f"val_{qname}": quality(val, meta["tokenizer"])[1]}
                 mon.scalars(done, {"val/loss": val, f"val/{qname}": result[f"val_{qname}"]}, record="val")
                 if rank == 0:

@@ -64,6 +64,7 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 
 
 def snapshot(root: Path) -> dict:
-    """sha256 of every file under ``root`` by relative path: compare before and after to show nothing changed."""
+    """sha256 of every file under ``root`` by relative path: compare before and after to show nothing changed.
+    The run directory's lock file (``.s2moe.lock``: who holds, or last held, the directory) is left out."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".s2moe.lock"}

@@ -76,3 +76,18 @@ def test_deepspeed_config_filled_from_ours():
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_lr_schedules_by_hand():
+    from s2moe_ds.schedule import lr_at
+
+    t = load_config(None, ["train.steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr=0.1"]).train
+    assert [lr_at(s, t) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # warm-up, every schedule
+    assert lr_at(10, t) == pytest.approx(1.0) and lr_at(55, t) == pytest.approx(0.55) and lr_at(100, t) == pytest.approx(0.1)
+    t.lr_schedule = "linear"
+    assert lr_at(32, t) == pytest.approx(1.0 - 0.9 * 22 / 90) and lr_at(100, t) == pytest.approx(0.1)
+    t.lr_schedule, t.decay_fraction = "wsd", 0.2  # stable until step 80, then linear to min_lr at 100
+    assert lr_at(50, t) == lr_at(79, t) == pytest.approx(1.0)
+    assert lr_at(90, t) == pytest.approx(0.55) and lr_at(100, t) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="train.lr_schedule"):
+        load_config(None, ["train.lr_schedule=step"])

@@ -340,3 +340,50 @@ def test_every_command_line_number_is_checked(world, tmp_path, args, needle):
             str(tmp_path / "new") if a == "NEW" else a for a in args]
     proc = cli(*args, timeout=120)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-800:]
+
+
+HOLD = """
+import sys, time
+from s2moe_ds.runlock import acquire_run_lock
+fh = acquire_run_lock(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_job_per_run_directory(world, tmp_path):
+    """A second job on a held run directory fails at once, names the holder and writes nothing; once the
+    holder is SIGKILLed the directory is free again (the kernel drops the lock)."""
+    from e2e import deepspeed_train
+
+    root, data, base = world
+    c = copy_run(base, tmp_path / "locked")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(c)], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(c)
+        t0 = time.time()
+        proc = deepspeed_train(2, [f"data.data_dir={data}", f"train.out_dir={c}", "train.steps=30",
+                                   "train.resume=auto", *COMMON], timeout=240)
+        assert proc.returncode != 0 and time.time() - t0 < 120
+        err = proc.stdout + proc.stderr
+        assert "is in use by another job" in err and f"pid {holder.pid}" in err and "started" in err
+        assert snapshot(c) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert_ok(T(data, c, "train.steps=22", "train.resume=auto"))
+
+
+def test_resume_reports_a_changed_global_batch_and_the_grad_accum_that_keeps_it():
+    from s2moe_ds.config import load_config
+    from s2moe_ds.train import global_batch_change
+
+    client = {"config": {"train": {"micro_batch_size": 8, "grad_accum": 1}}, "layout": {"world": 2}}
+    t = load_config(None, ["train.micro_batch_size=8"]).train
+    (line,) = global_batch_change(client, t, world=1)
+    assert "global batch 16 -> 8" in line and "train.grad_accum=2 keeps it" in line
+    assert global_batch_change(client, load_config(None, ["train.micro_batch_size=8", "train.grad_accum=2"]).train, 1) == []
+    t3 = load_config(None, ["train.micro_batch_size=3"]).train
+    assert "no train.grad_accum keeps it" in global_batch_change(client, t3, world=1)[0]

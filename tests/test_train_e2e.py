@@ -268,3 +268,23 @@ def test_export_expert_parallel_checkpoint_to_safetensors(ep_runs, tmp_path):
     from_file = json.loads(cli("eval", str(out), "--json", "--max-batches", "4").stdout.splitlines()[-1])
     from_ckpt = json.loads(cli("eval", str(ep_runs / "ep2"), "--json", "--max-batches", "4").stdout.splitlines()[-1])
     assert from_file["loss"] == from_ckpt["loss"] and from_file["step"] == 6
+
+
+def test_moe_metrics_cover_every_micro_batch_and_rank(tmp_path, data_dir):
+    """Expert loads summed over both micro-batches of both ranks (they were the last micro-batch's), the
+    imbalance from those global counts, and the slots capacity mode dropped."""
+    out = tmp_path / "m"
+    proc = deepspeed_train(2, [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=2", "train.grad_accum=2",
+                               "train.eval_interval=2", *EP2, "model.moe.ep_mode=capacity",
+                               "model.moe.capacity_factor=0.5", "model.moe.min_capacity=1", *COMMON])
+    assert_ok(proc)
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    moe = [r for r in recs if r["kind"] == "moe"]
+    assert [r["step"] for r in moe] == [1, 2]
+    slots = 2 * 2 * 8 * 64 * 2  # ranks x micro-batches x windows x context x (two S2MoE pathways, top-1 each)
+    for r in moe:
+        for layer in ("layer0", "layer1"):
+            counts = r[f"{layer}/tokens_per_expert"]
+            assert sum(counts) == slots
+            assert r[f"{layer}/load_imbalance"] == pytest.approx(max(counts) / (sum(counts) / len(counts)), rel=1e-5)
+            assert r[f"{layer}/dropped_slots"] > 0  # capacity 0.5 x the average load cannot hold them all

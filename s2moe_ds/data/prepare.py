@@ -12,7 +12,6 @@ Datasets (``data.dataset``):
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from ..configtools import check_choice, check_positive, check_range, fail
@@ -194,8 +195,13 @@ class MoELayer(nn.Module):
         y_TD = self.experts(x_TD, route.expert_ids_TK, route.weights_TK)
         return y_TD if route.extra_TD is None else y_TD + route.extra_TD
 
+    def backend_metrics(self) -> dict:
+        """What the expert backend reports about the last dispatch: slots dropped by capacity."""
+        dropped = getattr(self.experts, "dropped_slots", lambda: None)()
+        return {} if dropped is None else {"dropped_slots": torch.tensor(float(dropped))}
+
     def forward(self, x: Tensor) -> MoEOutput:
         x_TD = x.reshape(-1, x.shape[-1])
         route = self.route(x_TD)
         y_TD = self.dispatch(x_TD, route)
-        return MoEOutput(y_TD.view_as(x), route.aux_losses, route.metrics)
+        return MoEOutput(y_TD.view_as(x), route.aux_losses, {**route.metrics, **self.backend_metrics()})

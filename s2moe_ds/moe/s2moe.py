@@ -183,7 +183,7 @@ class S2MoELayer(MoELayer):
             losses["uncertainty"] = s.uncertainty_coef * l_u
         s1, s2 = self.noise.sigmas()
         metrics = dict(metrics, gate_mean=g_T1.detach().mean(), sigma1=s1.detach().mean(), sigma2=s2.detach().mean(),
-                       noise_cos=cos)
+                       noise_cos=cos, **self.backend_metrics())
         return MoEOutput(y_TD.view_as(x), losses, metrics)
 
 

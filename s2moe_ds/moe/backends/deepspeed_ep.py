@@ -218,6 +218,10 @@ class DeepSpeedEPBackend(_moe_base()):
     def params_per_expert(self) -> int:
         return sum(p.numel() for p in self.deepspeed_moe.experts.deepspeed_experts[0].parameters())
 
+    def dropped_slots(self) -> Optional[int]:
+        """Routed slots the last dispatch dropped (capacity mode, this rank); None in dropless modes."""
+        return self.deepspeed_moe.gate.dropped if self.mode == "capacity" else None
+
     def local_expert_ids(self) -> range:
         rank = dist.get_rank(self.deepspeed_moe.ep_group) if self.deepspeed_moe.ep_group is not None else 0
         n = self.num_local_experts
