@@ -228,6 +228,28 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: int):
     return engine, scheduler
 
 
+class MasterWeights:
+    """A parameter's fp32 value where the optimizer keeps it. Under ZeRO 1/2 (and bf16) DeepSpeed's
+    optimizer owns an fp32 copy and writes it back over the module parameter after every step, so a
+    change that must persist goes into that copy (DeepSpeed's public ``safe_get/set_full_fp32_param``,
+    collective over the data-parallel group: every rank calls them); otherwise the parameter is the copy."""
+
+    @staticmethod
+    def get(p: torch.Tensor) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        value = safe_get_full_fp32_param(p)
+        return p.detach().float() if value is None else value
+
+    @staticmethod
+    def set(p: torch.Tensor, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(p, value)
+        with torch.no_grad():
+            p.copy_(value.to(p.dtype))
+
+
 def apply_schedule(scheduler, lr: float) -> None:
     """Set every group's learning rate from the config's ``lr`` and the schedule's position. A restored
     ``LambdaLR`` keeps the ``base_lrs`` of the run that saved it, so a resume with a new ``train.lr``

@@ -95,6 +95,8 @@ class MoELanguageModel(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)
+        for _, layer in self.moe_layers():  # routers whose release initialises differently
+            layer.router.init_weights()
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
@@ -120,11 +122,13 @@ class MoELanguageModel(nn.Module):
             layer.router.set_step(step)
 
     def set_total_steps(self, total_steps: int, seed: int) -> None:
-        """Give schedule-driven routers the run's length: CompeteSMoE's competition schedule (warm-up
-        fraction, per-step layer cap) over all its layers, from the run seed."""
+        """Give schedule-driven routers the run's length: CompeteSMoE's 2025 competition schedule (warm-up
+        fraction, per-step layer cap) over all its layers, from the run seed (the 2024 variant draws per
+        layer and step, without warm-up or cap, as its release)."""
         from .moe.routers.competesmoe import CompeteSMoERouter, CompetitionSchedule
 
-        routers = [layer.router for _, layer in self.moe_layers() if isinstance(layer.router, CompeteSMoERouter)]
+        routers = [layer.router for _, layer in self.moe_layers()
+                   if isinstance(layer.router, CompeteSMoERouter) and layer.router.cfg.variant == "v2025"]
         if not routers:
             return
         c = routers[0].cfg
@@ -132,6 +136,21 @@ class MoELanguageModel(nn.Module):
                                        c.max_compete_layers)
         for i, r in enumerate(routers):
             r.schedule, r.schedule_index = schedule, i
+
+    def after_optimizer_step(self, master) -> None:
+        """Routers' post-step adjustments (XMoE's norm 1.5) through the optimizer's fp32 copy ``master``."""
+        for _, layer in self.moe_layers():
+            layer.router.after_optimizer_step(master)
+
+    def uses_selection_bias(self) -> bool:
+        return any(layer.router.cfg.bias_update_rate > 0 for _, layer in self.moe_layers())
+
+    def update_selection_bias(self, metrics: dict) -> None:
+        """Aux-loss-free balancing: each router's bias from its layer's global load of the step."""
+        for i, layer in self.moe_layers():
+            counts = metrics.get(f"layer{i}/tokens_per_expert")
+            if counts is not None:
+                layer.router.update_selection_bias(counts)
 
     def set_inference(self, k: Optional[int] = None, pathways: Optional[str] = None,
                       weights: Optional[str] = None) -> None:

@@ -31,7 +31,8 @@ from .config import Config, load_config
 from .data.loader import WindowSampler, stream_seed
 from .configtools import ConfigError
 from .data.prepare import DataError, load_split, read_meta
-from .distributed import all_reduce_mean, apply_schedule, broadcast_str, build_engine, device, init_distributed
+from .distributed import (MasterWeights, all_reduce_mean, apply_schedule, broadcast_str, build_engine, device,
+                          init_distributed)
 from .flops import flops_per_token
 from .model import MoELanguageModel
 from .monitor import Monitor, StepMoEMetrics, quality
@@ -354,6 +355,7 @@ def train(cfg: Config) -> dict:
     skipped = consecutive = 0
     inject = {int(v) for v in os.environ.get("S2MOE_INJECT_NONFINITE_AT", "").split(",") if v.strip()}
     can_skip = engine.zero_optimization_stage() >= 1
+    bias_balancing = model.uses_selection_bias()
     try:
         for step in range(start, end):
             step_t0 = time.perf_counter()
@@ -383,8 +385,13 @@ def train(cfg: Config) -> dict:
                                     f"Lower train.lr, keep train.grad_clip > 0, or train in fp32; the last good "
                                     f"checkpoint is in {out_dir / 'checkpoints'} (resume with train.resume=auto)")
             step_skipped = not (engine.was_step_applied() and finite)
+            reduced = None
             if not step_skipped:
                 consecutive = 0
+                model.after_optimizer_step(MasterWeights)  # e.g. XMoE's embeddings back to norm 1.5
+                if bias_balancing:  # aux-loss-free balancing: every step, from the global load
+                    reduced = moe_step.reduce()
+                    model.update_selection_bias(reduced[1])
             else:
                 # ZeRO 1/2 found a non-finite gradient norm and discarded the step (parameters unchanged)
                 skipped += 1
@@ -404,7 +411,7 @@ def train(cfg: Config) -> dict:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.3f}")
             if (done % t.log_interval == 0 or done == end) and not step_skipped:
-                aux_by_layer, metrics = moe_step.reduce()
+                aux_by_layer, metrics = reduced or moe_step.reduce()
                 lr = scheduler.get_last_lr()[0]
                 line, timing = prog.report(done, loss, lr, grad_norm(engine))
                 mon.scalars(done, {"train/loss": loss, f"train/{qname}": quality(loss, meta["tokenizer"])[1],

@@ -182,3 +182,34 @@ def test_zero_sigmas_give_finite_gradients(sigma1, sigma2):
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
     if sigma1 == sigma2 == 0:
         assert torch.equal(layer.noise(x.detach()), x.detach())
+
+
+# --- aux-loss-free balancing ---
+
+def test_selection_bias_changes_the_choice_not_the_weights():
+    r = build_router("smoe", {"bias_update_rate": 0.1, "bias": False}, 2, 4, train_k=1)
+    with torch.no_grad():
+        r.proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.9, 0.0], [0.0, 1.0], [0.0, 0.5]]))
+    x = torch.tensor([[1.0, 0.0]])
+    scores = r.proj(x)
+    assert r(x, 1).expert_ids_TK.item() == 0
+    r.selection_bias_E.copy_(torch.tensor([0.0, 0.2, 0.0, 0.0]))  # pushes expert 1 above expert 0
+    out = r(x, 1)
+    assert out.expert_ids_TK.item() == 1
+    torch.testing.assert_close(out.weights_TK, scores.softmax(-1)[:, 1:2])  # the unbiased probability ('auto' at k=1)
+    r.update_selection_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))  # overloaded down, underloaded up
+    torch.testing.assert_close(r.selection_bias_E, torch.tensor([-0.1, 0.3, 0.0, 0.0]))
+    plain = build_router("smoe", {}, 2, 4)
+    assert plain.selection_bias_E is None and "selection_bias_E" not in plain.state_dict()
+
+
+def test_selection_bias_lowers_imbalance_over_steps():
+    torch.manual_seed(0)
+    r = build_router("smoe", {"bias_update_rate": 0.05}, 8, 4, train_k=2)
+    with torch.no_grad():
+        r.proj.bias.copy_(torch.tensor([2.0, 0.0, 0.0, 0.0]))  # expert 0 preferred by everyone
+    x = torch.randn(256, 8)
+    before = r(x, 2).metrics["load_imbalance"].item()
+    for _ in range(100):
+        r.update_selection_bias(r(x, 2).metrics["tokens_per_expert"])
+    assert r(x, 2).metrics["load_imbalance"].item() < before - 0.3

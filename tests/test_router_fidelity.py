@@ -6,6 +6,8 @@ remaining difference between our router and the released code is listed in the r
 one shows up in a number here (e.g. the balance-loss normalisation) the test states it.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,9 +44,10 @@ def ref_fastmoe_balance(scores_TE, idx_TK, temperature):
     return scores_TE.shape[1] * (f * P).sum()
 
 
-def ref_smoe_gate(x, W, k):
-    """CustomNaiveGate_Balance_SMoE.forward (L45-71): logits, top-k, softmax over the selected."""
-    z = x @ W.t()
+def ref_smoe_gate(x, W, b, k):
+    """CustomNaiveGate_Balance_SMoE.forward (L45-71): logits of ``nn.Linear(d, E)`` (with its bias), top-k,
+    softmax over the selected."""
+    z = x @ W.t() + b
     vals, idx = torch.topk(z, k, dim=-1, largest=True, sorted=False)
     return idx, vals.softmax(-1), ref_fastmoe_balance(z, idx, 1.0)
 
@@ -74,7 +77,7 @@ def test_smoe_matches_the_authors_gate(k):
     r = build_router("smoe", {"balance_coef": 1.0, "weights": "renorm"}, D, E)
     x = torch.randn(16, D)
     out = r(x, k)
-    idx, w, bal = ref_smoe_gate(x, r.proj.weight.detach(), k)
+    idx, w, bal = ref_smoe_gate(x, r.proj.weight.detach(), r.proj.bias.detach(), k)
     _assert_same_routing(out, idx, w)
     # remaining difference (docstring): their P is divided by N*k, ours by N
     torch.testing.assert_close(out.aux_losses["balance"], k * bal)
@@ -84,7 +87,7 @@ def test_smoe_default_weights_at_top2_are_the_authors():
     torch.manual_seed(1)
     r = build_router("smoe", {}, D, E, train_k=2)
     x = torch.randn(16, D)
-    idx, w, _ = ref_smoe_gate(x, r.proj.weight.detach(), 2)
+    idx, w, _ = ref_smoe_gate(x, r.proj.weight.detach(), r.proj.bias.detach(), 2)
     _assert_same_routing(r(x, 2), idx, w)
 
 
@@ -406,11 +409,22 @@ def test_vqmoe_layer_matches_the_release():
                               r.norm, lambda v, e: F.gelu(v @ w1[e]) @ w2[e], k=1)
     torch.testing.assert_close(out.y, y, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.aux_losses["vq"], loss)
-    # the expert input's gradient to x is (1 - c) through the quantiser's output, none to the codebook
-    xg = x.clone().requires_grad_(True)
-    u = xg * 0.95 + (r.codebook.detach()[0] - xg).detach() * 0.05
-    (gx,) = torch.autograd.grad(u.sum(), xg)
-    torch.testing.assert_close(gx, torch.full_like(x, 0.95))
+    # gradients through our layer equal the transcription's: (1 - c) through the quantiser's output, and
+    # the codebook learns from the VQ loss alone
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    probe = torch.randn_like(x)
+    out = layer(xa)
+    (gx,) = torch.autograd.grad((out.y * probe).sum() + out.aux_losses["vq"], xa)
+    y, loss = ref_vqmoe_layer(xb, r.codebook, r.embeddings.detach(), r.mix.weight.detach(), r.mix.bias.detach(),
+                              r.norm, lambda v, e: F.gelu(v @ w1[e]) @ w2[e], k=1)
+    gref, gcode = torch.autograd.grad((y * probe).sum() + loss, [xb, r.codebook])
+    torch.testing.assert_close(gx, gref, rtol=1e-4, atol=1e-6)
+    layer.zero_grad()
+    out = layer(x)
+    (out.y * probe).sum().backward()
+    assert r.codebook.grad is None or r.codebook.grad.abs().sum() == 0  # no gradient through the output
+    (gcode_ours,) = torch.autograd.grad(layer(x).aux_losses["vq"], r.codebook)
+    torch.testing.assert_close(gcode_ours, gcode)
 
 
 def test_vqmoe_top1_costs_two_experts_per_token():
@@ -418,3 +432,80 @@ def test_vqmoe_top1_costs_two_experts_per_token():
 
     assert VQMoERouter.expected_slots(VQMoEConfig(), 1, E, True) == 2
     assert VQMoERouter.expected_slots(VQMoEConfig(), 1, E, False) == 2
+
+
+# --- inside a language model: the model's init and schedule must not undo the releases' ---
+
+def _model(router, args=None, n_layer=2, **moe):
+    from s2moe_ds.config import ModelConfig
+    from s2moe_ds.model import MoELanguageModel
+
+    cfg = ModelConfig(vocab_size=50, n_layer=n_layer, n_head=2, d_model=64, context=8)
+    cfg.moe.router, cfg.moe.num_experts, cfg.moe.router_args = router, E, dict(args or {})
+    for k, v in moe.items():
+        setattr(cfg.moe, k, v)
+    torch.manual_seed(0)
+    return MoELanguageModel(cfg)
+
+
+def test_the_model_keeps_each_releases_router_init():
+    bound_std = 1 / math.sqrt(3 * 64)  # PyTorch's default Linear init: U(+-1/sqrt(fan_in))
+    r = _model("smoe", k=2).blocks[0].ffn.router
+    assert r.proj.weight.std().item() == pytest.approx(0.02, rel=0.15) and r.proj.bias.abs().sum() == 0
+    r = _model("xmoe", k=2).blocks[0].ffn.router
+    assert r.proj.weight.std().item() == pytest.approx(0.02, rel=0.2)  # the authors' weights_init
+    r = _model("xmoe", {"variant": "torchscale"}, k=2).blocks[0].ffn.router
+    assert r.proj.weight.std().item() == pytest.approx(bound_std, rel=0.2)
+    r = _model("competesmoe", k=2).blocks[0].ffn.router
+    assert r.proj.weight.std().item() == pytest.approx(bound_std, rel=0.2)
+    r = _model("stablemoe", {"variant": "two_stage", "stage2_step": 5}, k=1).blocks[0].ffn.router
+    assert r.distill_emb.weight.std().item() == pytest.approx(1.0, rel=0.1)
+
+
+def test_competesmoe_2024_competes_in_every_layer_on_every_step():
+    model = _model("competesmoe", {"variant": "v2024"}, n_layer=5, k=2)
+    model.set_total_steps(50, seed=0)
+    routers = [layer.router for _, layer in model.moe_layers()]
+    assert routers[0].cfg.compete_prob == 1.0 and routers[0].cfg.router_loss_coef == pytest.approx(0.05)
+    model.train()
+    for step in range(50):
+        model.set_step(step)
+        assert all(r.competes() for r in routers), step
+
+
+def test_stablemoe_two_stage_routes_by_a_frozen_copy_in_stage_two():
+    model = _model("stablemoe", {"variant": "two_stage", "stage2_step": 2}, k=1)
+    layer = model.blocks[0].ffn
+    r = layer.router
+    r.train()
+    r.token_ids_T = torch.randint(0, 50, (8,))
+    x = torch.randn(8, 64)
+    r.set_step(2)
+    first = r(x, 1).expert_ids_TK
+    with torch.no_grad():  # an optimizer still moving the live parameters (momentum, weight decay)
+        r.distill_emb.weight.mul_(-1.0)
+    assert torch.equal(r(x, 1).expert_ids_TK, first) and r.frozen.item() == 1
+    without = _model("stablemoe", {"variant": "two_stage", "stage2_step": 2, "distill_coef": 0.0}, k=1).blocks[0].ffn.router
+    without.eval()
+    without.token_ids_T = r.token_ids_T
+    with torch.no_grad():
+        expected = (x @ without.embeddings.t()).argmax(-1, keepdim=True)
+    assert torch.equal(without(x, 1).expert_ids_TK, expected)  # no distillation: greedy x . C, as the release
+
+
+def test_xmoe_embeddings_stay_at_norm_one_and_a_half_through_the_optimizer():
+    """Under ZeRO the optimizer's fp32 copy is written back over the module after every step: the rescale
+    has to reach that copy (MasterWeights), or weight decay shrinks the norm the optimizer sees."""
+    from s2moe_ds.distributed import MasterWeights
+
+    model = _model("xmoe", k=2)
+    r = model.blocks[0].ffn.router
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=0.5)
+    for _ in range(3):
+        model.train()
+        out = model(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)))
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        model.after_optimizer_step(MasterWeights)
+        torch.testing.assert_close(r.embeddings.norm(dim=-1), torch.full((E,), 1.5))

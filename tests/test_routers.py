@@ -22,6 +22,7 @@ def test_smoe_weights_balance_and_z_loss_by_hand():
     r = build_router("smoe", {"balance_coef": 0.5, "z_loss_coef": 0.1}, d_model=2, num_experts=3)
     with torch.no_grad():
         r.proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        r.proj.bias.zero_()
     x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
     logits = torch.tensor([[1.0, 2.0, 3.0], [3.0, -1.0, 2.0]])
     out = r(x, k=2)

@@ -47,7 +47,8 @@ def test_cpu_suite_is_the_issue_recipe():
     assert (m.n_layer, m.n_head, m.d_model, m.context, m.moe.num_experts) == (4, 4, 128, 64, 8)
     assert (t.micro_batch_size, t.steps, cfgs["s2moe-top1"].data.dataset) == (12, 2000, "shakespeare")
     assert {"dense", "dense-wide", "smoe-top2", "xmoe-top2", "stablemoe-top2", "competesmoe-top2", "vqmoe-top1",
-            "s2moe-top1", "s2moe-nonoise", "s2moe-noinfonce", "s2moe-gate05", "s2moe-learnable"} == set(by_name)
+            "smoe-top2-auxfree", "s2moe-top1", "s2moe-nonoise", "s2moe-noinfonce", "s2moe-gate05",
+            "s2moe-learnable"} == set(by_name)
     # the headline pair has 10 paired seeds, every other variant at least 3
     assert variant_seeds(suite, by_name["s2moe-top1"]) == variant_seeds(suite, by_name["smoe-top2"]) == list(range(10))
     assert all(len(variant_seeds(suite, v)) >= 3 for v in suite["variants"])

@@ -288,3 +288,36 @@ def test_moe_metrics_cover_every_micro_batch_and_rank(tmp_path, data_dir):
             assert sum(counts) == slots
             assert r[f"{layer}/load_imbalance"] == pytest.approx(max(counts) / (sum(counts) / len(counts)), rel=1e-5)
             assert r[f"{layer}/dropped_slots"] > 0  # capacity 0.5 x the average load cannot hold them all
+
+
+def test_xmoe_master_weights_stay_at_norm_one_and_a_half_under_zero2(tmp_path, data_dir):
+    """ZeRO 2 keeps its own fp32 copy (partitioned over the 2 ranks here) and writes it back after each
+    step: the portable checkpoint holds that copy, and its XMoE embeddings must be at norm 1.5."""
+    import torch
+
+    from s2moe_ds.reshard import read_portable
+
+    out = tmp_path / "x"
+    assert_ok(deepspeed_train(2, [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=3",
+                                  "model.moe.router=xmoe", "model.moe.k=2", "model.moe.s2moe.enabled=false",
+                                  "train.lr=0.5", "train.weight_decay=0.5", "train.warmup_steps=0",
+                                  "train.eval_interval=3", *COMMON]))
+    state, _ = read_portable(out / "checkpoints" / "step0000003")
+    for layer in (0, 1):
+        norms = state[f"blocks.{layer}.ffn.router.embeddings"]["fp32"].norm(dim=-1)
+        torch.testing.assert_close(norms, torch.full_like(norms, 1.5))
+
+
+def test_aux_loss_free_bias_is_checkpointed_and_resumes_exactly(tmp_path, data_dir):
+    import torch
+
+    args = [f"data.data_dir={data_dir}", "train.steps=4", "train.eval_interval=4", "model.moe.router_args.bias_update_rate=0.01",
+            "model.moe.router_args.balance_coef=0", *COMMON]
+    assert_ok(single_train([*args, f"train.out_dir={tmp_path / 'straight'}"]))
+    assert_ok(single_train([*args, f"train.out_dir={tmp_path / 'split'}", "train.stop_at_step=2"]))
+    assert_ok(single_train([*args, f"train.out_dir={tmp_path / 'split'}", "train.resume=auto"]))
+    straight, split = train_losses(tmp_path / "straight"), train_losses(tmp_path / "split")
+    assert [split[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
+    state = torch.load(tmp_path / "split" / "checkpoints" / "step0000004" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    assert state["blocks.0.ffn.router.selection_bias_E"].abs().sum() > 0

@@ -37,9 +37,17 @@ class RouterConfig:
     convention that switches with the current k ('prob' at k=1, 'renorm' at k >= 2), so a top-2-trained
     model evaluated at top-1 scales its one expert by its probability (kept to reproduce old numbers)."""
 
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the top-k
+    *selection only* (the weights use the unbiased scores), moved after every optimizer step by this much
+    towards balance: ``b_e += rate * sign(mean load - load_e)`` from the step's global token counts. 0
+    disables it (DeepSeek-V3: 0.001); usually with ``balance_coef: 0``. The bias is a buffer, kept in
+    checkpoints."""
+
     def validate(self, prefix: str) -> None:
         check_positive(f"{prefix}.balance_coef", self.balance_coef, allow_zero=True)
         check_choice(f"{prefix}.weights", self.weights, WEIGHT_RULES)
+        check_positive(f"{prefix}.bias_update_rate", self.bias_update_rate, allow_zero=True)
 
 
 @dataclass
@@ -106,6 +114,24 @@ class Router(nn.Module):
         self.token_ids_T: Optional[Tensor] = None
         """The input token ids of the current forward, set by the language model (routers that route by
         token id read them: StableMoE 'two_stage')."""
+        # aux-loss-free balancing's per-expert selection bias (only when on: other checkpoints keep their keys)
+        self.register_buffer("selection_bias_E", torch.zeros(num_experts) if cfg.bias_update_rate > 0 else None)
+
+    def init_weights(self) -> None:
+        """Re-initialise what the released code initialises differently from the language model's
+        blanket init (N(0, 0.02) for every Linear and Embedding); called by the model after that init."""
+
+    def after_optimizer_step(self, master) -> None:
+        """Adjust parameters after an optimizer step through ``master`` (``get(p)`` / ``set(p, value)`` of
+        the optimizer's own fp32 copy: under ZeRO that copy, not the module parameter, is what persists)."""
+
+    @torch.no_grad()
+    def update_selection_bias(self, counts_E: Tensor) -> None:
+        """Aux-loss-free balancing: move the selection bias towards balance from the step's global load."""
+        rate = self.cfg.bias_update_rate
+        if rate > 0:
+            counts_E = counts_E.to(self.selection_bias_E)
+            self.selection_bias_E += rate * torch.sign(counts_E.mean() - counts_E)
 
     def set_step(self, step: int) -> None:
         self.step = int(step)
@@ -139,8 +165,14 @@ class Router(nn.Module):
         return rule
 
     def select(self, scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """Top-k experts by score and their combine weights under ``weight_rule(k)``."""
-        return topk_weights(scores_TE, k, self.weight_rule(k))
+        """Top-k experts by score (plus the selection bias, when aux-loss-free balancing is on) and their
+        combine weights under ``weight_rule(k)`` from the unbiased scores."""
+        if self.cfg.bias_update_rate <= 0:
+            return topk_weights(scores_TE, k, self.weight_rule(k))
+        ids_TK = (scores_TE.detach().float() + self.selection_bias_E).topk(k, dim=-1).indices
+        if self.weight_rule(k) == "renorm":
+            return scores_TE.gather(-1, ids_TK).softmax(dim=-1), ids_TK
+        return scores_TE.softmax(dim=-1).gather(-1, ids_TK), ids_TK
 
     @classmethod
     def flops_per_token(cls, cfg: RouterConfig, d_model: int, num_experts: int) -> float:

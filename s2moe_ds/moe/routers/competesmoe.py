@@ -5,7 +5,7 @@ Shape suffixes: T tokens, D model width, E experts, K routed slots per token, L 
 Default (``variant: v2025``) follows Fsoft-AIC/CompeteSMoE (arXiv 2505.13380), the released
 ``moe_model/model/moe/competesmoe.py`` and ``moe.py``:
   - ordinary step (and always at inference): linear router without bias, top-k, weights = softmax over
-    the selected logits; balance loss ``E * sum_e f_e P_e`` on the **top-1** choice only, plus a router
+    the selected logits (at every k); balance loss ``E * sum_e f_e P_e`` on the **top-1** choice only, plus a router
     z-loss (0.001);
   - competition step: every expert runs on every token; response ``a = mean_D softplus(expert output)``;
     winners = top-k by response, weighted by their normalised responses ``a_i / sum_winners a_j``; the
@@ -20,18 +20,20 @@ Default (``variant: v2025``) follows Fsoft-AIC/CompeteSMoE (arXiv 2505.13380), t
     drawn on rank 0 and broadcast), so every rank and a resumed run agree without saved state.
   Differences: their balance losses are per sequence (mean over the batch of per-sequence f and P); ours
   pools the micro-batch's tokens (the router does not see sequence boundaries). Their SFT used 4
-  upcycled experts, top-2; the coefficients here are their defaults (0.01; z-loss 0.001).
+  upcycled experts, top-2; the coefficients here are their defaults (0.01; z-loss 0.001). The router keeps
+  PyTorch's default Linear init, as theirs (``init_weights``).
 
 ``variant: v2024`` follows giangdip2410/CompeteSMoE (arXiv 2402.02526; ``custom_layers_opt.py``): the
 response is the L2 norm of the expert output; winners are weighted by a softmax over their norms; the
 router target is that softmax placed at the winners' positions (0 elsewhere) and is **not** detached (so
 the loss also trains the experts); the competition balance is ``E * sum_e f_e P_e`` over all K winners
 with ``P = softmax(norms)``, ``f`` and ``P`` both divided by T*K; router loss and that balance are scaled
-by ``router_loss_coef`` together (their ``alpha * load_balance`` = 5 x 0.01 in the scripts). No warm-up,
-no per-step cap, no diversity loss. Their scripts compete on every step (``compete_prob: 1.0``); the
-draw here is still per (seed, layer, step). Known quirks of theirs not reproduced: the unsorted top-k
-that may permute the router distribution in the loss, and a stale competition loss carried into a
-following ordinary step.
+by ``router_loss_coef`` together (0.05: their ``alpha * load_balance`` = 5 x 0.01 in the scripts). No
+warm-up, no per-step cap, no diversity loss; competition on every training step (``compete_prob`` 1.0, as
+their scripts), otherwise an independent draw per (seed, layer, step). Differences: on ordinary steps (only
+with ``compete_prob`` < 1) ours adds the balance loss every router here trains with (``balance_coef``), where
+theirs has none; their unsorted top-k that may permute the router distribution in the loss, and a stale
+competition loss carried into a following ordinary step, are not reproduced.
 """
 from __future__ import annotations
 
@@ -50,29 +52,41 @@ from .base import Router, RouterConfig, RouterOutput, router_z_loss, switch_bala
 VARIANTS = ("v2025", "v2024")
 
 
+# the released defaults of each variant, for every field left unset (None)
+VARIANT_DEFAULTS = {
+    "v2025": {"compete_prob": 0.05, "warmup_fraction": 0.05, "max_compete_layers": 3, "router_loss_coef": 0.01},
+    "v2024": {"compete_prob": 1.0, "warmup_fraction": 0.0, "max_compete_layers": 0, "router_loss_coef": 0.05},
+}
+
+
 @dataclass
 class CompeteSMoEConfig(RouterConfig):
+    weights: str = "renorm"
+    """Ordinary steps as both releases: softmax over the selected logits at every k (1 at k=1)."""
     variant: str = "v2025"
     """'v2025' (Fsoft-AIC/CompeteSMoE, default) or 'v2024' (giangdip2410/CompeteSMoE)."""
-    compete_prob: float = 0.05
-    """Probability that a layer competes on a training step (2025: 0.05; the 2024 scripts: 1.0)."""
-    warmup_fraction: float = 0.05
-    """'2025': no competition in this fraction of training (of ``train.steps``)."""
-    max_compete_layers: int = 3
-    """'2025': at most this many layers compete on one step (0 = no cap)."""
-    router_loss_coef: float = 0.01
-    """Weight of the router loss (2025: 0.01; 2024: alpha x load_balance = 0.05, scaling its competition
-    balance too)."""
+    compete_prob: Optional[float] = None
+    """Probability that a layer competes on a training step (unset: v2025 0.05; v2024 1.0, as its scripts)."""
+    warmup_fraction: Optional[float] = None
+    """No competition in this fraction of training (of ``train.steps``) (unset: v2025 0.05; v2024 0)."""
+    max_compete_layers: Optional[int] = None
+    """At most this many layers compete on one step, 0 = no cap (unset: v2025 3; v2024 0)."""
+    router_loss_coef: Optional[float] = None
+    """Weight of the router loss (unset: v2025 0.01; v2024 alpha x load_balance = 5 x 0.01 = 0.05, which
+    also scales its competition balance)."""
     diversity_coef: float = 0.01
-    """'2025': weight of the diversity loss on the winners' outputs (0 disables)."""
+    """'v2025': weight of the diversity loss on the winners' outputs (0 disables)."""
     competition_balance_coef: float = 0.01
-    """'2025': weight of the balance loss on competition steps (top-1 winner, P = softmax(responses))."""
+    """'v2025': weight of the balance loss on competition steps (top-1 winner, P = softmax(responses))."""
     z_loss_coef: float = 0.001
-    """'2025': router z-loss on ordinary steps."""
+    """'v2025': router z-loss on ordinary steps."""
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         check_choice(f"{prefix}.variant", self.variant, VARIANTS)
+        for name, value in VARIANT_DEFAULTS[self.variant].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         check_range(f"{prefix}.compete_prob", self.compete_prob, 0.0, 1.0)
         check_range(f"{prefix}.warmup_fraction", self.warmup_fraction, 0.0, 1.0)
         check_positive(f"{prefix}.max_compete_layers", self.max_compete_layers, allow_zero=True)
@@ -134,6 +148,11 @@ class CompeteSMoERouter(Router):
         self.schedule: Optional[CompetitionSchedule] = None
         self.schedule_index = 0
         """This layer's position among the model's CompeteSMoE layers (set with the schedule)."""
+
+    def init_weights(self) -> None:
+        """Both releases keep PyTorch's default Linear init for the router (v2025 only re-initialises it with
+        ``init_weight``, off by default): kaiming-uniform weights (and bias, v2024)."""
+        self.proj.reset_parameters()
 
     @classmethod
     def expected_slots(cls, cfg, k, num_experts, training):

@@ -9,7 +9,10 @@ paper's table compares:
   1. XMoE projects the token to R = 8 dimensions (``Linear(D, 8, bias=False)``); StableMoE uses the token
      itself (R = D);
   2. expert embeddings ``[E, R]`` start orthogonal with gain 0.32; XMoE rescales them, without gradient,
-     to norm 1.5 before every training forward;
+     to norm 1.5 before every forward, and (``after_optimizer_step``) rescales the optimizer's own fp32
+     copy after every step: under ZeRO that copy is written back over the module parameter after each
+     step, so a rescale of the module parameter alone never persisted (the stored norm then shrank with
+     weight decay, ~1.35 after 2000 steps, and the angular learning rate grew);
   3. score = (projected) token, **not** normalised, times the unit-normalised expert embeddings (no
      temperature): ``s = h @ normalize(e).T``;
   4. top-k on the raw scores; combine weights by the router's ``weights`` rule (softmax over the selected
@@ -22,10 +25,13 @@ is like for like (set it to 0 to reproduce theirs). XMoE's unused ``gate`` Linea
 
 ``variant: torchscale`` (XMoE) is X-MoE as released by its authors (microsoft/torchscale
 ``torchscale/component/xmoe/routing.py``; microsoft/unilm's xmoe folder points there): R = 16, the same
-scores; top-1 weight = the softmax probability; top-2 weights = the two probabilities renormalised, and the
-second expert is kept only where ``2 * g2 > U(0, 1)`` in training; balance loss ``E * sum_e mean(p)_e *
-(fraction of tokens whose top-1 is e)`` on ``softmax(s)``. Not reproduced: expert capacity and dropping
-(this project is dropless unless ``ep_mode: capacity``).
+scores, the reduction with PyTorch's default Linear init (``init_weights``); top-1 weight = the softmax
+probability; top-2 weights = the two probabilities renormalised, and the second expert is kept only where
+``2 * g2 > U(0, 1)``; balance loss ``E * sum_e mean(p)_e * (fraction of tokens whose top-1 is e)`` on
+``softmax(s)``. Differences: torchscale also drops second experts at random at evaluation, ours evaluates
+deterministically with both; a dropped second expert keeps its slot with weight 0 (still computed, counted
+in the load and, in ``ep_mode: capacity``, in the capacity), where torchscale does not dispatch it; expert
+capacity and dropping are not reproduced (this project is dropless unless ``ep_mode: capacity``).
 
 ``variant: two_stage`` (StableMoE) is StableMoE as released by its authors (Hunter-DDM/stablemoe
 ``fairseq/modules/moe_layer.py``):
@@ -36,12 +42,20 @@ second expert is kept only where ``2 * g2 > U(0, 1)`` in training; balance loss 
     ``sum_e (n_e - T/E) / (T/E) * sum_{t -> e} sigmoid(s_te) / T`` (the count factor is a constant), and a
     distillation loss: cross-entropy, per token, between a lightweight router (a 50-dim embedding of the
     *input token id*, no context, times centroids ``[E, 50]``) and the stage-1 choice;
-  - stage 2 (steps >= ``stage2_step``): route by the distilled router's argmax (no gradient: frozen in
-    effect), still weighted by ``sigmoid(x . C_e)``; no balance or distillation loss;
-  - inference always routes by the distilled router, as theirs does once distillation is on.
+  - stage 2 (steps >= ``stage2_step``): route by the distilled router's argmax, frozen: its parameters
+    are copied into buffers at the first stage-2 step and routing reads the copies (an optimizer keeps
+    moving parameters that get no gradient, through momentum and weight decay; theirs skips them), still
+    weighted by ``sigmoid(x . C_e)``; no balance or distillation loss;
+  - inference routes by the distilled router, as theirs does once distillation is on (with
+    ``distill_coef: 0`` there is no distillation: greedy ``x . C`` throughout, as theirs);
+  - the distilled router's token embedding starts N(0, 1) (theirs: ``nn.Embedding``'s default init;
+    ``init_weights`` restores it after the model's N(0, 0.02)).
   Differences: their default assignment is a balanced auction (the released command uses greedy, as we
-  do); their capacity factor (2) is not reproduced; their coefficients (0.3 and 0.3) are this variant's
-  defaults only when ``balance_coef`` / ``distill_coef`` are left at theirs.
+  do); their capacity factor (2) is not reproduced; their embedding's padding row (pad id 1) is not; their
+  layer is an extra decoder layer whose experts hold 3 pre-LN sublayers with zero-initialised output
+  projections, routed on the raw hidden state, where ours is the block's FFN on its LayerNorm output;
+  their coefficients (0.3 and 0.3) are this variant's ``stage1_balance_coef`` and ``distill_coef``
+  defaults (``balance_coef`` is not used by it).
 """
 from __future__ import annotations
 
@@ -101,6 +115,9 @@ class XMoEConfig(RouterConfig):
         check_positive(f"{prefix}.proj_dim", self.proj_dim, allow_zero=True)
         check_positive(f"{prefix}.balance_temperature", self.balance_temperature)
         check_choice(f"{prefix}.second_expert_policy", self.second_expert_policy, ("random", "all"))
+        if self.variant == "torchscale" and self.bias_update_rate > 0:
+            fail(f"{prefix}.bias_update_rate", "is for the shared top-k selection; variant 'torchscale' has its own "
+                 "gating: use variant 'authors' or set it to 0")
 
     def routing_dim(self) -> int:
         return self.proj_dim or (8 if self.variant == "authors" else 16)
@@ -133,6 +150,9 @@ class StableMoEConfig(RouterConfig):
         check_positive(f"{prefix}.distill_coef", self.distill_coef, allow_zero=True)
         check_positive(f"{prefix}.distill_dim", self.distill_dim)
         check_positive(f"{prefix}.stage1_balance_coef", self.stage1_balance_coef, allow_zero=True)
+        if self.variant == "two_stage" and self.bias_update_rate > 0:
+            fail(f"{prefix}.bias_update_rate", "is for the shared top-k selection; variant 'two_stage' routes by its "
+                 "own greedy assignment: use variant 'authors' or set it to 0")
 
 
 class XMoERouter(Router):
@@ -150,10 +170,21 @@ class XMoERouter(Router):
         R = cfg.routing_dim()
         return 2 * d_model * R + 2 * R * num_experts
 
+    def init_weights(self) -> None:
+        if self.cfg.variant == "torchscale":  # torchscale keeps the reduction's default Linear init
+            self.proj.reset_parameters()
+
+    @staticmethod
+    def rescaled(e_ER: Tensor) -> Tensor:
+        return e_ER * (EMBED_NORM / e_ER.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS))
+
+    def after_optimizer_step(self, master) -> None:
+        value = master.get(self.embeddings)
+        master.set(self.embeddings, self.rescaled(value))
+
     def route(self, x_TD, k, experts=None) -> RouterOutput:
-        if self.training:
-            with torch.no_grad():  # both codes: rows back to norm 1.5 before every forward
-                self.embeddings.mul_(EMBED_NORM / self.embeddings.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS))
+        with torch.no_grad():  # both codes: rows back to norm 1.5 before every forward
+            self.embeddings.copy_(self.rescaled(self.embeddings))
         scores_TE = embedding_scores(self.proj(x_TD), self.embeddings)
         if self.cfg.variant == "torchscale":
             return self._torchscale(scores_TE, k)
@@ -191,6 +222,14 @@ class StableMoERouter(Router):
         self.embeddings = nn.Parameter(orthogonal_embeddings(num_experts, d_model, 0.1))  # centroids C
         self.distill_emb = nn.Embedding(vocab_size, cfg.distill_dim)
         self.distill_centroids = nn.Parameter(orthogonal_embeddings(num_experts, cfg.distill_dim, 0.1))
+        # stage 2 routes by a frozen copy of the distilled router, taken at its first step
+        self.register_buffer("frozen_emb", torch.zeros(vocab_size, cfg.distill_dim))
+        self.register_buffer("frozen_centroids", torch.zeros(num_experts, cfg.distill_dim))
+        self.register_buffer("frozen", torch.zeros(()))
+
+    def init_weights(self) -> None:
+        if self.cfg.variant == "two_stage":  # nn.Embedding's own N(0, 1), as the release
+            nn.init.normal_(self.distill_emb.weight)
 
     @classmethod
     def expected_slots(cls, cfg, k, num_experts, training):
@@ -213,13 +252,20 @@ class StableMoERouter(Router):
         ids_T = ids_T.reshape(-1)
         if T != ids_T.numel():  # S2MoE routes [x; x_hat]: the same ids twice
             ids_T = ids_T.repeat(T // ids_T.numel())
+        if self.stage2():
+            if not self.frozen:
+                with torch.no_grad():
+                    self.frozen_emb.copy_(self.distill_emb.weight)
+                    self.frozen_centroids.copy_(self.distill_centroids)
+                    self.frozen.fill_(1)
+            return self.frozen_emb[ids_T] @ self.frozen_centroids.t()
         return self.distill_emb(ids_T) @ self.distill_centroids.t()
 
     def _two_stage(self, x_TD: Tensor) -> RouterOutput:
         T, E = x_TD.shape[0], self.num_experts
         s_TE = x_TD @ self.embeddings.t()
         distill_TE = self.distilled_logits(T)
-        by_distilled = self.stage2() or not self.training
+        by_distilled = (self.stage2() or not self.training) and self.cfg.distill_coef > 0
         ids_T1 = (distill_TE if by_distilled else s_TE).detach().argmax(-1, keepdim=True)
         weights_TK = torch.sigmoid(s_TE.gather(-1, ids_T1))
         losses = {}

@@ -1,9 +1,12 @@
-"""SMoE (Switch/GShard style): linear router, top-k on the logits, combine weights by ``weights``.
+"""SMoE (Switch/GShard style): linear router with a bias, top-k on the logits, weights by ``weights``.
 
 At the suite's top-2 this is the authors' ``CustomNaiveGate_Balance_SMoE`` (giangdip2410/VQMoE
-``custom_gate.py``): softmax over the selected logits, balance loss ``E * sum_i f_i P_i`` with coefficient
-0.01. Remaining difference: at a *training* k of 1 the default ('auto') weight is the expert's full-softmax
-probability, where the authors' gate gives weight 1 (set ``weights: renorm`` for theirs).
+``custom_gate.py``): ``Linear(D, E)`` with a bias (the model initialises both like theirs: N(0, 0.02),
+bias 0), weights = softmax over the selected logits, balance loss ``E * sum_i f_i P_i``.
+Remaining differences: at a *training* k of 1 the default ('auto') weight is the expert's full-softmax
+probability, where the authors' gate gives weight 1 (``weights: renorm`` for theirs); their balance loss
+divides P by N*k, not N (ours = k x theirs), and their table-1 scripts never switch it on (``g_balance`` is
+not passed), where every router here trains with ``balance_coef`` 0.01.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ class SMoEConfig(RouterConfig):
     """Weight of the ST-MoE router z-loss (0 disables it)."""
     jitter_eps: float = 0.0
     """Training-time multiplicative input jitter: x * U(1 - eps, 1 + eps) before the router (0 disables)."""
+    bias: bool = True
+    """A learned per-expert bias in the router (the authors' gate has one)."""
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -35,7 +40,7 @@ class SMoERouter(Router):
 
     def __init__(self, cfg: SMoEConfig, d_model: int, num_experts: int, **kw):
         super().__init__(cfg, d_model, num_experts, **kw)
-        self.proj = nn.Linear(d_model, num_experts, bias=False)
+        self.proj = nn.Linear(d_model, num_experts, bias=cfg.bias)
 
     def route(self, x_TD, k, experts=None) -> RouterOutput:
         if self.training and self.cfg.jitter_eps > 0:

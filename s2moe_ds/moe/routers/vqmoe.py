@@ -20,7 +20,8 @@ Both branches run in training and at inference, so VQMoE at top-k evaluates k + 
 its own inputs; its output reaches the layer as ``RouterOutput.extra_value_TD`` (weight ``m_1``).
 Differences: their LayerNorm is shared with the block's post-residual norm (our blocks are pre-LN, so the
 branch has its own); their experts are ReLU with biases (ours: the model's expert FFN); their balance loss
-is never enabled in their scripts (we keep ``balance_coef`` 0.01 as for every router). ``vq_only`` routes
+is never enabled in their scripts (we keep ``balance_coef`` 0.01 as for every router) and divides P by N*k
+(ours = k x theirs; equal at the scripts' k = 1). ``vq_only`` routes
 by the codebook alone (the paper revision's second stage): ``y`` = the discrete branch.
 """
 from __future__ import annotations
