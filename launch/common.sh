@@ -27,6 +27,20 @@ run() {
   "$@"
 }
 
+# run_requeueable CMD...: run a training job step under SLURM; when it was stopped by a signal after saving
+# a checkpoint (exit 128 + signal: the time-limit warning asked for with --signal, or a pre-emption), put
+# the job back in the queue, where it resumes with train.resume=auto. Any other failure ends the job.
+run_requeueable() {
+  local rc=0
+  run "$@" || rc=$?
+  if [ "$rc" -gt 128 ] && [ -n "${SLURM_JOB_ID:-}" ] && [ "${S2MOE_NO_REQUEUE:-0}" != "1" ]; then
+    echo "$(basename "$0"): training stopped by signal $((rc - 128)) after saving a checkpoint; requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  return "$rc"
+}
+
 require_file() {  # require_file WHAT PATH HINT
   [ -f "$2" ] || [ -f "$REPO_ROOT/$2" ] || die "$1 '$2' does not exist; $3"
 }

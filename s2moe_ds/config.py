@@ -32,6 +32,10 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     """Share the input embedding and output projection."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in the backward pass instead of keeping them: 'none', 'moe' (the MoE
+    sublayers: S2MoE keeps both pathways' activations, so it has the most to save) or 'all' (whole blocks).
+    torch.utils.checkpoint (non-reentrant); random draws (S2MoE's noise) are replayed exactly."""
     moe_layers: Union[str, List[int]] = "all"
     """Which FFN blocks are MoE: 'all', 'every_other' (1, 3, ...), 'none' (dense baseline), or a list."""
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -49,6 +53,7 @@ class ModelConfig:
         if self.d_model % self.n_head:
             fail("model.d_model", f"must be divisible by model.n_head ({self.n_head}), got {self.d_model}")
         check_range("model.dropout", self.dropout, 0.0, 1.0)
+        check_choice("model.activation_checkpointing", self.activation_checkpointing, ("none", "moe", "all"))
         if isinstance(self.moe_layers, str):
             check_choice("model.moe_layers", self.moe_layers, ("all", "every_other", "none"))
         elif any(not 0 <= i < self.n_layer for i in self.moe_layers):

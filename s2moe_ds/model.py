@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .moe import MoELayer, build_moe_layer
@@ -47,6 +48,7 @@ class DenseFFN(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool, seed: int):
         super().__init__()
+        self.checkpointing = cfg.activation_checkpointing
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
@@ -58,10 +60,18 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict, dict]:
+        if self.training and torch.is_grad_enabled() and self.checkpointing == "all":
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, dict, dict]:
         x = x + self.attn(self.ln1(x))
         h = self.ln2(x)
         if isinstance(self.ffn, MoELayer):
-            out = self.ffn(h)
+            if self.training and torch.is_grad_enabled() and self.checkpointing == "moe":
+                out = checkpoint(self.ffn, h, use_reentrant=False)
+            else:
+                out = self.ffn(h)
             return x + self.drop(out.y), out.aux_losses, out.metrics
         return x + self.ffn(h), {}, {}
 

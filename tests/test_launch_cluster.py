@@ -209,3 +209,45 @@ def test_sbatch_on_a_real_single_host_slurm_cluster(slurm, tmp_path, data_dir, s
     assert proc.returncode == 0, proc.stdout + proc.stderr + text[-4000:]
     assert all(x in text for x in expect) and "world=2" in text, text[-3000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step0000004"
+
+
+def test_a_signalled_slurm_job_saves_requeues_itself_and_resumes(slurm, tmp_path, data_dir):
+    """The time-limit warning (--signal=TERM@120) or a pre-emption: every task saves and exits 143, the
+    script requeues the job, and the requeued job continues from that checkpoint to the end."""
+    import json
+    import time
+
+    out = tmp_path / "run"
+    e = env()
+    e.update(SLURM_CONF=slurm.env["SLURM_CONF"], MASTER_PORT=str(free_port()), DIST_TIMEOUT="120", PYTHON=sys.executable)
+    log = tmp_path / "job.out"
+    sub = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--ntasks-per-node=2", "launch/slurm.sbatch",
+                          f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=60", "train.save_interval=0",
+                          *TINY], cwd=REPO, env=e, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+
+    def steps_logged():
+        f = out / "metrics.jsonl"
+        return sum(1 for l in f.read_text().splitlines() if '"kind": "train"' in l) if f.exists() else 0
+
+    deadline = time.time() + 300
+    while time.time() < deadline and steps_logged() < 3:
+        time.sleep(1)
+    assert steps_logged() >= 3, log.read_text()[-3000:] if log.exists() else "no job output"
+    # what SLURM does 120 s before the time limit: SIGTERM to every task of the job's steps
+    subprocess.run(["scancel", "--signal=TERM", job], env=e, check=True, timeout=30)
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=e, capture_output=True, text=True).stdout
+        if not state.strip() and (out / "checkpoints" / "latest").exists() and \
+                (out / "checkpoints" / "latest").read_text().strip() == "step0000060":
+            break
+        time.sleep(2)
+    text = log.read_text()
+    assert "SIGTERM received: saved checkpoint" in text and f"requeueing job {job}" in text, text[-4000:]
+    stopped = re.search(r"SIGTERM received: saved checkpoint step(\d+)", text).group(1)
+    assert f"step{stopped}" in text.split("requeueing job")[1] and "resumed from" in text, text[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step0000060"
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in l]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # one continuous record, no step logged twice

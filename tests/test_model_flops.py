@@ -73,3 +73,30 @@ def test_context_overflow_is_a_clear_error():
     m = MoELanguageModel(cfg_with())
     with pytest.raises(ValueError, match="exceeds model.context"):
         m(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("router,s2", [("smoe", True), ("smoe", False), ("xmoe", False), ("competesmoe", False),
+                                       ("vqmoe", False)])
+@pytest.mark.parametrize("mode", ["moe", "all"])
+def test_activation_checkpointing_gives_the_plain_losses_and_gradients(router, s2, mode):
+    """Recomputation replays S2MoE's noise and every router's choice: losses and gradients are the plain run's."""
+    def run(ckpt: str):
+        cfg = cfg_with(f"model.moe.router={router}", "model.moe.k=2", f"model.moe.s2moe.enabled={str(s2).lower()}",
+                       f"model.activation_checkpointing={ckpt}", "model.moe.router_args.compete_prob=1.0"
+                       if router == "competesmoe" else "model.moe.k=2")
+        torch.manual_seed(0)
+        model = MoELanguageModel(cfg)
+        model.train()
+        x = torch.randint(0, cfg.vocab_size, (2, 8))
+        torch.manual_seed(1)
+        out = model(x, x)
+        (out.loss + out.aux_loss).backward()
+        return out.loss.detach(), out.aux_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                          if p.grad is not None}
+    loss, aux, grads = run("none")
+    loss_c, aux_c, grads_c = run(mode)
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(aux_c, aux)
+    assert grads_c.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
