@@ -28,6 +28,8 @@ def vocab_fingerprint(meta: dict) -> str:
     key = {k: meta.get(k) for k in ("tokenizer", "unit", "vocab_size", "symbols")}
     if meta.get("tokenizer") == "sentencepiece":
         key["source_sha256"] = meta.get("source_sha256")
+    elif meta.get("tokenizer") not in ("char", None):  # a brought tokenizer: its own file decides the ids
+        key["tokenizer_sha256"] = meta.get("tokenizer_sha256")
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

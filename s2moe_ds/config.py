@@ -66,22 +66,65 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "pydoc"
-    """What ``s2moe prepare`` builds: pydoc (built in), shakespeare, text8, enwik8, wikitext103, text."""
+    """What ``s2moe prepare`` builds: pydoc (built in), shakespeare, text8, enwik8, wikitext103, text (one
+    file, in memory), corpus (streamed: files, folders, globs; .txt, .jsonl, .gz; see docs/data.md)."""
     source: str = ""
-    """Raw input: a text file, a dataset archive or folder; '' uses the dataset's default location."""
+    """Raw input: a text file, a dataset archive or folder; '' uses the dataset's default location. For
+    corpus: files, folders (recursive) or globs, several separated by commas."""
     data_dir: str = "data_cache/pydoc"
     """Where the prepared token files and meta.json live."""
     tokenizer: str = "char"
-    """'char' (characters; bytes for enwik8) or 'sentencepiece' (trained on the train split)."""
+    """'char' (characters; bytes for enwik8), 'sentencepiece' (trained on the train split; for corpus on a
+    sample), or the path of an existing SentencePiece .model or Hugging Face tokenizer.json (copied into
+    data_dir)."""
     vocab_size: int = 8000
-    """SentencePiece vocabulary size."""
+    """SentencePiece vocabulary size (when training one)."""
+    text_field: str = "text"
+    """corpus: the field of each .jsonl line that holds the document text."""
+    txt_document: str = "file"
+    """corpus: what one document of a .txt file is: 'file' (the whole file) or 'line' (each non-blank line)."""
+    eod: bool = True
+    """corpus: append the end-of-document token after each document (when the source holds more than one)."""
+    eod_token: str = ""
+    """A tokenizer file's end-of-document token; '' takes its eos piece (SentencePiece) or the first of
+    <|endoftext|>, </s>, <eos> (tokenizer.json)."""
+    val_fraction: float = 0.05
+    """corpus: expected share of documents in val (whole documents, by a hash of their index)."""
+    test_fraction: float = 0.05
+    """corpus: expected share of documents in test (0: no test split)."""
+    workers: int = 0
+    """corpus: tokenisation processes; 0 means one per available core."""
+    tokenizer_sample_mb: int = 100
+    """corpus with tokenizer=sentencepiece: MB of text (spread over the corpus) to train it on."""
 
     def validate(self) -> None:
         from .data.prepare import DATASETS
 
         check_choice("data.dataset", self.dataset, DATASETS)
-        check_choice("data.tokenizer", self.tokenizer, ("char", "sentencepiece"))
+        if self.tokenizer not in ("char", "sentencepiece") and not self.tokenizer.endswith((".model", "tokenizer.json")):
+            fail("data.tokenizer", f"got {self.tokenizer!r}; valid values: 'char', 'sentencepiece', or the path of "
+                                   f"a SentencePiece .model file or a Hugging Face tokenizer.json")
         check_positive("data.vocab_size", self.vocab_size)
+        if not self.text_field:
+            fail("data.text_field", "must name the .jsonl field holding the text, e.g. 'text'")
+        check_choice("data.txt_document", self.txt_document, ("file", "line"))
+        if not 0.0 < self.val_fraction < 1.0:
+            fail("data.val_fraction", f"must be in (0, 1) (training evaluates on val), got {self.val_fraction!r}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            fail("data.test_fraction", f"must be in [0, 1), got {self.test_fraction!r}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            fail("data.val_fraction", f"plus data.test_fraction must be below 1 (train takes the rest), got "
+                                      f"{self.val_fraction} + {self.test_fraction}")
+        check_positive("data.workers", self.workers, allow_zero=True)
+        check_positive("data.tokenizer_sample_mb", self.tokenizer_sample_mb)
+
+    def check_tokenizer_file(self) -> None:
+        """At prepare time: a tokenizer file named in data.tokenizer must exist (train/eval read the copy
+        kept in data_dir, so this is not part of ``validate``)."""
+        if self.tokenizer not in ("char", "sentencepiece") and not Path(self.tokenizer).expanduser().is_file():
+            fail("data.tokenizer", f"file {self.tokenizer!r} does not exist; give the path of an existing "
+                                   f"SentencePiece .model file or Hugging Face tokenizer.json (relative paths start "
+                                   f"at {Path.cwd()}), or 'char' / 'sentencepiece'")
 
 
 @dataclass

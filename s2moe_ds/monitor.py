@@ -11,8 +11,9 @@ import yaml
 
 
 def quality(loss_nats: float, tokenizer: str) -> tuple[str, float]:
-    """Bits per character for character/byte models, perplexity for subword models."""
-    if tokenizer == "sentencepiece":
+    """Bits per character for character/byte models, perplexity for subword models (SentencePiece or a
+    Hugging Face tokenizer)."""
+    if tokenizer != "char":
         return "ppl", math.exp(min(loss_nats, 50.0))
     return "bpc", loss_nats / math.log(2)
 

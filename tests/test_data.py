@@ -111,3 +111,14 @@ def test_bad_archive_and_missing_split(tmp_path):
     prepare("shakespeare", tmp_path / "sh", source=str(src))
     with pytest.raises(DataError, match="no 'test' split"):
         load_split(tmp_path / "sh", "test")
+
+
+def test_decoder_is_the_data_folders_tokenizer(tmp_path):
+    from s2moe_ds.data.tokenizers import load_tokenizer
+
+    meta = prepare("pydoc", tmp_path)
+    dec, tok = Decoder(tmp_path), load_tokenizer(tmp_path, meta)
+    assert meta["eod_id"] is None and tok.vocab_size == meta["vocab_size"] and meta["dtype"] == "uint16"
+    assert dec.encode("def f():") == tok.encode("def f():") and dec.decode(tok.encode("def f():")) == "def f():"
+    with pytest.raises(DataError, match="prompt has symbols outside the vocabulary"):
+        dec.encode("def \ue000")

@@ -1,0 +1,410 @@
+"""Tokenizers: the one way text becomes token ids (and back) in this project.
+
+Kinds (``Tokenizer.kind``, the ``tokenizer`` field of meta.json):
+
+- ``char``: one id per character (or per byte for byte-level data such as enwik8); the vocabulary is
+  the sorted list of code points (byte values) seen in the corpus, optionally followed by one
+  end-of-document id;
+- ``sentencepiece``: a SentencePiece model, trained by ``s2moe prepare`` or brought by the user
+  (``data.tokenizer=PATH.model``);
+- ``huggingface``: a Hugging Face ``tokenizer.json`` (``data.tokenizer=PATH/tokenizer.json``; needs the
+  ``tokenizers`` package).
+
+``save_pretrained(dir)`` writes everything needed to rebuild a tokenizer (``s2moe_tokenizer.json`` plus
+the model file); ``Tokenizer.from_pretrained(dir)`` rebuilds it from those files alone.
+``load_tokenizer(data_dir, meta)`` gives the tokenizer of a prepared data folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+SPEC_FILE = "s2moe_tokenizer.json"
+SPM_FILE = "spm.model"
+HF_FILE = "tokenizer.json"
+KINDS = ("char", "sentencepiece", "huggingface")
+# end-of-document tokens looked for in a Hugging Face tokenizer when data.eod_token is ''
+HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
+TOKENIZERS_PIN = "tokenizers==0.23.3"
+
+
+class DataError(ValueError):
+    """A data file is missing, corrupt or does not match; the message says what to do."""
+
+
+def token_dtype(vocab_size: int):
+    """uint16 while every id fits (vocabulary <= 65,535), else uint32."""
+    return np.uint16 if vocab_size <= 65535 else np.uint32
+
+
+def split_pieces(text: str, max_chars: int = 1 << 20) -> list[str]:
+    """``text`` cut into pieces of about ``max_chars`` characters, each ending at a line end (a line
+    longer than that stays whole), so encoding piece by piece matches encoding line by line."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while start < len(text):
+        end = start + max_chars
+        if end < len(text):
+            nl = text.rfind("\n", start, end)
+            if nl < start:
+                nl = text.find("\n", end)
+            end = len(text) if nl < 0 else nl + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+class Tokenizer:
+    """Text <-> token ids. Subclasses: CharTokenizer, SentencePieceTokenizer, HFTokenizer."""
+
+    kind: str = ""
+    vocab_size: int = 0
+    eod_id: Optional[int] = None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def encode_array(self, text: str, dtype=np.int64) -> np.ndarray:
+        """``encode`` for long texts (a whole document or split), piece by piece, as an array of ``dtype``."""
+        out = [np.asarray(self.encode(p), dtype=dtype) for p in split_pieces(text)]
+        return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
+
+    def encode_documents(self, texts: Sequence[str], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+        """(the ids of all ``texts`` concatenated, the number of ids of each)."""
+        parts = [self.encode_array(t, dtype) for t in texts]
+        lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)), lengths
+
+    @property
+    def sha256(self) -> str:
+        """Fingerprint of the vocabulary and model (two tokenizers with equal fingerprints encode alike)."""
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        """The ``s2moe_tokenizer.json`` content (model files are named, not embedded)."""
+        raise NotImplementedError
+
+    def model_files(self) -> dict:
+        """Files besides s2moe_tokenizer.json that rebuild this tokenizer: {file name: bytes}."""
+        return {}
+
+    def save_pretrained(self, out_dir: str | Path) -> list[str]:
+        """Write ``s2moe_tokenizer.json`` (kind, end-of-document id, vocabulary or model file name) and the
+        model file into ``out_dir``; returns the file names written."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name, data in self.model_files().items():
+            tmp = out / (name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, out / name)
+            written.append(name)
+        tmp = out / (SPEC_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.spec(), indent=1))
+        os.replace(tmp, out / SPEC_FILE)
+        return [SPEC_FILE] + written
+
+    @staticmethod
+    def from_pretrained(directory: str | Path) -> "Tokenizer":
+        """Rebuild a tokenizer from the files ``save_pretrained`` wrote (a folder holding only a
+        ``tokenizer.json`` or ``spm.model`` works too)."""
+        d = Path(directory)
+        spec_path = d / SPEC_FILE
+        if not spec_path.exists():
+            if (d / HF_FILE).exists():
+                return HFTokenizer.from_file(d / HF_FILE)
+            if (d / SPM_FILE).exists():
+                return SentencePieceTokenizer.from_file(d / SPM_FILE)
+            raise DataError(f"no tokenizer in {d}: expected {SPEC_FILE} (written by Tokenizer.save_pretrained), "
+                            f"{HF_FILE} or {SPM_FILE}")
+        try:
+            spec = json.loads(spec_path.read_text())
+            kind = spec["kind"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{spec_path} is corrupt ({e!r}); write it again with Tokenizer.save_pretrained") from None
+        if kind == "char":
+            return CharTokenizer(spec["symbols"], spec.get("unit", "char"), spec.get("eod_id"))
+        if kind in ("sentencepiece", "huggingface"):
+            path = d / spec.get("file", SPM_FILE if kind == "sentencepiece" else HF_FILE)
+            if not path.exists():
+                raise DataError(f"{spec_path} names {path.name}, which is missing from {d}; copy it there")
+            cls = SentencePieceTokenizer if kind == "sentencepiece" else HFTokenizer
+            return cls(path.read_bytes(), eod_id=spec.get("eod_id"))
+        raise DataError(f"{spec_path} has unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character (unit 'char') or byte (unit 'byte'): id i is ``symbols[i]``, a code point or
+    byte value (sorted ascending); ``eod_id`` (if set) is ``len(symbols)``, the last id."""
+
+    kind = "char"
+
+    def __init__(self, symbols: Sequence[int], unit: str = "char", eod_id: Optional[int] = None):
+        if unit not in ("char", "byte"):
+            raise DataError(f"character tokenizer unit must be 'char' or 'byte', got {unit!r}")
+        self.symbols = [int(s) for s in symbols]
+        self.unit = unit
+        if eod_id is not None and int(eod_id) != len(self.symbols):
+            raise DataError(f"character tokenizer: the end-of-document id must be {len(self.symbols)} "
+                            f"(after the {len(self.symbols)} symbols), got {eod_id}")
+        self.eod_id = None if eod_id is None else int(eod_id)
+        self.vocab_size = len(self.symbols) + (self.eod_id is not None)
+        self.index = {s: i for i, s in enumerate(self.symbols)}
+        self._lut = None
+
+    def __getstate__(self):
+        return {"symbols": self.symbols, "unit": self.unit, "eod_id": self.eod_id}
+
+    def __setstate__(self, state):
+        self.__init__(state["symbols"], state["unit"], state["eod_id"])
+
+    def _units(self, text) -> np.ndarray:
+        if isinstance(text, (bytes, bytearray)):
+            return np.frombuffer(text, dtype=np.uint8).astype(np.uint32)
+        if self.unit == "byte":
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint32)
+        return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+    def _unknown_error(self, units) -> DataError:
+        unknown = sorted({chr(u) if self.unit == "char" else u for u in map(int, units) if u not in self.index})
+        return DataError(f"prompt has symbols outside the vocabulary: {unknown[:10]}")
+
+    def encode(self, text: str) -> list[int]:
+        units = text.encode("utf-8") if self.unit == "byte" else [ord(c) for c in text]
+        if any(u not in self.index for u in units):
+            raise self._unknown_error(units)
+        return [self.index[u] for u in units]
+
+    def encode_array(self, text, dtype=np.int64) -> np.ndarray:
+        """Vectorised ``encode`` (a lookup table over code points); ``text`` may be ``bytes`` for unit 'byte'."""
+        units = self._units(text)
+        if self._lut is None:
+            # every code point (byte value) -> its id, -1 outside the vocabulary: one gather per text
+            self._lut = np.full(0x110000 if self.unit == "char" else 256, -1, dtype=np.int32)
+            self._lut[np.asarray(self.symbols, dtype=np.int64)] = np.arange(len(self.symbols), dtype=np.int32)
+        ids = self._lut[units]
+        if len(ids) and ids.min() < 0:
+            raise self._unknown_error(np.unique(units[ids < 0]))
+        return ids.astype(dtype, copy=False)
+
+    def encode_documents(self, texts: Sequence[str], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+        """All documents in one lookup (one id per character, so the lengths are the texts' lengths)."""
+        lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+        if self.unit == "byte":
+            return super().encode_documents(texts, dtype)
+        return self.encode_array("".join(texts), dtype), lengths
+
+    def decode(self, ids) -> str:
+        values = [self.symbols[int(i)] for i in ids if self.eod_id is None or int(i) != self.eod_id]
+        if self.unit == "byte":
+            return bytes(values).decode("utf-8", errors="replace")
+        return "".join(map(chr, values))
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps([self.unit, self.symbols, self.eod_id]).encode()).hexdigest()
+
+    def spec(self) -> dict:
+        return {"kind": "char", "unit": self.unit, "symbols": self.symbols, "eod_id": self.eod_id,
+                "vocab_size": self.vocab_size}
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (the serialized ``.model`` bytes); the end-of-document id is the model's
+    ``</s>`` (eos) piece unless another is named."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, model: bytes, eod_id: Optional[int] = None):
+        import sentencepiece as spm
+
+        self.model = bytes(model)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=self.model)
+        except (RuntimeError, OSError, TypeError) as e:
+            raise DataError(f"not a valid SentencePiece model ({e}); give a .model file written by "
+                            f"SentencePiece training") from None
+        self.vocab_size = int(self.sp.get_piece_size())
+        if eod_id is not None and not 0 <= int(eod_id) < self.vocab_size:
+            raise DataError(f"SentencePiece end-of-document id {eod_id} is outside the vocabulary ({self.vocab_size})")
+        self.eod_id = None if eod_id is None else int(eod_id)
+
+    @classmethod
+    def from_file(cls, path: str | Path, eod_token: str = "") -> "SentencePieceTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"SentencePiece model {str(path)!r} does not exist; data.tokenizer must name an "
+                            f"existing .model file")
+        tok = cls(path.read_bytes())
+        tok.eod_id = tok.find_eod(eod_token)
+        return tok
+
+    def find_eod(self, eod_token: str = "") -> Optional[int]:
+        """The id of piece ``eod_token``, or (``''``) the model's eos piece; None if it has none."""
+        if eod_token:
+            i = self.sp.piece_to_id(eod_token)
+            if i == self.sp.unk_id() and eod_token != self.sp.id_to_piece(i):
+                raise DataError(f"data.eod_token {eod_token!r} is not a piece of the SentencePiece model; name one "
+                                f"of its pieces (e.g. {self.sp.id_to_piece(min(2, self.vocab_size - 1))!r}), or "
+                                f"set data.eod=false")
+            return int(i)
+        eos = self.sp.eos_id()
+        return int(eos) if eos >= 0 else None
+
+    def __getstate__(self):
+        return {"model": self.model, "eod_id": self.eod_id}
+
+    def __setstate__(self, state):
+        self.__init__(state["model"], state["eod_id"])
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_array(self, text: str, dtype=np.int64) -> np.ndarray:
+        """Line by line (line ends kept), as SentencePiece was trained."""
+        out = [np.array(list(itertools.chain.from_iterable(self.sp.encode(piece.splitlines(keepends=True)))),
+                        dtype=dtype) for piece in split_pieces(text)]
+        return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids if self.eod_id is None or int(i) != self.eod_id])
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model).hexdigest()
+
+    def spec(self) -> dict:
+        return {"kind": "sentencepiece", "file": SPM_FILE, "eod_id": self.eod_id, "vocab_size": self.vocab_size}
+
+    def model_files(self) -> dict:
+        return {SPM_FILE: self.model}
+
+
+def _hf():
+    try:
+        import tokenizers
+    except ImportError:
+        raise DataError(f"a Hugging Face tokenizer.json needs the `tokenizers` package: pip install "
+                        f"{TOKENIZERS_PIN}") from None
+    return tokenizers
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` tokenizer (the ``tokenizer.json`` text). Encoding adds no special
+    tokens (no BOS/CLS templates); the end-of-document id is the named token, else the first of
+    ``HF_EOD_CANDIDATES`` in the vocabulary."""
+
+    kind = "huggingface"
+
+    def __init__(self, data: bytes | str, eod_id: Optional[int] = None):
+        self.data = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        try:
+            self.tok = _hf().Tokenizer.from_str(self.data.decode("utf-8"))
+        except Exception as e:  # the Rust side raises plain Exception subclasses
+            raise DataError(f"not a valid Hugging Face tokenizer.json ({e}); give the tokenizer.json a "
+                            f"`tokenizers` tokenizer was saved to") from None
+        self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
+        if eod_id is not None and not 0 <= int(eod_id) < self.vocab_size:
+            raise DataError(f"tokenizer.json end-of-document id {eod_id} is outside the vocabulary ({self.vocab_size})")
+        self.eod_id = None if eod_id is None else int(eod_id)
+
+    @classmethod
+    def from_file(cls, path: str | Path, eod_token: str = "") -> "HFTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"tokenizer file {str(path)!r} does not exist; data.tokenizer must name an existing "
+                            f"Hugging Face tokenizer.json")
+        tok = cls(path.read_bytes())
+        tok.eod_id = tok.find_eod(eod_token)
+        return tok
+
+    def find_eod(self, eod_token: str = "") -> Optional[int]:
+        if eod_token:
+            i = self.tok.token_to_id(eod_token)
+            if i is None:
+                raise DataError(f"data.eod_token {eod_token!r} is not in the tokenizer.json vocabulary; name one of "
+                                f"its tokens, or set data.eod=false")
+            return int(i)
+        for name in HF_EOD_CANDIDATES:
+            i = self.tok.token_to_id(name)
+            if i is not None:
+                return int(i)
+        return None
+
+    def __getstate__(self):
+        return {"data": self.data, "eod_id": self.eod_id}
+
+    def __setstate__(self, state):
+        self.__init__(state["data"], state["eod_id"])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_documents(self, texts: Sequence[str], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+        encodings = self.tok.encode_batch(list(texts), add_special_tokens=False)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype, count=int(lengths.sum()))
+        return ids, lengths
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids if self.eod_id is None or int(i) != self.eod_id])
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    def spec(self) -> dict:
+        return {"kind": "huggingface", "file": HF_FILE, "eod_id": self.eod_id, "vocab_size": self.vocab_size}
+
+    def model_files(self) -> dict:
+        return {HF_FILE: self.data}
+
+
+def is_tokenizer_path(spec: str) -> bool:
+    """Whether ``data.tokenizer`` names a file (a SentencePiece .model or a Hugging Face tokenizer.json)."""
+    return spec.endswith(".model") or spec.endswith("tokenizer.json")
+
+
+def user_tokenizer(path: str | Path, eod_token: str = "") -> Tokenizer:
+    """The tokenizer in a user's file: ``*.model`` (SentencePiece) or ``*tokenizer.json`` (Hugging Face)."""
+    p = str(path)
+    if p.endswith(".model"):
+        return SentencePieceTokenizer.from_file(p, eod_token)
+    if p.endswith("tokenizer.json"):
+        return HFTokenizer.from_file(p, eod_token)
+    raise DataError(f"data.tokenizer {p!r}: a tokenizer file must be a SentencePiece .model or a Hugging Face "
+                    f"tokenizer.json")
+
+
+def load_tokenizer(data_dir: str | Path, meta: Optional[dict] = None) -> Tokenizer:
+    """The tokenizer of a prepared data folder, from its meta.json (and the model file kept beside it)."""
+    d = Path(data_dir)
+    if meta is None:
+        from .prepare import read_meta
+
+        meta = read_meta(d)
+    kind = meta.get("tokenizer")
+    if kind == "char":
+        if "symbols" not in meta:
+            raise DataError(f"{d / 'meta.json'} lacks the character vocabulary (symbols); re-run `s2moe prepare`")
+        return CharTokenizer(meta["symbols"], meta.get("unit", "char"), meta.get("eod_id"))
+    if kind in ("sentencepiece", "huggingface"):
+        name = meta.get("tokenizer_file") or meta.get("spm_model") or (SPM_FILE if kind == "sentencepiece" else HF_FILE)
+        path = d / name
+        if not path.is_file():
+            raise DataError(f"{path} (the {kind} tokenizer named in {d / 'meta.json'}) is missing; re-run "
+                            f"`s2moe prepare` or copy the file back")
+        cls = SentencePieceTokenizer if kind == "sentencepiece" else HFTokenizer
+        return cls(path.read_bytes(), eod_id=meta.get("eod_id"))
+    raise DataError(f"{d / 'meta.json'} has unknown tokenizer {kind!r} (valid: {', '.join(KINDS)}); re-run "
+                    f"`s2moe prepare`")
