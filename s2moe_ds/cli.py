@@ -15,38 +15,58 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .configtools import ConfigError, arg_int
 
 
 def main_prepare(argv=None) -> int:
     from .config import load_config
-    from .data.prepare import prepare
+    from .data.prepare import prepare_config
 
-    ap = argparse.ArgumentParser(prog="s2moe prepare", description="Tokenise a corpus into data.data_dir.")
+    ap = argparse.ArgumentParser(prog="s2moe prepare", description="Tokenise a corpus into data.data_dir "
+                                 "(data.dataset=corpus streams files, folders or globs of .txt/.jsonl/.gz; "
+                                 "see docs/data.md).")
     ap.add_argument("--config", help="config whose data section to use (configs/*.yaml)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines on stderr")
     ap.add_argument("overrides", nargs="*", help="e.g. data.dataset=shakespeare data.source=PATH data.data_dir=DIR")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides).data
-    meta = prepare(cfg.dataset, cfg.data_dir, cfg.source, cfg.tokenizer, cfg.vocab_size)
-    print(f"[s2moe prepare] {cfg.dataset} -> {cfg.data_dir}: vocab {meta['vocab_size']} ({meta['tokenizer']}), "
-          + ", ".join(f"{s} {n:,}" for s, n in meta["splits"].items()) + " tokens")
+    cfg.check_tokenizer_file()
+    meta = prepare_config(cfg, progress=not args.no_progress)
+    docs = f" ({', '.join(f'{s} {n:,}' for s, n in meta['documents'].items())} documents)" if "documents" in meta else ""
+    print(f"[s2moe prepare] {cfg.dataset} -> {cfg.data_dir}: vocab {meta['vocab_size']} ({meta['tokenizer']}, "
+          f"{meta['dtype']}), " + ", ".join(f"{s} {n:,}" for s, n in meta["splits"].items()) + f" tokens{docs}")
     return 0
 
 
 def main_export(argv=None) -> int:
     from .checkpoint import export_safetensors
+    from .export import export_pretrained, parse_size
 
-    ap = argparse.ArgumentParser(prog="s2moe export", description="Write a checkpoint (any parallel layout) as one "
-                                 "consolidated .safetensors file with its config; `s2moe eval FILE` reads it.")
+    ap = argparse.ArgumentParser(prog="s2moe export", description="Write a checkpoint (any parallel layout) as a "
+                                 "self-contained folder in the Hugging Face layout: config.json, model.safetensors "
+                                 "(sharded above --max-shard-size), the tokenizer; `s2moe eval/sample FOLDER` and "
+                                 "s2moe_ds.load_pretrained(FOLDER) need nothing else.")
     ap.add_argument("run", help="run directory, checkpoints/ folder or checkpoint tag folder")
-    ap.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    ap.add_argument("--out", required=True, help="a new folder (an --out ending in .safetensors writes the old "
+                                                 "single file, deprecated)")
+    ap.add_argument("--data-dir", default=None, help="the run's prepared data folder, for its tokenizer (default: "
+                                                     "the one in the run's config)")
+    ap.add_argument("--max-shard-size", default="5GB", help="largest weights file; bigger models are sharded with "
+                                                            "an index file (default 5GB)")
     args = ap.parse_args(argv)
-    if not args.out or args.out.endswith("/") or Path(args.out).is_dir():
-        raise ConfigError(f"--out must name a file to write, e.g. model.safetensors; got {args.out!r}")
-    out = export_safetensors(args.run, args.out)
-    print(f"[s2moe export] wrote {out} ({out.stat().st_size:,} bytes)")
+    if not args.out or args.out.endswith("/") and args.out.rstrip("/") == "":
+        raise ConfigError(f"--out must name a folder to write, e.g. tiny-export; got {args.out!r}")
+    if args.out.endswith(".safetensors"):
+        print("[s2moe export] warning: a single .safetensors file is deprecated and will be removed in the next "
+              "release: it holds no tokenizer; export into a folder instead (--out DIR)", file=sys.stderr)
+        out = export_safetensors(args.run, args.out)
+        print(f"[s2moe export] wrote {out} ({out.stat().st_size:,} bytes)")
+        return 0
+    out = export_pretrained(args.run, args.out, args.data_dir, parse_size(args.max_shard_size))
+    files = sorted(p.name for p in out.iterdir())
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"[s2moe export] wrote {out}: {', '.join(files)} ({size:,} bytes)")
     return 0
 
 

@@ -17,21 +17,43 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .checkpoint import check_compatible, load_for_eval
 from .config import config_from_dict
 from .data.loader import WindowSampler
 from .configtools import arg_float, arg_int
-from .data.prepare import DataError, Decoder, load_split, read_meta
+from .data.prepare import DataError, load_split, read_meta
 from .flops import flops_per_token
 from .model import MoELanguageModel
 from .monitor import quality
 
 
-def load_model(run: str, data_dir: Optional[str] = None) -> tuple[MoELanguageModel, dict, dict]:
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(run: str, data_dir: Optional[str] = None, device: Optional[str] = None) -> tuple[MoELanguageModel, Optional[dict], dict]:
+    """(model in eval mode on ``device``, the data's meta.json or None, info) from a run, a checkpoint, an
+    exported folder or a single exported file. ``info['tokenizer']`` is the tokenizer when it is at hand
+    (an exported folder carries its own; a run's comes from its prepared data folder)."""
+    from .export import is_export, load_pretrained
+
+    device = device or default_device()
+    if is_export(run):
+        model, tokenizer = load_pretrained(run, device)
+        config = json.loads((Path(run) / "config.json").read_text())
+        meta = None
+        if data_dir:
+            meta = read_meta(data_dir)
+            check_compatible({"vocab_fingerprint": config.get("s2moe_vocab_fingerprint")}, meta, str(run))
+        info = {"checkpoint": str(run), "step": config.get("s2moe_step"), "config": None, "tokenizer": tokenizer,
+                "tokenizer_kind": config.get("s2moe_tokenizer", "char"), "data_dir": data_dir}
+        return model, meta, info
     state, client, path = load_for_eval(run)
     cfg = config_from_dict(client["config"])
     # evaluation runs in one process: experts of any expert-parallel layout are loaded stacked, locally
@@ -42,8 +64,12 @@ def load_model(run: str, data_dir: Optional[str] = None) -> tuple[MoELanguageMod
     check_compatible(client, meta, str(path))
     model = MoELanguageModel(cfg.model)
     model.load_state_dict(state)
-    model.eval()
-    return model, meta, {"checkpoint": str(path), "step": client.get("step"), "config": cfg}
+    model.eval().to(device)
+    from .data.tokenizers import load_tokenizer
+
+    return model, meta, {"checkpoint": str(path), "step": client.get("step"), "config": cfg,
+                         "tokenizer": load_tokenizer(cfg.data.data_dir, meta), "tokenizer_kind": meta["tokenizer"],
+                         "data_dir": cfg.data.data_dir}
 
 
 @dataclass
@@ -68,21 +94,25 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_model(model: MoELanguageModel, meta: dict, data_dir: str, split: str = "val", k: Optional[int] = None,
-                   pathways: Optional[str] = None, batch_size: int = 32, max_batches: int = 0,
-                   weights: Optional[str] = None) -> EvalResult:
+def evaluate_model(model: MoELanguageModel, meta: Optional[dict], data_dir: Optional[str], split: str = "val",
+                   k: Optional[int] = None, pathways: Optional[str] = None, batch_size: int = 32,
+                   max_batches: int = 0, weights: Optional[str] = None, tokens=None,
+                   tokenizer_kind: Optional[str] = None) -> EvalResult:
+    """Loss and bits per character (perplexity for subwords) over a split of prepared data, or over
+    ``tokens`` (e.g. a text file encoded with the model's tokenizer)."""
     model.set_inference(k=k, pathways=pathways, weights=weights)
     mcfg = model.cfg
-    sampler = WindowSampler(load_split(data_dir, split, meta), mcfg.context)
+    dev = next(model.parameters()).device
+    sampler = WindowSampler(load_split(data_dir, split, meta) if tokens is None else tokens, mcfg.context)
     total, count = 0.0, 0
     t0 = time.perf_counter()
     for x, y in sampler.sequential(batch_size, max_batches):
-        out = model(x, y)
+        out = model(x.to(dev), y.to(dev))
         total += float(out.loss) * y.numel()
         count += y.numel()
     elapsed = time.perf_counter() - t0
     loss = total / max(count, 1)
-    metric, value = quality(loss, meta["tokenizer"])
+    metric, value = quality(loss, tokenizer_kind or meta["tokenizer"])
     counts = model.param_counts()
     eff_k = mcfg.moe.inference_k
     return EvalResult(split, count, loss, metric, value, eff_k, mcfg.moe.s2moe.inference if mcfg.moe.s2moe.enabled else "clean",
@@ -92,7 +122,8 @@ def evaluate_model(model: MoELanguageModel, meta: dict, data_dir: str, split: st
 
 def main_eval(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="s2moe eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="run directory (train.out_dir), its checkpoints/ folder, or one checkpoint tag folder")
+    ap.add_argument("run", help="run directory (train.out_dir), its checkpoints/ folder, one checkpoint tag folder, or "
+                                "an exported folder")
     ap.add_argument("--split", default="val", choices=["train", "val", "test"])
     ap.add_argument("--k", type=arg_int(1), default=None, help="inference top-k (default: the config's eval_k)")
     ap.add_argument("--pathways", choices=["clean", "both"], default=None, help="S2MoE pathways at inference")
@@ -101,16 +132,28 @@ def main_eval(argv=None) -> int:
                          "the training rule, 'per_k' the old convention (probability at k=1)")
     ap.add_argument("--batch-size", type=arg_int(1), default=32)
     ap.add_argument("--max-batches", type=arg_int(0), default=0, help="stop after this many batches (0: whole split)")
-    ap.add_argument("--data-dir", default=None, help="prepared data folder (default: the one in the run's config)")
+    ap.add_argument("--data-dir", default=None, help="prepared data folder (default: the one in the run's config; an "
+                                                     "exported folder needs this or --text)")
+    ap.add_argument("--text", default=None, help="evaluate on this UTF-8 text file, encoded with the model's tokenizer")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    model, meta, info = load_model(args.run, args.data_dir)
-    res = evaluate_model(model, meta, info["config"].data.data_dir, args.split, args.k, args.pathways,
-                         args.batch_size, args.max_batches, args.weights)
+    model, meta, info = load_model(args.run, args.data_dir, args.device)
+    tokens, split = None, args.split
+    if args.text:
+        text = Path(args.text).read_text(encoding="utf-8")
+        tokens = np.asarray(info["tokenizer"].encode(text), dtype=np.int64)
+        split = f"text {args.text}"
+    elif meta is None:
+        raise DataError(f"{args.run} is an exported model: evaluate it on a text file (--text FILE) or a prepared "
+                        f"data folder with its vocabulary (--data-dir DIR)")
+    res = evaluate_model(model, meta, info["data_dir"], args.split, args.k, args.pathways, args.batch_size,
+                         args.max_batches, args.weights, tokens=tokens, tokenizer_kind=info["tokenizer_kind"])
+    res.split = split
     if res.tokens == 0:
-        raise DataError(f"the {args.split} split of {info['config'].data.data_dir} gave no window of "
-                        f"{model.cfg.context + 1} tokens to score; evaluate another split or prepare more data")
+        raise DataError(f"the {split} split gave no window of {model.cfg.context + 1} tokens to score; evaluate "
+                        f"another split or more text")
     if args.json:
         print(json.dumps({**res.__dict__, "checkpoint": info["checkpoint"], "step": info["step"]}))
     else:
@@ -124,22 +167,31 @@ def main_eval(argv=None) -> int:
 
 
 def main_sample(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="s2moe sample", description="Generate text from a trained run.")
+    ap = argparse.ArgumentParser(prog="s2moe sample", description="Generate text from a trained run or an exported folder.")
     ap.add_argument("run")
     ap.add_argument("--prompt", default="\n")
     ap.add_argument("--tokens", type=arg_int(1), default=200)
     ap.add_argument("--temperature", type=arg_float(0.0, inclusive=False), default=0.8)
     ap.add_argument("--top-k", type=arg_int(0), default=0, help="sample among the k likeliest tokens (0: all)")
+    ap.add_argument("--top-p", type=arg_float(0.0, inclusive=False), default=1.0,
+                    help="sample among the likeliest tokens whose probabilities reach this (1: all)")
+    ap.add_argument("--greedy", action="store_true", help="always the likeliest token")
+    ap.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     ap.add_argument("--k", type=arg_int(1), default=None, help="inference top-k experts")
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     ap.add_argument("--seed", type=arg_int(0), default=0)
     args = ap.parse_args(argv)
     if not args.prompt:
         raise ValueError("--prompt must hold at least one character (the text to continue); e.g. --prompt 'def '")
+    if args.top_p > 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     torch.manual_seed(args.seed)
-    model, meta, info = load_model(args.run)
+    model, meta, info = load_model(args.run, device=args.device)
     model.set_inference(k=args.k)
-    dec = Decoder(info["config"].data.data_dir, meta)
-    idx = torch.tensor([dec.encode(args.prompt)], dtype=torch.long)
-    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k)
-    print(dec.decode(out[0].tolist()))
+    tok = info["tokenizer"]
+    dev = next(model.parameters()).device
+    idx = torch.tensor([tok.encode(args.prompt)], dtype=torch.long, device=dev)
+    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         greedy=args.greedy, use_cache=not args.no_cache)
+    print(tok.decode(out[0].tolist()))
     return 0

@@ -192,6 +192,7 @@ def evaluate_run(run_dir: Path, suite: dict) -> tuple[list[dict], list[dict]]:
     val = load_split(cfg.data.data_dir, suite["eval"]["split"], meta)
     n = max(1, suite["eval"]["analysis_tokens"] // cfg.model.context)
     x, _ = next(WindowSampler(val, cfg.model.context).sequential(n, 1))
+    x = x.to(next(model.parameters()).device)
     return rows, analyse(model, x, jacobian_tokens=suite["eval"].get("jacobian_tokens", 128))
 
 
@@ -319,13 +320,13 @@ def summary_markdown(rows: list[dict]) -> str:
 
 def prepare_data(suite: dict) -> None:
     from .config import load_config
-    from .data.prepare import prepare
+    from .data.prepare import prepare_config
 
     cfg = load_config(suite["base"] or suite["variants"][0]["config"], suite["overrides"]).data
     if (Path(cfg.data_dir) / "meta.json").exists() or (REPO_ROOT / cfg.data_dir / "meta.json").exists():
         return
     print(f"[s2moe experiment] preparing {cfg.dataset} into {cfg.data_dir}", flush=True)
-    prepare(cfg.dataset, cfg.data_dir, cfg.source, cfg.tokenizer, cfg.vocab_size)
+    prepare_config(cfg)
 
 
 def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optional[list[str]] = None,

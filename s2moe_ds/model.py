@@ -27,10 +27,19 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BLD: Tensor) -> Tensor:
+    def forward(self, x_BLD: Tensor, cache: Optional[list] = None) -> Tensor:
+        """``cache``: this layer's ``[k, v]`` of the tokens before ``x`` (generation); extended in place."""
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        causal = True
+        if cache is not None:
+            if cache:  # earlier tokens: every new token sees all of them (one new token at a time)
+                if L != 1:
+                    raise ValueError("a KV cache with earlier tokens takes one new token per forward")
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+                causal = False
+            cache[:] = [k, v]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, L, D)))
 
 
@@ -59,13 +68,13 @@ class Block(nn.Module):
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict, dict]:
+    def forward(self, x: Tensor, cache: Optional[list] = None) -> tuple[Tensor, dict, dict]:
         if self.training and torch.is_grad_enabled() and self.checkpointing == "all":
             return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return self._forward(x, cache)
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, dict, dict]:
-        x = x + self.attn(self.ln1(x))
+    def _forward(self, x: Tensor, cache: Optional[list] = None) -> tuple[Tensor, dict, dict]:
+        x = x + self.attn(self.ln1(x), cache)
         h = self.ln2(x)
         if isinstance(self.ffn, MoELayer):
             if self.training and torch.is_grad_enabled() and self.checkpointing == "moe":
@@ -178,17 +187,20 @@ class MoELanguageModel(nn.Module):
             if pathways is not None:
                 layer.cfg.s2moe.inference = pathways
 
-    def forward(self, idx_BL: Tensor, targets_BL: Optional[Tensor] = None) -> ModelOutput:
+    def forward(self, idx_BL: Tensor, targets_BL: Optional[Tensor] = None, cache: Optional[list] = None) -> ModelOutput:
+        """``cache`` (generation): a list with one ``[k, v]`` per block (``new_cache()``), holding the tokens
+        before ``idx_BL``; their count is the position of ``idx_BL``'s first token."""
         B, L = idx_BL.shape
-        if L > self.cfg.context:
-            raise ValueError(f"sequence length {L} exceeds model.context ({self.cfg.context})")
-        pos = torch.arange(L, device=idx_BL.device)
+        start = cache[0][0].shape[2] if cache and cache[0] else 0
+        if start + L > self.cfg.context:
+            raise ValueError(f"sequence length {start + L} exceeds model.context ({self.cfg.context})")
+        pos = torch.arange(start, start + L, device=idx_BL.device)
         x = self.drop(self.tok_emb(idx_BL) + self.pos_emb(pos))
         for _, layer in self.moe_layers():
             layer.router.token_ids_T = idx_BL.reshape(-1)
         aux_losses, metrics = {}, {}
         for i, block in enumerate(self.blocks):
-            x, aux, met = block(x)
+            x, aux, met = block(x, cache[i] if cache is not None else None)
             aux_losses.update({f"layer{i}/{k}": v for k, v in aux.items()})
             metrics.update({f"layer{i}/{k}": v for k, v in met.items()})
         logits = self.head(self.ln_f(x))
@@ -211,12 +223,45 @@ class MoELanguageModel(nn.Module):
             active += per_expert * min(slots, layer.cfg.num_experts)
         return {"total": total, "active_per_token": int(active)}
 
+    def new_cache(self) -> list:
+        return [[] for _ in self.blocks]
+
     @torch.no_grad()
-    def generate(self, idx_BL: Tensor, new_tokens: int, temperature: float = 1.0, top_k: int = 0) -> Tensor:
-        for _ in range(new_tokens):
-            logits = self(idx_BL[:, -self.cfg.context:]).logits[:, -1] / max(temperature, 1e-6)
-            if top_k:
-                v, _ = logits.topk(min(top_k, logits.shape[-1]))
-                logits[logits < v[:, -1:]] = -float("inf")
-            idx_BL = torch.cat([idx_BL, torch.multinomial(logits.softmax(-1), 1)], dim=1)
+    def generate(self, idx_BL: Tensor, new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 greedy: bool = False, use_cache: bool = True) -> Tensor:
+        """Append ``new_tokens`` tokens. Each step samples from the last position's distribution (``greedy``:
+        its argmax) after temperature, top-k and top-p (nucleus) filtering. With ``use_cache`` the keys and
+        values of earlier tokens are kept (one token's forward per step) while the sequence fits the
+        context; past it, every step recomputes the last ``context`` tokens (positions are absolute), the
+        same as ``use_cache=False``."""
+        ctx = self.cfg.context
+        cache = self.new_cache() if use_cache else None
+        logits = self(idx_BL[:, -ctx:], cache=cache).logits[:, -1]
+        for n in range(new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, greedy)
+            idx_BL = torch.cat([idx_BL, nxt], dim=1)
+            if n + 1 == new_tokens:
+                break
+            if use_cache and idx_BL.shape[1] <= ctx:
+                logits = self(nxt, cache=cache).logits[:, -1]
+            else:
+                cache = self.new_cache() if use_cache else None
+                logits = self(idx_BL[:, -ctx:], cache=cache).logits[:, -1]
         return idx_BL
+
+
+def sample_next(logits_BV: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                greedy: bool = False) -> Tensor:
+    """One token per row: argmax (``greedy``), or a draw after temperature, top-k and top-p filtering."""
+    if greedy:
+        return logits_BV.argmax(-1, keepdim=True)
+    logits_BV = logits_BV.float() / max(temperature, 1e-6)
+    if top_k:
+        kth = logits_BV.topk(min(top_k, logits_BV.shape[-1])).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_BV, order_BV = logits_BV.sort(-1, descending=True)
+        cum_BV = sorted_BV.softmax(-1).cumsum(-1)
+        drop_BV = cum_BV - sorted_BV.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits_BV = logits_BV.masked_fill(drop_BV.scatter(-1, order_BV, drop_BV), float("-inf"))
+    return torch.multinomial(logits_BV.softmax(-1), 1)

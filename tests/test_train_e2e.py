@@ -257,7 +257,7 @@ def test_layout_change_without_portable_copy_is_refused_and_nothing_is_lost(tmp_
     assert snapshot(out) == before
 
 
-def test_export_expert_parallel_checkpoint_to_safetensors(ep_runs, tmp_path):
+def test_export_expert_parallel_checkpoint_to_safetensors(ep_runs, tmp_path, data_dir):
     from safetensors import safe_open
 
     out = tmp_path / "ep2.safetensors"
@@ -268,6 +268,11 @@ def test_export_expert_parallel_checkpoint_to_safetensors(ep_runs, tmp_path):
     from_file = json.loads(cli("eval", str(out), "--json", "--max-batches", "4").stdout.splitlines()[-1])
     from_ckpt = json.loads(cli("eval", str(ep_runs / "ep2"), "--json", "--max-batches", "4").stdout.splitlines()[-1])
     assert from_file["loss"] == from_ckpt["loss"] and from_file["step"] == 6
+    folder = tmp_path / "ep2-export"  # the self-contained folder, from the expert-parallel layout too
+    assert_ok(cli("export", str(ep_runs / "ep2"), "--out", str(folder)))
+    from_folder = json.loads(cli("eval", str(folder), "--json", "--max-batches", "4", "--data-dir",
+                                 str(data_dir)).stdout.splitlines()[-1])
+    assert from_folder["loss"] == from_ckpt["loss"] and from_folder["step"] == 6
 
 
 def test_moe_metrics_cover_every_micro_batch_and_rank(tmp_path, data_dir):

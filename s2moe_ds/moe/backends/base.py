@@ -54,7 +54,7 @@ def init_expert(spec: ExpertSpec, base_seed: int, expert: int) -> dict:
 
 def draw_base_seed() -> int:
     """One draw from the global RNG (so seeding the run seeds the experts)."""
-    return int(torch.randint(1 << 62, ()))
+    return int(torch.randint(1 << 62, (), device="cpu"))  # the CPU stream even under a meta-device init
 
 
 class ExpertBackend(nn.Module):

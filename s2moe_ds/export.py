@@ -1,0 +1,184 @@
+"""A trained run as a self-contained folder in the Hugging Face layout, and loading it back anywhere.
+
+    s2moe export runs/tiny --out tiny-export          # any parallel layout; nothing else needed afterwards
+    s2moe sample tiny-export --prompt "def "           # from any directory
+    s2moe eval tiny-export --text some.txt             # or --data-dir a prepared folder
+
+    from s2moe_ds import load_pretrained
+    model, tok = load_pretrained("tiny-export")
+    print(tok.decode(model.generate(tok.encode("def "), 50)[0]))
+
+The folder holds ``config.json`` (``model_type: s2moe``, the usual size names and this package's full
+resolved model config under ``s2moe``), the weights as ``model.safetensors`` (keys prefixed ``model.``, as
+the ``transformers`` wrapper in ``s2moe_ds/hf.py`` names them; above ``max_shard_bytes`` split into
+``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``, as ``save_pretrained`` does),
+the tokenizer (``Tokenizer.save_pretrained``: the character vocabulary, or the SentencePiece / Hugging Face
+tokenizer file), and ``configuration_s2moe.py`` / ``modeling_s2moe.py`` for ``transformers``'
+``trust_remote_code``. It is written to a temporary folder and renamed, so an interrupted export leaves
+nothing half-written; an existing folder is never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import CheckpointError, check_compatible, load_for_eval, vocab_fingerprint
+from .config import ModelConfig, config_from_dict
+from .configtools import from_dict
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PREFIX = "model."
+CODE = {"configuration_s2moe.py": "from s2moe_ds.hf import S2MoEConfig  # noqa: F401  (pip install s2moe_ds[hf])\n",
+        "modeling_s2moe.py": "from s2moe_ds.hf import S2MoEConfig, S2MoEForCausalLM  # noqa: F401\n"}
+
+
+def is_export(path: str | Path) -> bool:
+    f = Path(path) / CONFIG
+    if not f.is_file():
+        return False
+    try:
+        return json.loads(f.read_text()).get("model_type") == "s2moe"
+    except (OSError, ValueError):
+        return False
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '100KB' or a number of bytes."""
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+    t = str(text).strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit):
+            t, mult = t[: -len(unit)], factor
+            break
+    else:
+        mult = 1
+    try:
+        value = int(float(t) * mult)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"--max-shard-size must be a positive size such as 5GB or 500MB, got {text!r}")
+    return value
+
+
+def shard(state: dict, max_bytes: int) -> list[dict]:
+    """Tensors in order, a new shard whenever the next one would pass ``max_bytes`` (one tensor per shard
+    at least)."""
+    shards, current, size = [], {}, 0
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = value
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def export_pretrained(run: str | Path, out_dir: str | Path, data_dir: Optional[str] = None,
+                      max_shard_bytes: int = 5 * 2**30) -> Path:
+    from safetensors.torch import save_file
+
+    from .data.prepare import DataError, read_meta
+    from .data.tokenizers import load_tokenizer
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} already exists and is not an empty folder; export into a new folder")
+    state, client, ckpt = load_for_eval(run)
+    cfg = config_from_dict(client["config"])
+    data_dir = data_dir or cfg.data.data_dir
+    try:
+        meta = read_meta(data_dir)
+    except DataError as e:
+        raise DataError(f"the export carries the run's tokenizer, read from its prepared data folder: {e}; pass "
+                        f"--data-dir with the folder the run was trained on") from None
+    check_compatible(client, meta, str(ckpt))
+    tokenizer = load_tokenizer(data_dir, meta)
+    model_cfg = client["config"]["model"]
+    tied = model_cfg.get("tie_embeddings", True)
+    weights = {PREFIX + k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "head.weight")}
+    config = {"model_type": "s2moe", "architectures": ["S2MoEForCausalLM"],
+              "auto_map": {"AutoConfig": "configuration_s2moe.S2MoEConfig",
+                           "AutoModelForCausalLM": "modeling_s2moe.S2MoEForCausalLM"},
+              "vocab_size": model_cfg["vocab_size"], "hidden_size": model_cfg["d_model"],
+              "num_hidden_layers": model_cfg["n_layer"], "num_attention_heads": model_cfg["n_head"],
+              "max_position_embeddings": model_cfg["context"], "tie_word_embeddings": tied, "torch_dtype": "float32",
+              "s2moe": model_cfg, "s2moe_step": client.get("step"), "s2moe_tokenizer": meta["tokenizer"],
+              "s2moe_vocab_fingerprint": vocab_fingerprint(meta), "s2moe_source": str(ckpt)}
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        parts = shard(weights, max_shard_bytes)
+        if len(parts) == 1:
+            save_file(parts[0], str(tmp / WEIGHTS), metadata={"format": "pt"})
+        else:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in weights.values())},
+                     "weight_map": {}}
+            for i, part in enumerate(parts, 1):
+                name = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+                save_file(part, str(tmp / name), metadata={"format": "pt"})
+                index["weight_map"].update({k: name for k in part})
+            (tmp / INDEX).write_text(json.dumps(index, indent=1))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+        tokenizer.save_pretrained(tmp)
+        for name, text in CODE.items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            out.rmdir()  # the empty folder the user may have made
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write the export {out} ({e.strerror or e}); nothing was left half-written: "
+                              f"choose a writable --out with free space") from None
+    return out
+
+
+def read_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    index = folder / INDEX
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [WEIGHTS]
+    state = {}
+    for name in files:
+        f = folder / name
+        if not f.exists():
+            raise CheckpointError(f"{f} is missing: the export is incomplete")
+        state.update(load_file(str(f)))
+    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
+
+
+def load_pretrained(folder: str | Path, device: Optional[str | torch.device] = None):
+    """(model in eval mode, tokenizer) from an exported folder, with nothing else present."""
+    from .data.tokenizers import Tokenizer
+    from .model import MoELanguageModel
+
+    folder = Path(folder)
+    if not is_export(folder):
+        raise CheckpointError(f"{folder} is not an s2moe export (no {CONFIG} with model_type 's2moe'); make one with "
+                              f"`s2moe export RUN --out {folder}`")
+    config = json.loads((folder / CONFIG).read_text())
+    model_cfg = from_dict(ModelConfig, config["s2moe"], prefix="s2moe")
+    model_cfg.moe.backend, model_cfg.moe.ep_size = "local", 1
+    model = MoELanguageModel(model_cfg)
+    state = read_weights(folder)
+    if model_cfg.tie_embeddings and "head.weight" not in state:
+        state["head.weight"] = state["tok_emb.weight"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: the weights do not fit its config.json ({str(e).splitlines()[0]})") from None
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, Tokenizer.from_pretrained(folder)
