@@ -329,7 +329,7 @@ def test_bad_hostfiles_are_refused(tmp_path, hostfile, needle):
     (["reshard", "RUN", "NEW", "--nproc", "0"], "--nproc: must be >= 1"),
     (["report", "NOWHERE"], "not an experiment folder"),
     (["export", "NOWHERE", "--out", "x.safetensors"], "does not exist"),
-    (["export", "RUN", "--out", ""], "--out must name a file"),
+    (["export", "RUN", "--out", ""], "--out must name a folder"),
     (["sample", "RUN", "--prompt", ""], "--prompt must hold at least one character"),
     (["experiment", "cpu-shakespeare", "--seeds", ""], "--seeds must be comma-separated integers"),
     (["experiment", "cpu-shakespeare", "--only", ""], "--only must name at least one variant"),
