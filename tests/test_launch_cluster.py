@@ -70,6 +70,13 @@ def test_dockerfiles_pass_hadolint_and_install_the_ci_requirement_files():
         for req in installed:  # the files it installs are the repository's own, copied in
             assert (REPO / req).exists() and re.search(rf"COPY [^\n]*\b{re.escape(req)}\b", text), (f.name, req)
     assert "-r requirements-megablocks.txt" in (REPO / "docker" / "Dockerfile.gpu").read_text()
+    # the GPU image (never built here) keeps the CPU image's layout: build inputs, ssh launch, the package
+    for f in files:
+        text = f.read_text()
+        for part in ("ARG BASE_IMAGE=", "COPY docker/build-inputs/ /opt/build-inputs/", "update-ca-certificates",
+                     "--find-links /opt/build-inputs", "openssh-server", "pdsh", "/root/.deepspeed_env",
+                     "COPY s2moe_ds/ s2moe_ds/", 'VOLUME ["/workspace/s2moe_ds/data_cache", "/workspace/s2moe_ds/runs"]'):
+            assert part in text, (f.name, part)
     pins = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
     assert all("==" in p for p in pins), pins
 
@@ -91,7 +98,7 @@ def test_scripts_fail_clearly_on_missing_inputs_and_print_their_command(tmp_path
     assert p.returncode == 2 and "MASTER_PORT must be a TCP port number" in p.stderr
     p = sh("tensorboard.sh", str(tmp_path))
     assert p.returncode == 2 and "tensorboard' does not exist" in p.stderr
-    # no Docker engine here: the docker run command is checked as printed (DRY_RUN), not executed
+    # the command as printed (DRY_RUN) for a GPU image; tests/test_docker.py runs the CPU image for real
     p = sh("docker_run.sh", "bash", "launch/single_node.sh", extra_env={
         "DRY_RUN": "1", "IMAGE": "s2moe_ds:gpu", "DATA": str(data_dir.parent), "RUNS": str(tmp_path / "runs")})
     assert p.returncode == 0 and (tmp_path / "runs").is_dir()
