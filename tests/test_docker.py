@@ -2,10 +2,15 @@
 through launch/docker_run.sh with data and runs mounted from the host, resumes it in a second container,
 and runs DeepSpeed's default multi-node launch (pdsh over ssh) between two containers with expert
 parallelism, compared with a one-host two-process run. Needs root (the engine is started here); CI has
-it (S2MOE_REQUIRE_CLUSTER_TOOLS=1 makes a missing engine a failure). S2MOE_DOCKER_ROOT=DIR keeps the
-engine's data (and so the base image and build cache) between runs; otherwise it is removed afterwards."""
+it (S2MOE_REQUIRE_CLUSTER_TOOLS=1 makes a missing engine a failure).
+
+The engine's data (base image, build cache, about 5 GB) is kept between runs in S2MOE_DOCKER_ROOT
+(default /var/tmp/s2moe-docker-cache; S2MOE_DOCKER_ROOT=tmp uses a fresh folder removed afterwards), so a
+rerun rebuilds only the layers whose inputs changed. A second test session that finds the folder in use
+(an exclusive lock) takes a fresh one instead of sharing the daemon's data."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -39,14 +44,26 @@ def need(reason: str) -> None:
 @pytest.fixture(scope="module")
 def engine():
     need(DockerEngine.unavailable())
-    keep = os.environ.get("S2MOE_DOCKER_ROOT")
-    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="s2moe-docker-", dir="/var/tmp"))
+    keep = os.environ.get("S2MOE_DOCKER_ROOT", "/var/tmp/s2moe-docker-cache")
+    lock = None
+    if keep != "tmp":
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        lock = open(Path(keep) / ".lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another session's daemon owns that data root
+            lock.close()
+            lock, keep = None, "tmp"
+    root = Path(keep) if keep != "tmp" else Path(tempfile.mkdtemp(prefix="s2moe-docker-", dir="/var/tmp"))
     try:
         with DockerEngine(root) as d:
             yield d
+            d.docker("image", "prune", "-f", check=False)  # earlier builds' layers, no longer tagged
     finally:
-        if not keep:
+        if lock is None:
             shutil.rmtree(root, ignore_errors=True)
+        else:
+            lock.close()
 
 
 def build_context(dest: Path) -> Path:
@@ -72,7 +89,8 @@ def image(engine, tmp_path_factory):
     engine.ensure_base_image()
     t1 = time.time()
     ctx = build_context(tmp_path_factory.mktemp("context"))
-    engine.docker("build", "--network", "host", "-f", "docker/Dockerfile.cpu", "-t", IMAGE, str(ctx), timeout=1800)
+    engine.docker("build", "--network", "host", "-f", str(ctx / "docker" / "Dockerfile.cpu"), "-t", IMAGE, str(ctx),
+                  timeout=1800)
     print(f"[docker] base image {t1 - t0:.0f} s, CPU image build {time.time() - t1:.0f} s")
     return IMAGE
 
