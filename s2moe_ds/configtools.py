@@ -4,13 +4,16 @@ Every config in the project is a dataclass. ``from_dict`` builds one from a plai
 rejecting unknown keys and wrong types with a ``ConfigError`` that names the dotted field path and
 what would be valid. ``apply_overrides`` applies ``a.b.c=value`` strings from the command line.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+import types
 import typing
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import yaml
 
@@ -50,7 +53,7 @@ def _coerce(field: str, tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
@@ -62,7 +65,7 @@ def _coerce(field: str, tp: Any, value: Any) -> Any:
                 return _coerce(field, arg, value)
             except ConfigError as e:
                 errors.append(str(e))
-        fail(field, f"value {value!r} matches none of {tp}")
+        fail(field, f"value {value!r} matches none of {tp}: {'; '.join(errors)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -132,6 +135,7 @@ def to_dict(obj: Any) -> Any:
 
 def arg_int(lo: int):
     """An argparse type: an integer >= ``lo`` (argparse then names the option in its error)."""
+
     def parse(text: str) -> int:
         import argparse
 
@@ -142,11 +146,13 @@ def arg_int(lo: int):
         if value < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
         return value
+
     return parse
 
 
 def arg_float(lo: float, inclusive: bool = True):
     """An argparse type: a finite number >= ``lo`` (> ``lo`` when not ``inclusive``)."""
+
     def parse(text: str) -> float:
         import argparse
 
@@ -157,6 +163,7 @@ def arg_float(lo: float, inclusive: bool = True):
         if not math.isfinite(value) or value < lo or (value == lo and not inclusive):
             raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {lo}, got {text}")
         return value
+
     return parse
 
 
@@ -169,9 +176,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise ConfigError(f"{self.source}: key {key!r} is given twice, on line {seen[key] + 1} and line "
-                                  f"{key_node.start_mark.line + 1}; keep one (a repeated section replaces the "
-                                  f"earlier one entirely)")
+                raise ConfigError(
+                    f"{self.source}: key {key!r} is given twice, on line {seen[key] + 1} and line "
+                    f"{key_node.start_mark.line + 1}; keep one (a repeated section replaces the "
+                    f"earlier one entirely)"
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
