@@ -11,7 +11,11 @@ setup(
     # megablocks: the backend calls grouped_gemm (MegaBlocks' grouped GEMM kernels, built against the
     # installed torch: `pip install --no-build-isolation -e .[megablocks]` on a CUDA machine). MegaBlocks
     # itself pins torch 2.7.0; requirements-megablocks.txt installs it with --no-deps instead.
-    extras_require={"dev": ["pytest", "wandb", "transformers"], "megablocks": ["grouped_gemm>=0.3.0"], "wandb": ["wandb"],
-                    "hf": ["transformers>=5"]},
+    extras_require={
+        "dev": ["pytest", "wandb", "transformers"],
+        "megablocks": ["grouped_gemm>=0.3.0"],
+        "wandb": ["wandb"],
+        "hf": ["transformers>=5"],
+    },
     entry_points={"console_scripts": ["s2moe=s2moe_ds.cli:main", "s2moe-train=s2moe_ds.train:main"]},
 )

@@ -9,6 +9,7 @@ checkpointing trades for recomputation, it is exact, and it is the same on any d
 allocator figure would add the weights, the optimizer and the allocator's caching). Time is the median
 of one forward + backward in interleaved rounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,16 +55,27 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = {"S2MoE top-1": ["model.moe.k=1", "model.moe.s2moe.enabled=true"],
-                "SMoE top-2": ["model.moe.k=2", "model.moe.s2moe.enabled=false"]}
+    variants = {
+        "S2MoE top-1": ["model.moe.k=1", "model.moe.s2moe.enabled=true"],
+        "SMoE top-2": ["model.moe.k=2", "model.moe.s2moe.enabled=false"],
+    }
     rows = []
     for name, overrides in variants.items():
         models = {}
         for mode in MODES:
-            cfg = load_config(None, [f"model.vocab_size=256", f"model.n_layer={args.layers}", "model.n_head=4",
-                                     f"model.d_model={args.d_model}", f"model.context={args.context}",
-                                     f"model.moe.num_experts={args.experts}", f"model.activation_checkpointing={mode}",
-                                     *overrides]).model
+            cfg = load_config(
+                None,
+                [
+                    "model.vocab_size=256",
+                    f"model.n_layer={args.layers}",
+                    "model.n_head=4",
+                    f"model.d_model={args.d_model}",
+                    f"model.context={args.context}",
+                    f"model.moe.num_experts={args.experts}",
+                    f"model.activation_checkpointing={mode}",
+                    *overrides,
+                ],
+            ).model
             torch.manual_seed(0)
             models[mode] = MoELanguageModel(cfg).train()
         x = torch.randint(0, 256, (args.batch, args.context))
@@ -74,15 +86,31 @@ def main(argv=None):
                 out = m(x, x)
                 (out.loss + out.aux_loss).backward()
                 m.zero_grad(set_to_none=True)
+
             return run
+
         times = interleaved_medians({mode: step(m) for mode, m in models.items()}, rounds=args.rounds, warmup=1)
         for mode in MODES:
-            rows.append([name, mode, f"{memory[mode] / 2**20:,.1f}", f"{memory[mode] / memory['none']:.2f}",
-                         f"{1e3 * times[mode]:,.0f}", f"{times[mode] / times['none']:.2f}"])
-    print(f"d_model {args.d_model}, {args.layers} layers, {args.experts} experts, {args.batch} x {args.context} "
-          f"tokens, fp32, {args.threads} thread(s), medians of {args.rounds} interleaved rounds\n")
-    print(table(rows, ["model", "activation_checkpointing", "saved for backward (MiB)", "vs none",
-                       "fwd+bwd (ms)", "vs none"]))
+            rows.append(
+                [
+                    name,
+                    mode,
+                    f"{memory[mode] / 2**20:,.1f}",
+                    f"{memory[mode] / memory['none']:.2f}",
+                    f"{1e3 * times[mode]:,.0f}",
+                    f"{times[mode] / times['none']:.2f}",
+                ]
+            )
+    print(
+        f"d_model {args.d_model}, {args.layers} layers, {args.experts} experts, {args.batch} x {args.context} "
+        f"tokens, fp32, {args.threads} thread(s), medians of {args.rounds} interleaved rounds\n"
+    )
+    print(
+        table(
+            rows,
+            ["model", "activation_checkpointing", "saved for backward (MiB)", "vs none", "fwd+bwd (ms)", "vs none"],
+        )
+    )
 
 
 if __name__ == "__main__":

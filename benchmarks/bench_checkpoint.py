@@ -10,6 +10,7 @@ processes (gloo, ZeRO 2) for a small and a larger model, with experts replicated
 prints the ratio. Needs the built-in corpus prepared
 (``s2moe prepare --config configs/tiny.yaml``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,14 +41,40 @@ def main(argv=None):
     rows = []
     for name, overrides in CASES.items():
         with tempfile.TemporaryDirectory(prefix="s2moe-ckpt-bench-") as tmp:
-            r = run_worker(2, overrides + ["train.micro_batch_size=2"], {}, 2, args.data_dir,
-                           ["--warmup", "1", "--ckpt-reps", str(args.reps), "--ckpt-dir", tmp])
-        rows.append([name, f"{r['params'] / 1e6:.2f}", f"{r['ds_save_s'] * 1e3:.0f}", f"{r['portable_save_s'] * 1e3:.0f}",
-                     f"{r['portable_save_s'] / r['ds_save_s']:.2f}", f"{r['ds_bytes'] / 2**20:.1f}",
-                     f"{r['portable_bytes'] / 2**20:.1f}"])
+            r = run_worker(
+                2,
+                overrides + ["train.micro_batch_size=2"],
+                {},
+                2,
+                args.data_dir,
+                ["--warmup", "1", "--ckpt-reps", str(args.reps), "--ckpt-dir", tmp],
+            )
+        rows.append(
+            [
+                name,
+                f"{r['params'] / 1e6:.2f}",
+                f"{r['ds_save_s'] * 1e3:.0f}",
+                f"{r['portable_save_s'] * 1e3:.0f}",
+                f"{r['portable_save_s'] / r['ds_save_s']:.2f}",
+                f"{r['ds_bytes'] / 2**20:.1f}",
+                f"{r['portable_bytes'] / 2**20:.1f}",
+            ]
+        )
     print(f"2 processes, gloo, ZeRO 2, AdamW; median of {args.reps} saves\n")
-    print(table(rows, ["model", "params per rank (M)", "DeepSpeed save ms", "portable copy ms", "portable / DeepSpeed",
-                       "DeepSpeed MiB", "portable MiB"]))
+    print(
+        table(
+            rows,
+            [
+                "model",
+                "params per rank (M)",
+                "DeepSpeed save ms",
+                "portable copy ms",
+                "portable / DeepSpeed",
+                "DeepSpeed MiB",
+                "portable MiB",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

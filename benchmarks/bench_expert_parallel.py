@@ -10,6 +10,7 @@
 Each configuration runs ``--rounds`` times, interleaved; the table shows the median over rounds.
 Needs the built-in corpus prepared (``s2moe prepare --config configs/tiny.yaml``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,11 @@ CASES = {
     "experts replicated, 2 processes (data parallel)": (2, ["model.moe.ep_size=1", E4], {}),
     "ep=2, dropless (padded), fused dispatch": (2, ["model.moe.ep_size=2", E4], {}),
     "ep=2, ragged, fused dispatch": (2, ["model.moe.ep_size=2", "model.moe.ep_mode=ragged", E4], {}),
-    "ep=2, dropless (padded), two dispatches": (2, ["model.moe.ep_size=2", E4, "model.moe.s2moe.fused_dispatch=false"], {}),
+    "ep=2, dropless (padded), two dispatches": (
+        2,
+        ["model.moe.ep_size=2", E4, "model.moe.s2moe.fused_dispatch=false"],
+        {},
+    ),
     "data parallel, 2 threads per rank": (2, ["model.moe.ep_size=1", E4], OVERSUBSCRIBED),
     "ep=2, dropless (padded), 2 threads per rank": (2, ["model.moe.ep_size=2", E4], OVERSUBSCRIBED),
 }
@@ -44,19 +49,32 @@ def port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(nproc: int, overrides: list[str], extra_env: dict, steps: int, data_dir: str,
-               worker_args: tuple = ()) -> dict:
+def run_worker(
+    nproc: int, overrides: list[str], extra_env: dict, steps: int, data_dir: str, worker_args: tuple = ()
+) -> dict:
     """One ``benchmarks/ep_worker.py`` run under the deepspeed launcher; its RESULT line as a dict."""
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(port()), str(REPO / "benchmarks/ep_worker.py"),
-           "--steps", str(steps), *worker_args, "model.moe.backend=deepspeed", f"data.data_dir={data_dir}", *overrides]
+    cmd = [
+        str(launcher),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(port()),
+        str(REPO / "benchmarks/ep_worker.py"),
+        "--steps",
+        str(steps),
+        *worker_args,
+        "model.moe.backend=deepspeed",
+        f"data.data_dir={data_dir}",
+        *overrides,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env.update(extra_env, PATH=f"{launcher.parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"benchmark case failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main(argv=None):
@@ -75,12 +93,25 @@ def main(argv=None):
         step = statistics.median(r["step_s"] for r in rs)
         a2a = statistics.median(r["a2a_s"] for r in rs)
         calls = statistics.median(r["a2a_calls"] for r in rs)
-        rows.append([name, f"{step * 1e3:.1f}", f"{step / base:.2f}", f"{a2a * 1e3:.1f}", f"{100 * a2a / step:.0f}%",
-                     f"{calls:.0f}"])
-    print(f"tiny S2MoE (configs/tiny.yaml, 2 MoE layers, 4 experts), global batch 16 x 64 tokens, "
-          f"{args.steps} timed steps x {args.rounds} rounds\n")
-    print(table(rows, ["configuration", "step ms", "vs ep=1", "all-to-all ms/step", "all-to-all share",
-                       "all-to-alls/step"]))
+        rows.append(
+            [
+                name,
+                f"{step * 1e3:.1f}",
+                f"{step / base:.2f}",
+                f"{a2a * 1e3:.1f}",
+                f"{100 * a2a / step:.0f}%",
+                f"{calls:.0f}",
+            ]
+        )
+    print(
+        f"tiny S2MoE (configs/tiny.yaml, 2 MoE layers, 4 experts), global batch 16 x 64 tokens, "
+        f"{args.steps} timed steps x {args.rounds} rounds\n"
+    )
+    print(
+        table(
+            rows, ["configuration", "step ms", "vs ep=1", "all-to-all ms/step", "all-to-all share", "all-to-alls/step"]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ generated greedily, so both paths produce the same tokens (checked) and stay ins
 absolute positions make every step a full recomputation, cached or not). Tokens/s counts generated
 tokens; the prompt's prefill is included in the time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,18 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     rows = []
     for ctx in (int(c) for c in args.contexts.split(",")):
-        cfg = load_config(None, ["model.vocab_size=256", f"model.context={ctx}", f"model.n_layer={args.layers}",
-                                 "model.n_head=4", f"model.d_model={args.d_model}", "model.moe.k=1",
-                                 "model.moe.s2moe.enabled=true"]).model
+        cfg = load_config(
+            None,
+            [
+                "model.vocab_size=256",
+                f"model.context={ctx}",
+                f"model.n_layer={args.layers}",
+                "model.n_head=4",
+                f"model.d_model={args.d_model}",
+                "model.moe.k=1",
+                "model.moe.s2moe.enabled=true",
+            ],
+        ).model
         torch.manual_seed(0)
         model = MoELanguageModel(cfg).eval()
         prompt = torch.randint(0, 256, (1, max(1, ctx - args.new)))
@@ -45,13 +55,25 @@ def main(argv=None):
         def run(use_cache):
             def go():
                 outs[use_cache] = model.generate(prompt, args.new, greedy=True, use_cache=use_cache)
+
             return go
+
         times = interleaved_medians({"cached": run(True), "uncached": run(False)}, rounds=args.rounds, warmup=1)
         assert torch.equal(outs[True], outs[False]), "the cached path must give the uncached path's tokens"
-        rows.append([str(ctx), str(prompt.shape[1]), str(args.new), f"{args.new / times['uncached']:,.1f}",
-                     f"{args.new / times['cached']:,.1f}", f"{times['uncached'] / times['cached']:.1f}x"])
-    print(f"S2MoE top-1, {args.layers} layers, d_model {args.d_model}, 8 experts, fp32, {args.threads} thread(s), "
-          f"batch 1, greedy; medians of {args.rounds} interleaved rounds\n")
+        rows.append(
+            [
+                str(ctx),
+                str(prompt.shape[1]),
+                str(args.new),
+                f"{args.new / times['uncached']:,.1f}",
+                f"{args.new / times['cached']:,.1f}",
+                f"{times['uncached'] / times['cached']:.1f}x",
+            ]
+        )
+    print(
+        f"S2MoE top-1, {args.layers} layers, d_model {args.d_model}, 8 experts, fp32, {args.threads} thread(s), "
+        f"batch 1, greedy; medians of {args.rounds} interleaved rounds\n"
+    )
     print(table(rows, ["context", "prompt tokens", "new tokens", "uncached tokens/s", "cached tokens/s", "speed-up"]))
 
 

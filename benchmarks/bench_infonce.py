@@ -4,6 +4,7 @@
 
 The all-pairs loss (negatives=0) is quadratic in the micro-batch; sampled negatives make it linear.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ def main(argv=None):
         def f():
             a, p = x.clone().requires_grad_(), x_hat.clone().requires_grad_()
             info_nce(a, p, 0.1, m).backward()
+
         return f
 
     counts = [16, 64, 256, 1024, 0]

@@ -7,6 +7,7 @@ Prints a Markdown table of median times over interleaved rounds and the ratios t
 S2MoE training step / DeepSpeed top-2 (target <= 0.85), expert GFLOP/s / dense GFLOP/s (target >= 0.85),
 S2MoE eval throughput / DeepSpeed top-2 eval throughput (target >= 2.5), and each local implementation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ def main(argv=None):
             xi = x.clone().requires_grad_()
             y, aux = layer_fn(xi)
             (y * grad_out).sum().add(aux).backward()
+
         return run
 
     def ours(s2: bool, k: int):
@@ -55,13 +57,23 @@ def main(argv=None):
     s2 = ours(True, 1)
     smoe2 = ours(False, 2)
     expert = torch.nn.Sequential(torch.nn.Linear(D, Fh), torch.nn.GELU(), torch.nn.Linear(Fh, D))
-    ds = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=1, k=2, capacity_factor=1.25,
-             eval_capacity_factor=1.25, min_capacity=4, drop_tokens=True)
+    ds = MoE(
+        hidden_size=D,
+        expert=expert,
+        num_experts=E,
+        ep_size=1,
+        k=2,
+        capacity_factor=1.25,
+        eval_capacity_factor=1.25,
+        min_capacity=4,
+        drop_tokens=True,
+    )
 
     def ours_fn(layer):
         def f(xi):
             out = layer(xi)
             return out.y, sum(out.aux_losses.values())
+
         return f
 
     def ds_fn(xi):
@@ -79,6 +91,7 @@ def main(argv=None):
             xi = x2.clone().requires_grad_()
             y = torch.cat([F.gelu(c @ w1) @ w2 for c in xi.chunk(blocks)])
             (y * g2).sum().backward()
+
         return run
 
     # the expert computation alone (top-2 routing from the SMoE router), each local implementation
@@ -94,18 +107,23 @@ def main(argv=None):
         def run():
             xi = x.clone().requires_grad_()
             (b(xi, ids, wts) * grad_out).sum().backward()
+
         return run
 
-    train = interleaved_medians({
-        "S2MoE train step (2 pathways x top-1, fused)": train_step(ours_fn(s2.train())),
-        "SMoE top-2 (ours, dropless)": train_step(ours_fn(smoe2.train())),
-        "DeepSpeed MoE top-2 (capacity 1.25)": train_step(ds_fn),
-        "dense matmul, same FLOPs, 1 block": dense(1),
-        f"dense matmul, same FLOPs, {E} blocks": dense(E),
-        **{f"experts only, impl={impl}": expert_only(b) for impl, b in backends.items()},
-    }, rounds=args.rounds)
+    train = interleaved_medians(
+        {
+            "S2MoE train step (2 pathways x top-1, fused)": train_step(ours_fn(s2.train())),
+            "SMoE top-2 (ours, dropless)": train_step(ours_fn(smoe2.train())),
+            "DeepSpeed MoE top-2 (capacity 1.25)": train_step(ds_fn),
+            "dense matmul, same FLOPs, 1 block": dense(1),
+            f"dense matmul, same FLOPs, {E} blocks": dense(E),
+            **{f"experts only, impl={impl}": expert_only(b) for impl, b in backends.items()},
+        },
+        rounds=args.rounds,
+    )
 
-    s2.eval(); ds.eval()
+    s2.eval()
+    ds.eval()
 
     @torch.no_grad()
     def s2_eval():
@@ -115,8 +133,9 @@ def main(argv=None):
     def ds_eval():
         ds(x.unsqueeze(0))
 
-    infer = interleaved_medians({"S2MoE eval (clean, top-1)": s2_eval, "DeepSpeed MoE top-2 eval": ds_eval},
-                                rounds=args.rounds)
+    infer = interleaved_medians(
+        {"S2MoE eval (clean, top-1)": s2_eval, "DeepSpeed MoE top-2 eval": ds_eval}, rounds=args.rounds
+    )
 
     flops_top2 = 3 * 2 * T * 2 * 2 * D * Fh  # fwd+bwd = 3x forward; 2 slots/token; 2 matmuls of 2*D*F
     rows = []
@@ -129,10 +148,22 @@ def main(argv=None):
     dense_t = min(t for name, t in train.items() if name.startswith("dense"))
     best_impl = min(backends, key=lambda i: train[f"experts only, impl={i}"])
     ratios = [
-        ["S2MoE train step / DeepSpeed top-2 train step", f"{train['S2MoE train step (2 pathways x top-1, fused)'] / ds_t:.2f}", "<= 0.85"],
+        [
+            "S2MoE train step / DeepSpeed top-2 train step",
+            f"{train['S2MoE train step (2 pathways x top-1, fused)'] / ds_t:.2f}",
+            "<= 0.85",
+        ],
         ["SMoE top-2 (ours) / DeepSpeed top-2 train step", f"{train['SMoE top-2 (ours, dropless)'] / ds_t:.2f}", ""],
-        [f"expert GFLOP/s ({best_impl}) / best dense GFLOP/s", f"{dense_t / train[f'experts only, impl={best_impl}']:.2f}", ">= 0.85"],
-        ["S2MoE eval throughput / DeepSpeed top-2 eval throughput", f"{infer['DeepSpeed MoE top-2 eval'] / infer['S2MoE eval (clean, top-1)']:.2f}", ">= 2.5"],
+        [
+            f"expert GFLOP/s ({best_impl}) / best dense GFLOP/s",
+            f"{dense_t / train[f'experts only, impl={best_impl}']:.2f}",
+            ">= 0.85",
+        ],
+        [
+            "S2MoE eval throughput / DeepSpeed top-2 eval throughput",
+            f"{infer['DeepSpeed MoE top-2 eval'] / infer['S2MoE eval (clean, top-1)']:.2f}",
+            ">= 2.5",
+        ],
     ]
     print()
     print(table(ratios, ["ratio", "measured", "target"]))

@@ -10,6 +10,7 @@ bytes / wall time, all passes) and the peak RSS of the main process and of the l
 worker (``getrusage``'s ru_maxrss, read inside the child). Everything is deleted afterwards. Needs about
 twice ``--size-gb`` of free disk in ``--tmp`` (corpus plus token files).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,15 @@ def text_pool(n_bytes: int = 8 << 20, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
     words = ["".join(rng.choice(letters, size=int(rng.integers(1, 11)))) for _ in range(20000)]
-    words += ["caf\u00e9", "na\u00efve", "\u00fcber", "\u65e5\u672c\u8a9e", "\u00e5ngstr\u00f6m", "\u2014", "\U0001f600"]
+    words += [
+        "caf\u00e9",
+        "na\u00efve",
+        "\u00fcber",
+        "\u65e5\u672c\u8a9e",
+        "\u00e5ngstr\u00f6m",
+        "\u2014",
+        "\U0001f600",
+    ]
     p = 1.0 / np.arange(1, len(words) + 1) ** 1.05
     rng.shuffle(p)
     ids = rng.choice(len(words), size=n_bytes // 6, p=p / p.sum())
@@ -68,8 +77,11 @@ def generate(folder: Path, size_bytes: int, fmt: str = "jsonl", file_mb: int = 1
     gz = fmt.endswith(".gz")
     while written < size_bytes:
         name = folder / f"part-{file_no:05d}.{fmt}"
-        opener = (lambda p: gzip.open(p, "wt", encoding="utf-8", compresslevel=1)) if gz else \
-            (lambda p: open(p, "w", encoding="utf-8"))
+        opener = (
+            (lambda p: gzip.open(p, "wt", encoding="utf-8", compresslevel=1))
+            if gz
+            else (lambda p: open(p, "w", encoding="utf-8"))
+        )
         target = min(file_mb << 20, size_bytes - written)
         in_file = 0
         if fmt.startswith("jsonl"):
@@ -78,7 +90,7 @@ def generate(folder: Path, size_bytes: int, fmt: str = "jsonl", file_mb: int = 1
                 while in_file < target:
                     n = int(rng.integers(200, 8000))
                     start = int(rng.integers(0, len(pool) - n))
-                    line = json.dumps({"id": file_no, "text": pool[start:start + n]}, ensure_ascii=False) + "\n"
+                    line = json.dumps({"id": file_no, "text": pool[start : start + n]}, ensure_ascii=False) + "\n"
                     lines.append(line)
                     in_file += len(line.encode("utf-8"))
                     if len(lines) >= 2000:
@@ -94,7 +106,7 @@ def generate(folder: Path, size_bytes: int, fmt: str = "jsonl", file_mb: int = 1
                 while in_file < target:
                     n = min(1 << 20, target - in_file)
                     start = int(rng.integers(0, len(pool) - n))
-                    piece = pool[start:start + n]
+                    piece = pool[start : start + n]
                     f.write(piece)
                     in_file += len(piece.encode("utf-8"))
         written += in_file
@@ -103,8 +115,18 @@ def generate(folder: Path, size_bytes: int, fmt: str = "jsonl", file_mb: int = 1
 
 
 def run_prepare(source: Path, out: Path, workers: int, extra: list[str], timeout: int = 7200) -> dict:
-    cmd = [sys.executable, "-c", CHILD, "prepare", "--no-progress", "data.dataset=corpus", f"data.source={source}",
-           f"data.data_dir={out}", f"data.workers={workers}", *extra]
+    cmd = [
+        sys.executable,
+        "-c",
+        CHILD,
+        "prepare",
+        "--no-progress",
+        "data.dataset=corpus",
+        f"data.source={source}",
+        f"data.data_dir={out}",
+        f"data.workers={workers}",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
@@ -130,18 +152,28 @@ def main(argv=None):
     try:
         t0 = time.perf_counter()
         nbytes = generate(root / "corpus", int(args.size_gb * 1e9), args.format, args.file_mb)
-        print(f"generated {nbytes / 1e9:.2f} GB ({args.format}) in {time.perf_counter() - t0:.0f} s under {root}",
-              flush=True)
+        print(
+            f"generated {nbytes / 1e9:.2f} GB ({args.format}) in {time.perf_counter() - t0:.0f} s under {root}",
+            flush=True,
+        )
         rows = []
         for w in [int(x) for x in args.workers.split(",")]:
             out = root / f"out_w{w}"
             r = run_prepare(root / "corpus", out, w, [f"data.tokenizer={args.tokenizer}"])
             meta = r["meta"]
             src_mb = meta["source_bytes"] / 1e6
-            rows.append([str(meta["workers"]) + (" (all cores)" if w == 0 else ""), f"{meta['source_bytes'] / 1e9:.2f}",
-                         f"{sum(meta['documents'].values()):,}", f"{sum(meta['splits'].values()) / 1e6:,.0f}",
-                         f"{r['wall_s']:.0f}", f"{src_mb / r['wall_s']:.1f}", f"{r['self_kb'] / 1024:.0f}",
-                         f"{r['children_kb'] / 1024:.0f}" if meta["workers"] > 1 else "-"])
+            rows.append(
+                [
+                    str(meta["workers"]) + (" (all cores)" if w == 0 else ""),
+                    f"{meta['source_bytes'] / 1e9:.2f}",
+                    f"{sum(meta['documents'].values()):,}",
+                    f"{sum(meta['splits'].values()) / 1e6:,.0f}",
+                    f"{r['wall_s']:.0f}",
+                    f"{src_mb / r['wall_s']:.1f}",
+                    f"{r['self_kb'] / 1024:.0f}",
+                    f"{r['children_kb'] / 1024:.0f}" if meta["workers"] > 1 else "-",
+                ]
+            )
             print(table(rows[-1:], HEADER), flush=True)
             shutil.rmtree(out)
         print()
@@ -154,8 +186,16 @@ def main(argv=None):
             shutil.rmtree(root, ignore_errors=True)
 
 
-HEADER = ["workers", "input GB", "documents", "tokens (M)", "wall (s)", "MB/s", "peak RSS main (MiB)",
-          "peak RSS worker (MiB)"]
+HEADER = [
+    "workers",
+    "input GB",
+    "documents",
+    "tokens (M)",
+    "wall (s)",
+    "MB/s",
+    "peak RSS main (MiB)",
+    "peak RSS worker (MiB)",
+]
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 Prints one JSON line on rank 0: median step time and the all-to-all time per step from DeepSpeed's
 comms logger (forward and backward all-to-alls of every MoE layer)."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,20 @@ def main():
     ap.add_argument("--local_rank", type=int, default=0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--ckpt-reps", type=int, default=0,
-                    help="after the timed steps, time this many checkpoint saves into --ckpt-dir: DeepSpeed's "
-                         "save_checkpoint and our portable copy separately (bench_checkpoint.py)")
+    ap.add_argument(
+        "--ckpt-reps",
+        type=int,
+        default=0,
+        help="after the timed steps, time this many checkpoint saves into --ckpt-dir: DeepSpeed's "
+        "save_checkpoint and our portable copy separately (bench_checkpoint.py)",
+    )
     ap.add_argument("--ckpt-dir", default="")
-    ap.add_argument("--profile", type=int, default=0,
-                    help="profile this many steps after the timed ones (torch.profiler) and print rank 0's top ops")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="profile this many steps after the timed ones (torch.profiler) and print rank 0's top ops",
+    )
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml", args.overrides)
@@ -100,9 +109,13 @@ def main():
         tag = root / "r0"
         portable_bytes = sum(f.stat().st_size for f in (tag / "s2moe_portable").iterdir())
         ds_bytes = sum(f.stat().st_size for f in tag.iterdir() if f.is_file())
-        ckpt = {"ds_save_s": statistics.median(ds_s), "portable_save_s": statistics.median(portable_s),
-                "ds_bytes": ds_bytes, "portable_bytes": portable_bytes,
-                "params": sum(p.numel() for p in model.parameters())}
+        ckpt = {
+            "ds_save_s": statistics.median(ds_s),
+            "portable_save_s": statistics.median(portable_s),
+            "ds_bytes": ds_bytes,
+            "portable_bytes": portable_bytes,
+            "params": sum(p.numel() for p in model.parameters()),
+        }
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -116,11 +129,21 @@ def main():
         if rank == 0:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     if rank == 0:
-        print("RESULT " + json.dumps({"world": world, "ep_size": cfg.model.moe.ep_size,
-                                      "fused": cfg.model.moe.s2moe.fused_dispatch,
-                                      "step_s": statistics.median(times),
-                                      "a2a_s": statistics.median(a for a, _ in a2a),
-                                      "a2a_calls": statistics.median(c for _, c in a2a)} | ckpt), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "world": world,
+                    "ep_size": cfg.model.moe.ep_size,
+                    "fused": cfg.model.moe.s2moe.fused_dispatch,
+                    "step_s": statistics.median(times),
+                    "a2a_s": statistics.median(a for a, _ in a2a),
+                    "a2a_calls": statistics.median(c for _, c in a2a),
+                }
+                | ckpt
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ competition), on a random sample of real tokens (the inputs its sublayer receive
 Dense FFNs get the whole-layer Jacobian only. The sublayers act on each token independently, so one
 backward pass per output dimension gives every sampled token's Jacobian row at once.
 """
+
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,11 @@ from .moe.s2moe import S2MoELayer
 
 def ffn_inputs(model, idx_BL: Tensor) -> list[Tensor]:
     """The input of every block's feed-forward sublayer, as ``[tokens, d_model]``, for one batch."""
-    captured: list[Optional[Tensor]] = [None] * len(model.blocks)
-    hooks = [block.ffn.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0].detach()))
-             for i, block in enumerate(model.blocks)]
+    captured: list[Tensor | None] = [None] * len(model.blocks)
+    hooks = [
+        block.ffn.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0].detach()))
+        for i, block in enumerate(model.blocks)
+    ]
     try:
         with torch.no_grad():
             model(idx_BL)
@@ -62,11 +65,17 @@ def _ffn_out(ffn, x_TD: Tensor) -> Tensor:
 
 def trained_layer_fn(layer: MoELayer, routing_only: bool, noise_seed: int = 0) -> Callable[[Tensor], Tensor]:
     """The MoE layer as trained, as a function of its input; ``routing_only`` holds expert outputs constant."""
+
     def slots(xx_TD: Tensor):
         route = layer.route(xx_TD, k=layer.cfg.k)
         ones = xx_TD.new_ones(len(xx_TD), 1)
-        out_TKD = torch.stack([layer.experts(xx_TD, route.expert_ids_TK[:, j:j + 1], ones)
-                               for j in range(route.expert_ids_TK.shape[1])], dim=1)
+        out_TKD = torch.stack(
+            [
+                layer.experts(xx_TD, route.expert_ids_TK[:, j : j + 1], ones)
+                for j in range(route.expert_ids_TK.shape[1])
+            ],
+            dim=1,
+        )
         if routing_only:
             out_TKD = out_TKD.detach()
         y_TD = (route.weights_TK.unsqueeze(-1).to(out_TKD.dtype) * out_TKD).sum(1)
@@ -83,11 +92,12 @@ def trained_layer_fn(layer: MoELayer, routing_only: bool, noise_seed: int = 0) -
             x_hat_TD = layer.noise(x_TD)
         g_T1 = layer.gate_values(x_TD)
         yy = slots(torch.cat([x_TD, x_hat_TD]))
-        return g_T1 * yy[: len(x_TD)] + (1 - g_T1) * yy[len(x_TD):]
+        return g_T1 * yy[: len(x_TD)] + (1 - g_T1) * yy[len(x_TD) :]
+
     return fn
 
 
-def router_vectors(router) -> Optional[Tensor]:
+def router_vectors(router) -> Tensor | None:
     """The router's one-vector-per-expert (or per-code) directions in the d_model input space."""
     return router.input_space_vectors()
 
@@ -104,8 +114,10 @@ def expert_output_similarity(layer: MoELayer, x_TD: Tensor) -> float:
     """Mean over expert pairs (i < j) and tokens of cos(expert_i(x_t), expert_j(x_t))."""
     E = layer.cfg.num_experts
     ones = x_TD.new_ones(len(x_TD), 1)
-    outs = [F.normalize(layer.experts(x_TD, torch.full((len(x_TD), 1), e, dtype=torch.long), ones).float(), dim=-1)
-            for e in range(E)]
+    outs = [
+        F.normalize(layer.experts(x_TD, torch.full((len(x_TD), 1), e, dtype=torch.long), ones).float(), dim=-1)
+        for e in range(E)
+    ]
     sims = [float((outs[i] * outs[j]).sum(-1).mean()) for i, j in itertools.combinations(range(E), 2)]
     return sum(sims) / len(sims)
 
@@ -132,8 +144,10 @@ def effective_rank(s_TD: Tensor) -> Tensor:
 
 def _spectrum_summary(s_TD: Tensor, prefix: str) -> dict:
     spectrum = (s_TD / s_TD.sum(-1, keepdim=True).clamp_min(1e-12)).mean(0)
-    return {f"{prefix}effective_rank": float(effective_rank(s_TD).mean()),
-            f"{prefix}spectrum": [round(float(v), 6) for v in spectrum]}
+    return {
+        f"{prefix}effective_rank": float(effective_rank(s_TD).mean()),
+        f"{prefix}spectrum": [round(float(v), 6) for v in spectrum],
+    }
 
 
 def sample_tokens(n_total: int, n: int, seed: int) -> Tensor:
@@ -156,10 +170,17 @@ def analyse(model, idx_BL: Tensor, jacobian_tokens: int = 128, seed: int = 0) ->
             ffn = block.ffn
             sel = sample_tokens(len(x_TD), jacobian_tokens, seed + i)
             xs = x_TD[sel]
-            rec = {"layer": i, "kind": "moe" if isinstance(ffn, MoELayer) else "dense",
-                   "routing_jacobian_effective_rank": None, "routing_jacobian_spectrum": None,
-                   "expert_output_similarity": None, "router_similarity": None,
-                   "routing_entropy": None, "load_imbalance": None, "tokens_per_expert": None}
+            rec = {
+                "layer": i,
+                "kind": "moe" if isinstance(ffn, MoELayer) else "dense",
+                "routing_jacobian_effective_rank": None,
+                "routing_jacobian_spectrum": None,
+                "expert_output_similarity": None,
+                "router_similarity": None,
+                "routing_entropy": None,
+                "load_imbalance": None,
+                "tokens_per_expert": None,
+            }
             if not isinstance(ffn, MoELayer):
                 rec.update(_spectrum_summary(jacobian_spectra(ffn, xs), "jacobian_"))
                 layers.append(rec)

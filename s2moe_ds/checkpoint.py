@@ -5,12 +5,12 @@ newest tag, written by DeepSpeed) + ``{out_dir}/config.yaml``. The client state 
 holds the step (the data position: batches are a function of (seed, step, rank)), the resolved config
 and the dataset's vocabulary fingerprint.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -41,7 +41,7 @@ MANIFEST = "manifest.json"
 PARTIAL = ".partial"
 
 
-def latest_tag(root: Path) -> Optional[str]:
+def latest_tag(root: Path) -> str | None:
     f = root / "latest"
     if not f.exists():
         return None
@@ -52,8 +52,11 @@ def latest_tag(root: Path) -> Optional[str]:
 def write_manifest(ckpt_dir: Path, run_id: str = "") -> None:
     """Record every file of a finished checkpoint (size and sha256) so loads can detect damage, and the
     run it belongs to (so a checkpoint copied in from another run is never resumed by mistake)."""
-    files = {str(p.relative_to(ckpt_dir)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
-             for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(ckpt_dir)): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+        for p in sorted(ckpt_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     tmp = ckpt_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"run_id": run_id, "files": files}, indent=1))
     tmp.replace(ckpt_dir / MANIFEST)
@@ -69,8 +72,10 @@ def read_manifest(ckpt_dir: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{manifest} is corrupt") from None
     except FileNotFoundError:
-        raise CheckpointError(f"{ckpt_dir} was removed while being read (rotated away by a running training's "
-                              f"train.keep_last?); read a newer checkpoint") from None
+        raise CheckpointError(
+            f"{ckpt_dir} was removed while being read (rotated away by a running training's "
+            f"train.keep_last?); read a newer checkpoint"
+        ) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{manifest} is corrupt")
     return data if "files" in data else {"run_id": "", "files": data}
@@ -84,7 +89,9 @@ def verify_checkpoint(ckpt_dir: Path) -> None:
         if not f.exists():
             raise CheckpointError(f"checkpoint file {f} is missing")
         if f.stat().st_size != info["bytes"]:
-            raise CheckpointError(f"checkpoint file {f} is {f.stat().st_size} bytes, expected {info['bytes']} (truncated)")
+            raise CheckpointError(
+                f"checkpoint file {f} is {f.stat().st_size} bytes, expected {info['bytes']} (truncated)"
+            )
         if sha256_of(f) != info["sha256"]:
             raise CheckpointError(f"checkpoint file {f} is corrupt (sha256 mismatch)")
 
@@ -95,21 +102,23 @@ def checkpoint_tags(root: Path) -> list[str]:
     return sorted(tags, reverse=True)
 
 
-def manifest_run_id(ckpt_dir: Path) -> Optional[str]:
+def manifest_run_id(ckpt_dir: Path) -> str | None:
     try:
         return read_manifest(ckpt_dir).get("run_id") or None
     except CheckpointError:
         return None
 
 
-def newest_valid(root: Path, run_id: Optional[str], log=print) -> Optional[str]:
+def newest_valid(root: Path, run_id: str | None, log=print) -> str | None:
     """The newest checkpoint of run ``run_id`` (None: of any run) that verifies; says which newer ones
     were skipped and why. A checkpoint of another run is never chosen."""
     for tag in checkpoint_tags(root):
         owner = manifest_run_id(root / tag)
         if run_id and owner and owner != run_id:
-            log(f"[s2moe] skipping checkpoint {root / tag}: it belongs to another run (run id {owner}, this run "
-                f"is {run_id}); resume from it explicitly with train.resume=PATH if that is what you want")
+            log(
+                f"[s2moe] skipping checkpoint {root / tag}: it belongs to another run (run id {owner}, this run "
+                f"is {run_id}); resume from it explicitly with train.resume=PATH if that is what you want"
+            )
             continue
         try:
             verify_checkpoint(root / tag)
@@ -133,8 +142,10 @@ def publish(root: Path, partial_tag: str, tag: str, keep_last: int = 0, run_id: 
         while (root / f"replaced-{tag}-{n}").exists():
             n += 1
         final.rename(root / f"replaced-{tag}-{n}")
-        print(f"[s2moe] {final} existed (from a branch this run abandoned); kept as {root / f'replaced-{tag}-{n}'}",
-              flush=True)
+        print(
+            f"[s2moe] {final} existed (from a branch this run abandoned); kept as {root / f'replaced-{tag}-{n}'}",
+            flush=True,
+        )
     (root / partial_tag).rename(final)
     tmp = root / "latest.tmp"
     tmp.write_text(tag)
@@ -149,7 +160,7 @@ def publish(root: Path, partial_tag: str, tag: str, keep_last: int = 0, run_id: 
 RUN_FILE = "run.json"
 
 
-def run_id_of(out_dir: str | Path) -> Optional[str]:
+def run_id_of(out_dir: str | Path) -> str | None:
     """The run id recorded in ``{out_dir}/run.json`` at the run's first start (None if absent)."""
     f = Path(out_dir) / RUN_FILE
     try:
@@ -162,15 +173,18 @@ def run_leftovers(out_dir: str | Path) -> list[str]:
     """What a training run has written into ``out_dir``: checkpoints (published or partial), ``latest``,
     logs, config, run id."""
     out_dir = Path(out_dir)
-    found = [str(p.relative_to(out_dir)) for p in sorted((out_dir / "checkpoints").glob("*"))] if (
-        out_dir / "checkpoints").is_dir() else []
+    found = (
+        [str(p.relative_to(out_dir)) for p in sorted((out_dir / "checkpoints").glob("*"))]
+        if (out_dir / "checkpoints").is_dir()
+        else []
+    )
     found += [name for name in ("metrics.jsonl", "config.yaml", RUN_FILE) if (out_dir / name).exists()]
     if (out_dir / "tensorboard").is_dir() and any((out_dir / "tensorboard").iterdir()):
         found.append("tensorboard/")
     return found
 
 
-def resolve_resume(resume: str, out_dir: str) -> Optional[tuple[Path, str]]:
+def resolve_resume(resume: str, out_dir: str) -> tuple[Path, str] | None:
     """(checkpoint root, tag) to resume from, or None to start fresh.
 
     '' starts fresh and refuses any directory a run has written to (checkpoints, logs, config), so a
@@ -182,8 +196,10 @@ def resolve_resume(resume: str, out_dir: str) -> Optional[tuple[Path, str]]:
         found = run_leftovers(out_dir)
         if found:
             shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
-            raise ConfigError(f"train.out_dir {out_dir!r} already holds a run ({shown}); pass train.resume=auto "
-                              f"to continue it, or choose a new train.out_dir")
+            raise ConfigError(
+                f"train.out_dir {out_dir!r} already holds a run ({shown}); pass train.resume=auto "
+                f"to continue it, or choose a new train.out_dir"
+            )
         return None
     if resume == "auto":
         tag = latest_tag(root)
@@ -201,11 +217,13 @@ def resolve_resume(resume: str, out_dir: str) -> Optional[tuple[Path, str]]:
                 why = f"the latest checkpoint {tag!r} is not usable ({e})"
         else:
             named = (root / "latest").read_text().strip() if (root / "latest").exists() else None
-            why = (f"'latest' names {named!r}, which does not exist" if named else f"{root} has no 'latest'")
+            why = f"'latest' names {named!r}, which does not exist" if named else f"{root} has no 'latest'"
         valid = newest_valid(root, run_id)
         if valid is None:
-            raise CheckpointError(f"train.resume=auto: {why}, and no other checkpoint of this run under {root} "
-                                  f"verifies; start a new train.out_dir or pass train.resume=PATH")
+            raise CheckpointError(
+                f"train.resume=auto: {why}, and no other checkpoint of this run under {root} "
+                f"verifies; start a new train.out_dir or pass train.resume=PATH"
+            )
         print(f"[s2moe] {why}; resuming from the newest verified checkpoint of this run, {valid!r}", flush=True)
         return root, valid
     path = Path(resume)
@@ -218,16 +236,20 @@ def resolve_resume(resume: str, out_dir: str) -> Optional[tuple[Path, str]]:
     if path.is_dir() and any(path.glob("*model_states.pt")):
         verify_checkpoint(path)
         return path.parent, path.name
-    raise CheckpointError(f"train.resume={resume!r}: not 'auto' and not a checkpoint folder "
-                          f"(expected a folder with *model_states.pt, or a checkpoints/ folder with 'latest')")
+    raise CheckpointError(
+        f"train.resume={resume!r}: not 'auto' and not a checkpoint folder "
+        f"(expected a folder with *model_states.pt, or a checkpoints/ folder with 'latest')"
+    )
 
 
 def check_compatible(client_state: dict, meta: dict, source: str) -> None:
     saved = client_state.get("vocab_fingerprint")
     if saved and saved != vocab_fingerprint(meta):
-        raise CheckpointError(f"checkpoint {source} was trained on a different vocabulary than the dataset in "
-                              f"data.data_dir (vocab fingerprint {saved} vs {vocab_fingerprint(meta)}); "
-                              f"use the data.data_dir it was trained with")
+        raise CheckpointError(
+            f"checkpoint {source} was trained on a different vocabulary than the dataset in "
+            f"data.data_dir (vocab fingerprint {saved} vs {vocab_fingerprint(meta)}); "
+            f"use the data.data_dir it was trained with"
+        )
 
 
 def model_state_file(ckpt_dir: Path) -> Path:
@@ -240,14 +262,18 @@ def model_state_file(ckpt_dir: Path) -> Path:
 def _load(f: Path) -> dict:
     if not f.exists():
         if not f.parent.exists():
-            raise CheckpointError(f"{f.parent} was removed while being read (rotated away by a running training's "
-                                  f"train.keep_last?); read a newer checkpoint")
+            raise CheckpointError(
+                f"{f.parent} was removed while being read (rotated away by a running training's "
+                f"train.keep_last?); read a newer checkpoint"
+            )
         raise CheckpointError(f"{f} is missing: the checkpoint is incomplete")
     try:
         return torch.load(f, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise CheckpointError(f"{f.parent} was removed while being read (rotated away by a running training's "
-                              f"train.keep_last?); read a newer checkpoint") from None
+        raise CheckpointError(
+            f"{f.parent} was removed while being read (rotated away by a running training's "
+            f"train.keep_last?); read a newer checkpoint"
+        ) from None
     except Exception as e:  # truncated or corrupt file
         raise CheckpointError(f"cannot read {f} ({type(e).__name__}: {e}); the file is corrupt or truncated") from None
 
@@ -274,8 +300,11 @@ def consolidated_state(ckpt_dir: Path, model_cfg: dict) -> dict:
         return state
     n_layer = model_cfg["n_layer"]
     layers = model_cfg["moe_layers"]
-    ids = sorted(layers) if isinstance(layers, list) else {
-        "all": list(range(n_layer)), "every_other": list(range(1, n_layer, 2)), "none": []}[layers]
+    ids = (
+        sorted(layers)
+        if isinstance(layers, list)
+        else {"all": list(range(n_layer)), "every_other": list(range(1, n_layer, 2)), "none": []}[layers]
+    )
     marker = ".deepspeed_moe.experts.deepspeed_experts."
     for moe_layer_id, block in enumerate(ids):
         prefix = f"blocks.{block}.ffn.experts"
@@ -299,21 +328,29 @@ def export_safetensors(run: str | Path, out: str | Path) -> Path:
     state, client, ckpt = load_for_eval(run)
     if client["config"]["model"].get("tie_embeddings", True):
         state.pop("head.weight", None)  # shares storage with tok_emb.weight; re-tied on load
-    meta = {"config": json.dumps(client["config"]), "step": str(client.get("step")),
-            "vocab_fingerprint": str(client.get("vocab_fingerprint", "")), "source": str(ckpt)}
+    meta = {
+        "config": json.dumps(client["config"]),
+        "step": str(client.get("step")),
+        "vocab_fingerprint": str(client.get("vocab_fingerprint", "")),
+        "source": str(ckpt),
+    }
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create the folder of {out} ({e.strerror or e}); choose a writable --out") from None
+        raise CheckpointError(
+            f"cannot create the folder of {out} ({e.strerror or e}); choose a writable --out"
+        ) from None
     tmp = out.with_suffix(out.suffix + ".tmp")
     try:
         save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
         tmp.replace(out)
     except (OSError, RuntimeError, SafetensorError) as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {out} ({getattr(e, 'strerror', None) or e}); nothing was left half-written: "
-                              f"choose a writable --out with free space") from None
+        raise CheckpointError(
+            f"cannot write {out} ({getattr(e, 'strerror', None) or e}); nothing was left half-written: "
+            f"choose a writable --out with free space"
+        ) from None
     return out
 
 
@@ -328,7 +365,10 @@ def _load_safetensors(path: Path) -> tuple[dict, dict, Path]:
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); not a valid safetensors file") from None
     if "config" not in meta:
         raise CheckpointError(f"{path} has no s2moe config in its metadata: export it with `s2moe export`")
-    client = {"config": json.loads(meta["config"]), "step": int(meta["step"]) if meta.get("step", "None") != "None" else None}
+    client = {
+        "config": json.loads(meta["config"]),
+        "step": int(meta["step"]) if meta.get("step", "None") != "None" else None,
+    }
     if meta.get("vocab_fingerprint"):
         client["vocab_fingerprint"] = meta["vocab_fingerprint"]
     if client["config"]["model"].get("tie_embeddings", True) and "head.weight" not in state:
@@ -356,7 +396,7 @@ def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
     return consolidated_state(ckpt, client["config"]["model"]), client, ckpt
 
 
-def write_config(out_dir: Path, config: dict, keep_previous_as: Optional[str] = None) -> None:
+def write_config(out_dir: Path, config: dict, keep_previous_as: str | None = None) -> None:
     """``config.yaml`` = the resolved config of this start; a different earlier one is kept under
     ``keep_previous_as`` (a resume with changed settings does not erase what the run was trained with)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -379,15 +419,39 @@ def write_run_id(out_dir: Path, run_id: str) -> None:
 
 
 # Resuming with another value of these cannot be right: the weights or the data do not fit.
-SHAPE_FIELDS = ("model.vocab_size", "model.n_layer", "model.n_head", "model.d_model", "model.d_ff", "model.context",
-                "model.tie_embeddings", "model.moe_layers", "model.moe.num_experts", "model.moe.d_ff",
-                "model.moe.activation", "model.moe.router", "model.moe.router_args.variant",
-                "model.moe.router_args.proj_dim", "model.moe.router_args.codebook_size",
-                "model.moe.router_args.distill_dim", "model.moe.s2moe.enabled", "model.moe.s2moe.noise",
-                "model.moe.s2moe.gate")
+SHAPE_FIELDS = (
+    "model.vocab_size",
+    "model.n_layer",
+    "model.n_head",
+    "model.d_model",
+    "model.d_ff",
+    "model.context",
+    "model.tie_embeddings",
+    "model.moe_layers",
+    "model.moe.num_experts",
+    "model.moe.d_ff",
+    "model.moe.activation",
+    "model.moe.router",
+    "model.moe.router_args.variant",
+    "model.moe.router_args.proj_dim",
+    "model.moe.router_args.codebook_size",
+    "model.moe.router_args.distill_dim",
+    "model.moe.s2moe.enabled",
+    "model.moe.s2moe.noise",
+    "model.moe.s2moe.gate",
+)
 # Changing these on resume is how runs are continued or re-laid-out: not reported.
-SILENT_FIELDS = ("train.resume", "train.out_dir", "train.progress", "data.data_dir", "data.source",
-                 "model.moe.backend", "model.moe.ep_size", "model.moe.ep_mode", "model.moe.backend_impl")
+SILENT_FIELDS = (
+    "train.resume",
+    "train.out_dir",
+    "train.progress",
+    "data.data_dir",
+    "data.source",
+    "model.moe.backend",
+    "model.moe.ep_size",
+    "model.moe.ep_mode",
+    "model.moe.backend_impl",
+)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -413,21 +477,32 @@ def check_resume_config(client_state: dict, cfg, data_id: dict, source: str, own
         old["model.vocab_size"] = new["model.vocab_size"]  # saved before the data filled it in
     shape = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in SHAPE_FIELDS if old.get(k) != new.get(k)]
     if shape:
-        raise CheckpointError(f"{source} was trained with another model ({'; '.join(shape)}): its weights do not fit "
-                              f"this config; resume with the model settings it was trained with (its config.yaml)")
+        raise CheckpointError(
+            f"{source} was trained with another model ({'; '.join(shape)}): its weights do not fit "
+            f"this config; resume with the model settings it was trained with (its config.yaml)"
+        )
     saved_data = client_state.get("data") or {}
     for key in ("dataset", "source_sha256"):
         if saved_data.get(key) and data_id.get(key) and saved_data[key] != data_id[key]:
-            raise CheckpointError(f"{source} was trained on another dataset ({key} {saved_data[key]!r} vs "
-                                  f"{data_id[key]!r} in {cfg.data.data_dir}/meta.json); use the data it was trained on")
+            raise CheckpointError(
+                f"{source} was trained on another dataset ({key} {saved_data[key]!r} vs "
+                f"{data_id[key]!r} in {cfg.data.data_dir}/meta.json); use the data it was trained on"
+            )
     step = client_state.get("step") or 0
     t = cfg.train
     if own_run:
         if t.steps < step:
-            raise CheckpointError(f"config field 'train.steps' is {t.steps} but {source} is already at step {step}: "
-                                  f"nothing would be trained; give train.steps above {step}")
+            raise CheckpointError(
+                f"config field 'train.steps' is {t.steps} but {source} is already at step {step}: "
+                f"nothing would be trained; give train.steps above {step}"
+            )
         if t.stop_at_step and t.stop_at_step < step:
-            raise CheckpointError(f"config field 'train.stop_at_step' is {t.stop_at_step} but {source} is already at "
-                                  f"step {step}; give a later step (or 0 to run to train.steps)")
-    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in SILENT_FIELDS and k not in SHAPE_FIELDS and old.get(k) != new.get(k)]
+            raise CheckpointError(
+                f"config field 'train.stop_at_step' is {t.stop_at_step} but {source} is already at "
+                f"step {step}; give a later step (or 0 to run to train.steps)"
+            )
+    return [
+        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k not in SILENT_FIELDS and k not in SHAPE_FIELDS and old.get(k) != new.get(k)
+    ]

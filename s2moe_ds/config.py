@@ -1,15 +1,25 @@
 """The one config tree: model (with its MoE layer), data, training. Loaded from YAML/JSON files,
 overridden from the command line with dotted keys (``train.steps=100``), validated up front."""
+
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Union
 
 import yaml
 
-from .configtools import ConfigError, apply_overrides, load_yaml, check_choice, check_positive, check_range, fail, from_dict, to_dict
+from .configtools import (
+    ConfigError,
+    apply_overrides,
+    check_choice,
+    check_positive,
+    check_range,
+    fail,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
 from .moe.layer import MoEConfig
 from .monitor import TRACKERS
 from .schedule import SCHEDULES
@@ -36,14 +46,16 @@ class ModelConfig:
     """Recompute activations in the backward pass instead of keeping them: 'none', 'moe' (the MoE
     sublayers: S2MoE keeps both pathways' activations, so it has the most to save) or 'all' (whole blocks).
     torch.utils.checkpoint (non-reentrant); random draws (S2MoE's noise) are replayed exactly."""
-    moe_layers: Union[str, List[int]] = "all"
+    moe_layers: str | list[int] = "all"
     """Which FFN blocks are MoE: 'all', 'every_other' (1, 3, ...), 'none' (dense baseline), or a list."""
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def moe_layer_ids(self) -> list[int]:
         if isinstance(self.moe_layers, list):
             return sorted(self.moe_layers)
-        return {"all": list(range(self.n_layer)), "every_other": list(range(1, self.n_layer, 2)), "none": []}[self.moe_layers]
+        return {"all": list(range(self.n_layer)), "every_other": list(range(1, self.n_layer, 2)), "none": []}[
+            self.moe_layers
+        ]
 
     def validate(self) -> None:
         for name in ("n_layer", "n_head", "d_model", "context"):
@@ -101,9 +113,14 @@ class DataConfig:
         from .data.prepare import DATASETS
 
         check_choice("data.dataset", self.dataset, DATASETS)
-        if self.tokenizer not in ("char", "sentencepiece") and not self.tokenizer.endswith((".model", "tokenizer.json")):
-            fail("data.tokenizer", f"got {self.tokenizer!r}; valid values: 'char', 'sentencepiece', or the path of "
-                                   f"a SentencePiece .model file or a Hugging Face tokenizer.json")
+        if self.tokenizer not in ("char", "sentencepiece") and not self.tokenizer.endswith(
+            (".model", "tokenizer.json")
+        ):
+            fail(
+                "data.tokenizer",
+                f"got {self.tokenizer!r}; valid values: 'char', 'sentencepiece', or the path of "
+                f"a SentencePiece .model file or a Hugging Face tokenizer.json",
+            )
         check_positive("data.vocab_size", self.vocab_size)
         if not self.text_field:
             fail("data.text_field", "must name the .jsonl field holding the text, e.g. 'text'")
@@ -113,8 +130,11 @@ class DataConfig:
         if not 0.0 <= self.test_fraction < 1.0:
             fail("data.test_fraction", f"must be in [0, 1), got {self.test_fraction!r}")
         if self.val_fraction + self.test_fraction >= 1.0:
-            fail("data.val_fraction", f"plus data.test_fraction must be below 1 (train takes the rest), got "
-                                      f"{self.val_fraction} + {self.test_fraction}")
+            fail(
+                "data.val_fraction",
+                f"plus data.test_fraction must be below 1 (train takes the rest), got "
+                f"{self.val_fraction} + {self.test_fraction}",
+            )
         check_positive("data.workers", self.workers, allow_zero=True)
         check_positive("data.tokenizer_sample_mb", self.tokenizer_sample_mb)
 
@@ -122,9 +142,12 @@ class DataConfig:
         """At prepare time: a tokenizer file named in data.tokenizer must exist (train/eval read the copy
         kept in data_dir, so this is not part of ``validate``)."""
         if self.tokenizer not in ("char", "sentencepiece") and not Path(self.tokenizer).expanduser().is_file():
-            fail("data.tokenizer", f"file {self.tokenizer!r} does not exist; give the path of an existing "
-                                   f"SentencePiece .model file or Hugging Face tokenizer.json (relative paths start "
-                                   f"at {Path.cwd()}), or 'char' / 'sentencepiece'")
+            fail(
+                "data.tokenizer",
+                f"file {self.tokenizer!r} does not exist; give the path of an existing "
+                f"SentencePiece .model file or Hugging Face tokenizer.json (relative paths start "
+                f"at {Path.cwd()}), or 'char' / 'sentencepiece'",
+            )
 
 
 @dataclass
@@ -178,7 +201,7 @@ class TrainConfig:
     portable_checkpoints: bool = True
     """Also write each checkpoint's full fp32 weights and Adam moments per parameter (per global expert),
     so a run can resume under a different ep_size / world size / ZeRO stage (see s2moe_ds/reshard.py)."""
-    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Where rank 0 sends its numbers besides metrics.jsonl: any of 'tensorboard', 'csv' (metrics.csv),
     'wandb' (needs ``pip install wandb``; WANDB_MODE=offline works without an account)."""
     wandb_project: str = "s2moe"
@@ -194,10 +217,27 @@ class TrainConfig:
     """Process-group timeout: a rank waiting on a dead peer fails after this long instead of hanging."""
 
     def validate(self) -> None:
-        for name in ("steps", "micro_batch_size", "grad_accum", "lr", "eval_interval", "eval_iters", "log_interval",
-                     "dist_timeout_s"):
+        for name in (
+            "steps",
+            "micro_batch_size",
+            "grad_accum",
+            "lr",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "dist_timeout_s",
+        ):
             check_positive(f"train.{name}", getattr(self, name))
-        for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "save_interval", "stop_at_step", "keep_last", "max_skipped_steps"):
+        for name in (
+            "min_lr",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "save_interval",
+            "stop_at_step",
+            "keep_last",
+            "max_skipped_steps",
+        ):
             check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
@@ -223,7 +263,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
@@ -241,7 +281,9 @@ def read_config_file(path: str | Path) -> dict:
     try:
         data = json.loads(text) if path.suffix == ".json" else load_yaml(text, f"config file {str(path)!r}")
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}")
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -249,7 +291,7 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     data = read_config_file(path) if path else {}
     data = apply_overrides(data, overrides)
     return from_dict(Config, data).validate()

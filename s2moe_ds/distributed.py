@@ -1,5 +1,6 @@
 """Process-group start-up and the DeepSpeed engine: one code path for `deepspeed`, mpirun, SLURM
 and a plain single process, on CPU (gloo) or GPU (nccl)."""
+
 from __future__ import annotations
 
 import datetime
@@ -32,13 +33,21 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
 
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
         # one task per process under srun (launch/slurm.sbatch, deepspeed --launcher slurm)
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.update(
+            RANK=os.environ["SLURM_PROCID"],
+            WORLD_SIZE=os.environ["SLURM_NTASKS"],
+            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+        )
         os.environ.setdefault("MASTER_PORT", "29500")
     mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")) and "RANK" not in os.environ
     if "RANK" not in os.environ and not mpi:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
+        )
     timeout = datetime.timedelta(seconds=timeout_s)
     # DeepSpeed creates its data- and expert-parallel groups with new_group(), which takes torch's
     # module default (30 minutes), not the world group's timeout: set the default so every group's
@@ -56,9 +65,11 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
         deepspeed.init_distributed(auto_mpi_discovery=mpi, distributed_port=port, verbose=False, timeout=timeout)
     except RuntimeError as e:
         if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
-            raise ConfigError(f"port {port} on {os.environ.get('MASTER_ADDR', '127.0.0.1')} is already in use (another "
-                              f"job or a leftover process holds it): set MASTER_PORT to a free port "
-                              f"(deepspeed --master_port N)") from None
+            raise ConfigError(
+                f"port {port} on {os.environ.get('MASTER_ADDR', '127.0.0.1')} is already in use (another "
+                f"job or a leftover process holds it): set MASTER_PORT to a free port "
+                f"(deepspeed --master_port N)"
+            ) from None
         raise
     release_shm_name()
     set_cpu_threads()
@@ -86,8 +97,11 @@ def set_cpu_threads():
     threads = max(1, cores // max(local, 1))
     torch.set_num_threads(threads)
     if local > 1 and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"[s2moe] {threads} CPU thread(s) per rank ({cores} cores / {local} ranks on this node; "
-              f"set OMP_NUM_THREADS to choose)", flush=True)
+        print(
+            f"[s2moe] {threads} CPU thread(s) per rank ({cores} cores / {local} ranks on this node; "
+            f"set OMP_NUM_THREADS to choose)",
+            flush=True,
+        )
     return threads
 
 
@@ -131,12 +145,17 @@ def prepare_comm_op(wait_s: float = BUILD_WAIT_S, log=print) -> list:
             except BlockingIOError:
                 waited = time.monotonic() - start
                 if waited > wait_s:
-                    raise ConfigError(f"waited {waited:.0f} s for {lock_path}: another process on this machine is "
-                                      f"building DeepSpeed's CPU comm op and has not finished; check that process "
-                                      f"(`fuser {lock_path}`) or point TORCH_EXTENSIONS_DIR to another folder") from None
+                    raise ConfigError(
+                        f"waited {waited:.0f} s for {lock_path}: another process on this machine is "
+                        f"building DeepSpeed's CPU comm op and has not finished; check that process "
+                        f"(`fuser {lock_path}`) or point TORCH_EXTENSIONS_DIR to another folder"
+                    ) from None
                 if last_note is None or time.monotonic() - last_note >= 30:
-                    log(f"[s2moe] waiting for another process building DeepSpeed's CPU comm op ({lock_path}; "
-                        f"{waited:.0f} s so far, giving up after {wait_s:.0f} s)", flush=True)
+                    log(
+                        f"[s2moe] waiting for another process building DeepSpeed's CPU comm op ({lock_path}; "
+                        f"{waited:.0f} s so far, giving up after {wait_s:.0f} s)",
+                        flush=True,
+                    )
                     last_note = time.monotonic()
                 time.sleep(0.5)
         try:
@@ -163,8 +182,10 @@ def release_shm_name() -> None:
     """
     if not dist.is_initialized():
         return
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    )
     if dist.get_world_size() > 1:
         dist.barrier()  # every rank has finished mapping its peers' segments
     (Path("/dev/shm") / name).unlink(missing_ok=True)
@@ -183,8 +204,10 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     """The DeepSpeed JSON config with batch size, clipping and precision filled in from our config."""
     path = resolve_path(cfg.train.ds_config)
     if not path.exists():
-        raise ConfigError(f"config field 'train.ds_config': {cfg.train.ds_config!r} does not exist "
-                          f"(the repository's ds_configs/ has zero0.json, zero1.json, zero2.json, zero2_offload.json)")
+        raise ConfigError(
+            f"config field 'train.ds_config': {cfg.train.ds_config!r} does not exist "
+            f"(the repository's ds_configs/ has zero0.json, zero1.json, zero2.json, zero2_offload.json)"
+        )
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -192,11 +215,17 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     t = cfg.train
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
-        raise ConfigError(f"config field 'train.ds_config': {path} selects ZeRO stage 3, which DeepSpeed rejects "
-                          f"for MoE models; use ds_configs/zero2.json (or zero2_offload.json for CPU offload)")
+        raise ConfigError(
+            f"config field 'train.ds_config': {path} selects ZeRO stage 3, which DeepSpeed rejects "
+            f"for MoE models; use ds_configs/zero2.json (or zero2_offload.json for CPU offload)"
+        )
     ds.pop("train_batch_size", None)
-    ds.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
-              gradient_clipping=t.grad_clip, steps_per_print=ds.get("steps_per_print", 10**9))
+    ds.update(
+        train_micro_batch_size_per_gpu=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        gradient_clipping=t.grad_clip,
+        steps_per_print=ds.get("steps_per_print", 10**9),
+    )
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": t.precision == "fp16"}
     if ds.get("zero_optimization", {}).get("offload_optimizer"):
@@ -212,19 +241,24 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: int):
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    groups = [{"name": "decay", "params": decay, "weight_decay": t.weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": t.weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
     # expert-parallel parameters (allreduce=False) need groups of their own for ZeRO
     groups = split_params_into_different_moe_groups_for_optimizer(groups)
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, t) / t.lr)
     try:
-        engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                                       config=deepspeed_config(cfg, world))
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world)
+        )
     except (ValueError, AssertionError) as e:  # DeepSpeed's config validation
-        raise ConfigError(f"config field 'train.ds_config': DeepSpeed rejected {resolve_path(t.ds_config)} with our "
-                          f"settings filled in ({type(e).__name__}: {' '.join(str(e).split())[:400]}); fix that "
-                          f"entry or start from ds_configs/zero2.json") from None
+        raise ConfigError(
+            f"config field 'train.ds_config': DeepSpeed rejected {resolve_path(t.ds_config)} with our "
+            f"settings filled in ({type(e).__name__}: {' '.join(str(e).split())[:400]}); fix that "
+            f"entry or start from ds_configs/zero2.json"
+        ) from None
     return engine, scheduler
 
 

@@ -9,6 +9,7 @@
 The split is walked in consecutive non-overlapping windows of the model's context (every token
 scored once, each with between 1 and ``context`` tokens of history).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,15 +19,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
 from .checkpoint import check_compatible, load_for_eval
 from .config import config_from_dict
-from .data.loader import WindowSampler
 from .configtools import arg_float, arg_int
+from .data.loader import WindowSampler
 from .data.prepare import DataError, load_split, read_meta
 from .flops import flops_per_token
 from .model import MoELanguageModel
@@ -37,7 +37,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(run: str, data_dir: Optional[str] = None, device: Optional[str] = None) -> tuple[MoELanguageModel, Optional[dict], dict]:
+def load_model(
+    run: str, data_dir: str | None = None, device: str | None = None
+) -> tuple[MoELanguageModel, dict | None, dict]:
     """(model in eval mode on ``device``, the data's meta.json or None, info) from a run, a checkpoint, an
     exported folder or a single exported file. ``info['tokenizer']`` is the tokenizer when it is at hand
     (an exported folder carries its own; a run's comes from its prepared data folder)."""
@@ -51,8 +53,14 @@ def load_model(run: str, data_dir: Optional[str] = None, device: Optional[str] =
         if data_dir:
             meta = read_meta(data_dir)
             check_compatible({"vocab_fingerprint": config.get("s2moe_vocab_fingerprint")}, meta, str(run))
-        info = {"checkpoint": str(run), "step": config.get("s2moe_step"), "config": None, "tokenizer": tokenizer,
-                "tokenizer_kind": config.get("s2moe_tokenizer", "char"), "data_dir": data_dir}
+        info = {
+            "checkpoint": str(run),
+            "step": config.get("s2moe_step"),
+            "config": None,
+            "tokenizer": tokenizer,
+            "tokenizer_kind": config.get("s2moe_tokenizer", "char"),
+            "data_dir": data_dir,
+        }
         return model, meta, info
     state, client, path = load_for_eval(run)
     cfg = config_from_dict(client["config"])
@@ -67,9 +75,18 @@ def load_model(run: str, data_dir: Optional[str] = None, device: Optional[str] =
     model.eval().to(device)
     from .data.tokenizers import load_tokenizer
 
-    return model, meta, {"checkpoint": str(path), "step": client.get("step"), "config": cfg,
-                         "tokenizer": load_tokenizer(cfg.data.data_dir, meta), "tokenizer_kind": meta["tokenizer"],
-                         "data_dir": cfg.data.data_dir}
+    return (
+        model,
+        meta,
+        {
+            "checkpoint": str(path),
+            "step": client.get("step"),
+            "config": cfg,
+            "tokenizer": load_tokenizer(cfg.data.data_dir, meta),
+            "tokenizer_kind": meta["tokenizer"],
+            "data_dir": cfg.data.data_dir,
+        },
+    )
 
 
 @dataclass
@@ -87,17 +104,28 @@ class EvalResult:
     params_active: int
 
     def line(self) -> str:
-        return (f"{self.split}: loss {self.loss:.4f} nats/token, {self.metric} {self.value:.4f} over {self.tokens:,} tokens | "
-                f"inference top-{self.k} ({self.pathways} pathway{'s' if self.pathways == 'both' else ''}): "
-                f"{self.inference_gflops_per_token * 1e3:.3f} MFLOPs/token, {self.tokens_per_sec:,.0f} tokens/s, "
-                f"params {self.params_active:,} active of {self.params_total:,}")
+        return (
+            f"{self.split}: loss {self.loss:.4f} nats/token, {self.metric} {self.value:.4f} over {self.tokens:,} tokens | "
+            f"inference top-{self.k} ({self.pathways} pathway{'s' if self.pathways == 'both' else ''}): "
+            f"{self.inference_gflops_per_token * 1e3:.3f} MFLOPs/token, {self.tokens_per_sec:,.0f} tokens/s, "
+            f"params {self.params_active:,} active of {self.params_total:,}"
+        )
 
 
 @torch.no_grad()
-def evaluate_model(model: MoELanguageModel, meta: Optional[dict], data_dir: Optional[str], split: str = "val",
-                   k: Optional[int] = None, pathways: Optional[str] = None, batch_size: int = 32,
-                   max_batches: int = 0, weights: Optional[str] = None, tokens=None,
-                   tokenizer_kind: Optional[str] = None) -> EvalResult:
+def evaluate_model(
+    model: MoELanguageModel,
+    meta: dict | None,
+    data_dir: str | None,
+    split: str = "val",
+    k: int | None = None,
+    pathways: str | None = None,
+    batch_size: int = 32,
+    max_batches: int = 0,
+    weights: str | None = None,
+    tokens=None,
+    tokenizer_kind: str | None = None,
+) -> EvalResult:
     """Loss and bits per character (perplexity for subwords) over a split of prepared data, or over
     ``tokens`` (e.g. a text file encoded with the model's tokenizer)."""
     model.set_inference(k=k, pathways=pathways, weights=weights)
@@ -115,25 +143,46 @@ def evaluate_model(model: MoELanguageModel, meta: Optional[dict], data_dir: Opti
     metric, value = quality(loss, tokenizer_kind or meta["tokenizer"])
     counts = model.param_counts()
     eff_k = mcfg.moe.inference_k
-    return EvalResult(split, count, loss, metric, value, eff_k, mcfg.moe.s2moe.inference if mcfg.moe.s2moe.enabled else "clean",
-                      flops_per_token(mcfg, training=False) / 1e9, count / max(elapsed, 1e-9),
-                      counts["total"], counts["active_per_token"])
+    return EvalResult(
+        split,
+        count,
+        loss,
+        metric,
+        value,
+        eff_k,
+        mcfg.moe.s2moe.inference if mcfg.moe.s2moe.enabled else "clean",
+        flops_per_token(mcfg, training=False) / 1e9,
+        count / max(elapsed, 1e-9),
+        counts["total"],
+        counts["active_per_token"],
+    )
 
 
 def main_eval(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="s2moe eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="run directory (train.out_dir), its checkpoints/ folder, one checkpoint tag folder, or "
-                                "an exported folder")
+    ap = argparse.ArgumentParser(
+        prog="s2moe eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "run",
+        help="run directory (train.out_dir), its checkpoints/ folder, one checkpoint tag folder, or an exported folder",
+    )
     ap.add_argument("--split", default="val", choices=["train", "val", "test"])
     ap.add_argument("--k", type=arg_int(1), default=None, help="inference top-k (default: the config's eval_k)")
     ap.add_argument("--pathways", choices=["clean", "both"], default=None, help="S2MoE pathways at inference")
-    ap.add_argument("--weights", choices=["train", "per_k"], default=None,
-                    help="combine weights at an inference k other than the training k: 'train' (default) keeps "
-                         "the training rule, 'per_k' the old convention (probability at k=1)")
+    ap.add_argument(
+        "--weights",
+        choices=["train", "per_k"],
+        default=None,
+        help="combine weights at an inference k other than the training k: 'train' (default) keeps "
+        "the training rule, 'per_k' the old convention (probability at k=1)",
+    )
     ap.add_argument("--batch-size", type=arg_int(1), default=32)
     ap.add_argument("--max-batches", type=arg_int(0), default=0, help="stop after this many batches (0: whole split)")
-    ap.add_argument("--data-dir", default=None, help="prepared data folder (default: the one in the run's config; an "
-                                                     "exported folder needs this or --text)")
+    ap.add_argument(
+        "--data-dir",
+        default=None,
+        help="prepared data folder (default: the one in the run's config; an exported folder needs this or --text)",
+    )
     ap.add_argument("--text", default=None, help="evaluate on this UTF-8 text file, encoded with the model's tokenizer")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -146,35 +195,59 @@ def main_eval(argv=None) -> int:
         tokens = np.asarray(info["tokenizer"].encode(text), dtype=np.int64)
         split = f"text {args.text}"
     elif meta is None:
-        raise DataError(f"{args.run} is an exported model: evaluate it on a text file (--text FILE) or a prepared "
-                        f"data folder with its vocabulary (--data-dir DIR)")
-    res = evaluate_model(model, meta, info["data_dir"], args.split, args.k, args.pathways, args.batch_size,
-                         args.max_batches, args.weights, tokens=tokens, tokenizer_kind=info["tokenizer_kind"])
+        raise DataError(
+            f"{args.run} is an exported model: evaluate it on a text file (--text FILE) or a prepared "
+            f"data folder with its vocabulary (--data-dir DIR)"
+        )
+    res = evaluate_model(
+        model,
+        meta,
+        info["data_dir"],
+        args.split,
+        args.k,
+        args.pathways,
+        args.batch_size,
+        args.max_batches,
+        args.weights,
+        tokens=tokens,
+        tokenizer_kind=info["tokenizer_kind"],
+    )
     res.split = split
     if res.tokens == 0:
-        raise DataError(f"the {split} split gave no window of {model.cfg.context + 1} tokens to score; evaluate "
-                        f"another split or more text")
+        raise DataError(
+            f"the {split} split gave no window of {model.cfg.context + 1} tokens to score; evaluate "
+            f"another split or more text"
+        )
     if args.json:
         print(json.dumps({**res.__dict__, "checkpoint": info["checkpoint"], "step": info["step"]}))
     else:
         print(f"[s2moe eval] {info['checkpoint']} (step {info['step']})")
         print(f"[s2moe eval] {res.line()}")
     if not math.isfinite(res.loss):
-        print(f"s2moe eval: error: the loss of {info['checkpoint']} is {res.loss}: its weights are not finite (a "
-              f"diverged run); evaluate an earlier checkpoint (a tag folder under checkpoints/)", file=sys.stderr)
+        print(
+            f"s2moe eval: error: the loss of {info['checkpoint']} is {res.loss}: its weights are not finite (a "
+            f"diverged run); evaluate an earlier checkpoint (a tag folder under checkpoints/)",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
 
 def main_sample(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="s2moe sample", description="Generate text from a trained run or an exported folder.")
+    ap = argparse.ArgumentParser(
+        prog="s2moe sample", description="Generate text from a trained run or an exported folder."
+    )
     ap.add_argument("run")
     ap.add_argument("--prompt", default="\n")
     ap.add_argument("--tokens", type=arg_int(1), default=200)
     ap.add_argument("--temperature", type=arg_float(0.0, inclusive=False), default=0.8)
     ap.add_argument("--top-k", type=arg_int(0), default=0, help="sample among the k likeliest tokens (0: all)")
-    ap.add_argument("--top-p", type=arg_float(0.0, inclusive=False), default=1.0,
-                    help="sample among the likeliest tokens whose probabilities reach this (1: all)")
+    ap.add_argument(
+        "--top-p",
+        type=arg_float(0.0, inclusive=False),
+        default=1.0,
+        help="sample among the likeliest tokens whose probabilities reach this (1: all)",
+    )
     ap.add_argument("--greedy", action="store_true", help="always the likeliest token")
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     ap.add_argument("--k", type=arg_int(1), default=None, help="inference top-k experts")
@@ -191,7 +264,14 @@ def main_sample(argv=None) -> int:
     tok = info["tokenizer"]
     dev = next(model.parameters()).device
     idx = torch.tensor([tok.encode(args.prompt)], dtype=torch.long, device=dev)
-    out = model.generate(idx, args.tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         greedy=args.greedy, use_cache=not args.no_cache)
+    out = model.generate(
+        idx,
+        args.tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        greedy=args.greedy,
+        use_cache=not args.no_cache,
+    )
     print(tok.decode(out[0].tolist()))
     return 0

@@ -19,6 +19,7 @@ have), so runs from before a code fix never share a mean with runs after it; an 
 resumed with other code. A variant may list its own ``seeds``; ``--shard I/N`` runs every N-th run of
 the list (from the I-th), so N workers can share one suite folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from .configtools import ConfigError, arg_int, load_yaml
 from .config import REPO_ROOT
+from .configtools import ConfigError, arg_int, load_yaml
 
 SUITE_DIR = REPO_ROOT / "experiments"
 SUITE_KEYS = {"description", "base", "overrides", "seeds", "eval", "variants", "nproc"}
@@ -55,10 +55,19 @@ def code_version() -> dict:
     for p in sorted(files):
         h.update(p.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "s2moe_ds", "configs", "ds_configs"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "s2moe_ds", "configs", "ds_configs"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "unknown", ""
     return {"fingerprint": h.hexdigest()[:16], "commit": commit + ("-dirty" if dirty else "")}
@@ -101,8 +110,10 @@ def load_suite(path: Path) -> dict:
     for v in suite["variants"]:
         bad = set(v) - VARIANT_KEYS
         if bad:
-            raise ConfigError(f"suite {path}: variant {v['name']!r} has unknown key(s) {sorted(bad)}; valid keys: "
-                              f"{sorted(VARIANT_KEYS)}")
+            raise ConfigError(
+                f"suite {path}: variant {v['name']!r} has unknown key(s) {sorted(bad)}; valid keys: "
+                f"{sorted(VARIANT_KEYS)}"
+            )
     suite.setdefault("base", None)
     suite.setdefault("overrides", [])
     suite.setdefault("seeds", [0])
@@ -115,18 +126,29 @@ def load_suite(path: Path) -> dict:
     return suite
 
 
-def run_spec(suite: dict, variant: dict, seed: int, steps: Optional[int]) -> dict:
+def run_spec(suite: dict, variant: dict, seed: int, steps: int | None) -> dict:
     """Everything that decides a run's numbers: its config file and overrides, in order."""
     overrides = list(suite["overrides"]) + list(variant.get("overrides", [])) + [f"train.seed={seed}"]
     if steps:
         overrides.append(f"train.steps={steps}")
-    return {"variant": variant["name"], "seed": seed, "config": variant.get("config") or suite["base"],
-            "overrides": overrides, "nproc": suite["nproc"]}
+    return {
+        "variant": variant["name"],
+        "seed": seed,
+        "config": variant.get("config") or suite["base"],
+        "overrides": overrides,
+        "nproc": suite["nproc"],
+    }
 
 
 def train_command(spec: dict, run_dir: Path) -> list[str]:
-    args = ["--config", spec["config"], *spec["overrides"], f"train.out_dir={run_dir}", "train.resume=auto",
-            "train.progress=false"]
+    args = [
+        "--config",
+        spec["config"],
+        *spec["overrides"],
+        f"train.out_dir={run_dir}",
+        "train.resume=auto",
+        "train.progress=false",
+    ]
     if spec["nproc"] > 1:
         return ["deepspeed", "--num_gpus", str(spec["nproc"]), "--module", "s2moe_ds.train", *args]
     return [sys.executable, "-m", "s2moe_ds.train", *args]
@@ -142,8 +164,10 @@ def _train(spec: dict, run_dir: Path) -> float:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text().splitlines()[-15:]
-        raise RuntimeError(f"training {spec['variant']} seed {spec['seed']} failed (exit {proc.returncode}); "
-                           f"last lines of {run_dir / 'train.log'}:\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"training {spec['variant']} seed {spec['seed']} failed (exit {proc.returncode}); "
+            f"last lines of {run_dir / 'train.log'}:\n" + "\n".join(tail)
+        )
     return wall
 
 
@@ -159,8 +183,10 @@ def evaluate_run(run_dir: Path, suite: dict) -> tuple[list[dict], list[dict]]:
     model, meta, info = load_model(str(run_dir))
     cfg = info["config"]
     if info["step"] != cfg.train.steps:
-        raise RuntimeError(f"{run_dir}: the last checkpoint is step {info['step']} of {cfg.train.steps} (training "
-                           f"was stopped early); rerun the same command to resume it")
+        raise RuntimeError(
+            f"{run_dir}: the last checkpoint is step {info['step']} of {cfg.train.steps} (training "
+            f"was stopped early); rerun the same command to resume it"
+        )
     moe = cfg.model.moe
     is_moe = bool(cfg.model.moe_layer_ids())
     # (label, k, pathways, combine-weight convention): the training rule at every k, and at the other
@@ -177,16 +203,32 @@ def evaluate_run(run_dir: Path, suite: dict) -> tuple[list[dict], list[dict]]:
         if is_moe:
             model.set_inference(k=k, pathways=pathways or ("clean" if moe.s2moe.enabled else None), weights=weights)
         res = evaluate_model(model, meta, cfg.data.data_dir, suite["eval"]["split"])
-        rows.append({"inference": label, "k": res.k if is_moe else 0, "pathways": res.pathways if moe.s2moe.enabled and is_moe else "",
-                     "weights": weights if is_moe else "",
-                     "loss": res.loss, res.metric: res.value, "metric": res.metric, "tokens": res.tokens,
-                     "inference_mflops_per_token": res.inference_gflops_per_token * 1e3,
-                     "inference_moe_mflops_per_token": (moe_layer_flops(cfg.model, training=False, k=k) * len(
-                         cfg.model.moe_layer_ids()) / 1e6) if is_moe else 0.0,
-                     "train_mflops_per_token": flops_per_token(cfg.model, training=True, batch_tokens=cfg.train.micro_batch_size
-                                                               * cfg.model.context) / 1e6,
-                     "tokens_per_sec": res.tokens_per_sec, "params_total": res.params_total,
-                     "params_active": res.params_active, "step": info["step"]})
+        rows.append(
+            {
+                "inference": label,
+                "k": res.k if is_moe else 0,
+                "pathways": res.pathways if moe.s2moe.enabled and is_moe else "",
+                "weights": weights if is_moe else "",
+                "loss": res.loss,
+                res.metric: res.value,
+                "metric": res.metric,
+                "tokens": res.tokens,
+                "inference_mflops_per_token": res.inference_gflops_per_token * 1e3,
+                "inference_moe_mflops_per_token": (
+                    moe_layer_flops(cfg.model, training=False, k=k) * len(cfg.model.moe_layer_ids()) / 1e6
+                )
+                if is_moe
+                else 0.0,
+                "train_mflops_per_token": flops_per_token(
+                    cfg.model, training=True, batch_tokens=cfg.train.micro_batch_size * cfg.model.context
+                )
+                / 1e6,
+                "tokens_per_sec": res.tokens_per_sec,
+                "params_total": res.params_total,
+                "params_active": res.params_active,
+                "step": info["step"],
+            }
+        )
     if is_moe:  # inference routing statistics at the training top-k and rule, clean pathway
         model.set_inference(k=moe.k, pathways="clean" if moe.s2moe.enabled else None, weights="train")
     val = load_split(cfg.data.data_dir, suite["eval"]["split"], meta)
@@ -196,13 +238,14 @@ def evaluate_run(run_dir: Path, suite: dict) -> tuple[list[dict], list[dict]]:
     return rows, analyse(model, x, jacobian_tokens=suite["eval"].get("jacobian_tokens", 128))
 
 
-def finished_runs(out: Path, suite: dict, steps: Optional[int] = None, quiet: bool = False) -> list[dict]:
+def finished_runs(out: Path, suite: dict, steps: int | None = None, quiet: bool = False) -> list[dict]:
     """Every finished run in ``out`` that belongs to this suite: all of its variants and every seed found
     on disk (not only the seeds or variants of the command at hand, so a suite completed by several
     partial commands is tabled whole), in variant order then seed order. A run whose spec differs from
     what this suite (at ``steps``) would give that variant and seed is left out with a warning, so runs
     of another budget never share a mean with these. Of the rest, only the runs of one code version are
     kept (``code_version``: the current code's if any run has it, else the version most runs have)."""
+
     def warn(msg: str) -> None:
         if not quiet:
             print(f"[s2moe experiment] warning: {msg}", file=sys.stderr, flush=True)
@@ -211,14 +254,16 @@ def finished_runs(out: Path, suite: dict, steps: Optional[int] = None, quiet: bo
     for variant in suite["variants"]:
         found = []
         for f in (out / "runs").glob(f"{variant['name']}-seed*/result.json"):
-            seed_text = f.parent.name[len(variant["name"]) + len("-seed"):]
+            seed_text = f.parent.name[len(variant["name"]) + len("-seed") :]
             if not seed_text.isdigit():
                 continue  # another variant whose name extends this one
             r = json.loads(f.read_text())
             spec = {k: r.get(k) for k in ("variant", "seed", "config", "overrides", "nproc")}
             if spec != run_spec(suite, variant, int(seed_text), steps):
-                warn(f"{f.parent} was run with another spec than this suite's (overrides {spec['overrides']}); "
-                     f"left out of the table")
+                warn(
+                    f"{f.parent} was run with another spec than this suite's (overrides {spec['overrides']}); "
+                    f"left out of the table"
+                )
                 continue
             found.append(r)
         results += sorted(found, key=lambda r: r["seed"])
@@ -228,19 +273,23 @@ def finished_runs(out: Path, suite: dict, steps: Optional[int] = None, quiet: bo
         keep = current if current in versions else max(set(versions), key=versions.count)
         for r, v in zip(results, versions):
             if v != keep:
-                warn(f"{r['variant']}-seed{r['seed']} was made by other code (commit "
-                     f"{(r.get('code') or {}).get('commit', 'unrecorded')}) than the table's; left out of it")
+                warn(
+                    f"{r['variant']}-seed{r['seed']} was made by other code (commit "
+                    f"{(r.get('code') or {}).get('commit', 'unrecorded')}) than the table's; left out of it"
+                )
         results = [r for r, v in zip(results, versions) if v == keep]
     return results
 
 
-def aggregate(out: Path, suite: dict, steps: Optional[int] = None) -> list[dict]:
+def aggregate(out: Path, suite: dict, steps: int | None = None) -> list[dict]:
     """Collect every finished run's rows and rewrite results.json / results.csv / results.md."""
     rows = []
     for r in finished_runs(out, suite, steps):
         code = (r.get("code") or {}).get("commit", "")
-        rows += [{"variant": r["variant"], "seed": r["seed"], "train_wall_s": r["train_wall_s"], **row, "code": code}
-                 for row in r["rows"]]
+        rows += [
+            {"variant": r["variant"], "seed": r["seed"], "train_wall_s": r["train_wall_s"], **row, "code": code}
+            for row in r["rows"]
+        ]
     _write_atomic(out / "results.json", json.dumps(rows, indent=1))
     if rows:
         fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -261,7 +310,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def record_command(out: Path, suite: dict, steps: Optional[int], command: str, full_command: str = "") -> None:
+def record_command(out: Path, suite: dict, steps: int | None, command: str, full_command: str = "") -> None:
     """suite.json: the suite, the one command that reproduces the whole table, and every command that
     has contributed runs to this folder (a time-boxed suite is often completed by partial commands)."""
     f = out / "suite.json"
@@ -270,9 +319,19 @@ def record_command(out: Path, suite: dict, steps: Optional[int], command: str, f
     if command and command not in history:
         history.append(command)
     full = full_command or f"s2moe experiment {suite['name']}" + (f" --steps {steps}" if steps else "")
-    f.write_text(json.dumps({"suite": suite["name"], "description": suite.get("description", ""),
-                             "command": full, "commands": history, "seeds": suite["seeds"], "steps": steps},
-                            indent=1))
+    f.write_text(
+        json.dumps(
+            {
+                "suite": suite["name"],
+                "description": suite.get("description", ""),
+                "command": full,
+                "commands": history,
+                "seeds": suite["seeds"],
+                "steps": steps,
+            },
+            indent=1,
+        )
+    )
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -292,13 +351,23 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     out = []
     for (variant, inference), rs in groups.items():
         metric = rs[0]["metric"]
-        out.append({"variant": variant, "inference": inference, "k": rs[0]["k"], "pathways": rs[0]["pathways"],
-                    "metric": metric, "values": [r[metric] for r in rs], "seeds": [r["seed"] for r in rs],
-                    "inference_mflops_per_token": rs[0]["inference_mflops_per_token"],
-                    "inference_moe_mflops_per_token": rs[0].get("inference_moe_mflops_per_token"),
-                    "train_mflops_per_token": rs[0]["train_mflops_per_token"],
-                    "tokens_per_sec": [r["tokens_per_sec"] for r in rs],
-                    "train_wall_s": [r["train_wall_s"] for r in rs], "step": rs[0]["step"]})
+        out.append(
+            {
+                "variant": variant,
+                "inference": inference,
+                "k": rs[0]["k"],
+                "pathways": rs[0]["pathways"],
+                "metric": metric,
+                "values": [r[metric] for r in rs],
+                "seeds": [r["seed"] for r in rs],
+                "inference_mflops_per_token": rs[0]["inference_mflops_per_token"],
+                "inference_moe_mflops_per_token": rs[0].get("inference_moe_mflops_per_token"),
+                "train_mflops_per_token": rs[0]["train_mflops_per_token"],
+                "tokens_per_sec": [r["tokens_per_sec"] for r in rs],
+                "train_wall_s": [r["train_wall_s"] for r in rs],
+                "step": rs[0]["step"],
+            }
+        )
     return out
 
 
@@ -306,15 +375,19 @@ def summary_markdown(rows: list[dict]) -> str:
     if not rows:
         return "No finished runs yet.\n"
     metric = rows[0]["metric"]
-    lines = [f"| variant | inference | val {metric} (mean ± std) | seeds | train MFLOPs/token | "
-             f"inference MFLOPs/token | eval tokens/s | train wall s/run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| variant | inference | val {metric} (mean ± std) | seeds | train MFLOPs/token | "
+        f"inference MFLOPs/token | eval tokens/s | train wall s/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in summary_rows(rows):
         how = f" (k={s['k']}" + (f", {s['pathways']}" if s["pathways"] else "") + ")" if s["k"] else ""
-        lines.append(f"| {s['variant']} | {s['inference']}{how} "
-                     f"| {fmt(s['values'])} | {len(s['values'])} | {s['train_mflops_per_token']:.3f} "
-                     f"| {s['inference_mflops_per_token']:.3f} | {statistics.fmean(s['tokens_per_sec']):,.0f} "
-                     f"| {statistics.fmean(s['train_wall_s']):.0f} |")
+        lines.append(
+            f"| {s['variant']} | {s['inference']}{how} "
+            f"| {fmt(s['values'])} | {len(s['values'])} | {s['train_mflops_per_token']:.3f} "
+            f"| {s['inference_mflops_per_token']:.3f} | {statistics.fmean(s['tokens_per_sec']):,.0f} "
+            f"| {statistics.fmean(s['train_wall_s']):.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -329,14 +402,22 @@ def prepare_data(suite: dict) -> None:
     prepare_config(cfg)
 
 
-def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optional[list[str]] = None,
-              command: str = "", full_command: str = "", shard: tuple[int, int] = (0, 1)) -> list[dict]:
+def run_suite(
+    suite: dict,
+    out: Path,
+    steps: int | None = None,
+    only: list[str] | None = None,
+    command: str = "",
+    full_command: str = "",
+    shard: tuple[int, int] = (0, 1),
+) -> list[dict]:
     variants = suite["variants"]
     if only:
         unknown = set(only) - {v["name"] for v in variants}
         if unknown:
-            raise ConfigError(f"--only: unknown variant(s) {sorted(unknown)}; the suite has "
-                              f"{', '.join(v['name'] for v in variants)}")
+            raise ConfigError(
+                f"--only: unknown variant(s) {sorted(unknown)}; the suite has {', '.join(v['name'] for v in variants)}"
+            )
         variants = [v for v in variants if v["name"] in only]
     out.mkdir(parents=True, exist_ok=True)
     record_command(out, suite, steps, command, full_command)
@@ -345,7 +426,7 @@ def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optiona
     # seed-major: an interrupted or time-boxed suite has every variant on the first seeds
     seeds = sorted({s for v in variants for s in variant_seeds(suite, v)})
     todo = [(v, s) for s in seeds for v in variants if s in variant_seeds(suite, v)]
-    todo = todo[shard[0]::shard[1]]
+    todo = todo[shard[0] :: shard[1]]
     for n, (variant, seed) in enumerate(todo, 1):
         spec = run_spec(suite, variant, seed, steps)
         run_dir = out / "runs" / f"{variant['name']}-seed{seed}"
@@ -355,33 +436,51 @@ def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optiona
             old = json.loads(spec_file.read_text())
             old_code = old.pop("code", None)
             if old != spec:
-                raise ConfigError(f"{run_dir} was started with a different spec ({old}) than this command's "
-                                  f"({spec}); use another --out, or move that run away to restart it")
+                raise ConfigError(
+                    f"{run_dir} was started with a different spec ({old}) than this command's "
+                    f"({spec}); use another --out, or move that run away to restart it"
+                )
         if result_file.exists():
             done_code = json.loads(result_file.read_text()).get("code") or {}
-            note = "" if done_code.get("fingerprint") == code["fingerprint"] else (
-                f" (by other code, commit {done_code.get('commit', 'unrecorded')}: not in this code's table; "
-                f"move the run away to redo it)")
-            print(f"[s2moe experiment] {n}/{len(todo)} {variant['name']} seed {seed}: done earlier, skipped{note}",
-                  flush=True)
+            note = (
+                ""
+                if done_code.get("fingerprint") == code["fingerprint"]
+                else (
+                    f" (by other code, commit {done_code.get('commit', 'unrecorded')}: not in this code's table; "
+                    f"move the run away to redo it)"
+                )
+            )
+            print(
+                f"[s2moe experiment] {n}/{len(todo)} {variant['name']} seed {seed}: done earlier, skipped{note}",
+                flush=True,
+            )
             continue
         resumed = (run_dir / "checkpoints" / "latest").exists()
         if resumed and (old_code or {}).get("fingerprint") != code["fingerprint"]:
-            raise ConfigError(f"{run_dir} was started by other code (commit {(old_code or {}).get('commit', 'unrecorded')}) "
-                              f"than this checkout's ({code['commit']}); resuming it would mix two code versions in "
-                              f"one run: move it away to restart it, or check out that commit to finish it")
+            raise ConfigError(
+                f"{run_dir} was started by other code (commit {(old_code or {}).get('commit', 'unrecorded')}) "
+                f"than this checkout's ({code['commit']}); resuming it would mix two code versions in "
+                f"one run: move it away to restart it, or check out that commit to finish it"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_file.write_text(json.dumps({**spec, "code": code}, indent=1))
         print(f"[s2moe experiment] {n}/{len(todo)} {variant['name']} seed {seed}", flush=True)
         wall = _train(spec, run_dir)
         rows, layers = evaluate_run(run_dir, suite)
         tmp = result_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**spec, "code": code, "train_wall_s": wall, "resumed": resumed, "rows": rows,
-                                   "analysis": layers}, indent=1))
+        tmp.write_text(
+            json.dumps(
+                {**spec, "code": code, "train_wall_s": wall, "resumed": resumed, "rows": rows, "analysis": layers},
+                indent=1,
+            )
+        )
         os.replace(tmp, result_file)
         for r in rows:
-            print(f"[s2moe experiment]   {r['inference']}: val {r['metric']} {r[r['metric']]:.4f}, "
-                  f"{r['inference_mflops_per_token']:.3f} MFLOPs/token", flush=True)
+            print(
+                f"[s2moe experiment]   {r['inference']}: val {r['metric']} {r[r['metric']]:.4f}, "
+                f"{r['inference_mflops_per_token']:.3f} MFLOPs/token",
+                flush=True,
+            )
         aggregate(out, suite, steps)
     rows = aggregate(out, suite, steps)
     print(f"[s2moe experiment] results: {out / 'results.md'} ({len(rows)} rows)", flush=True)
@@ -389,7 +488,7 @@ def run_suite(suite: dict, out: Path, steps: Optional[int] = None, only: Optiona
     return rows
 
 
-def parse_shard(text: Optional[str]) -> tuple[int, int]:
+def parse_shard(text: str | None) -> tuple[int, int]:
     if not text:
         return 0, 1
     try:
@@ -402,17 +501,24 @@ def parse_shard(text: Optional[str]) -> tuple[int, int]:
 
 
 def main_experiment(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="s2moe experiment", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="s2moe experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("suite", help="a suite name from experiments/ or a suite .yaml path")
     ap.add_argument("--out", default=None, help="results folder (default: results/<suite>)")
-    ap.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the suite's list (and "
-                                                  "filtering a variant's own list)")
+    ap.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, replacing the suite's list (and filtering a variant's own list)",
+    )
     ap.add_argument("--steps", type=arg_int(1), default=None, help="train.steps for every run (a shorter budget)")
     ap.add_argument("--only", default=None, help="comma-separated variant names to run")
     ap.add_argument("--nproc", type=arg_int(1), default=None, help="processes per run (>1 uses the deepspeed launcher)")
-    ap.add_argument("--shard", default=None, help="I/N: run every N-th run of the list from the I-th (N workers "
-                                                  "sharing one --out, e.g. 0/2 and 1/2)")
+    ap.add_argument(
+        "--shard",
+        default=None,
+        help="I/N: run every N-th run of the list from the I-th (N workers sharing one --out, e.g. 0/2 and 1/2)",
+    )
     args = ap.parse_args(argv)
     shard = parse_shard(args.shard)
     suite = load_suite(find_suite(args.suite))
@@ -430,8 +536,17 @@ def main_experiment(argv=None) -> int:
     os.chdir(REPO_ROOT)  # configs, data_dir and ds_config paths in the suite are relative to the repository
     command = "s2moe experiment " + shlex.join(sys.argv[2:] if argv is None else argv)
     # the same command without --seeds/--only: what reruns (or, resumed, completes) the whole table
-    full = [args.suite] + (["--out", args.out] if args.out else []) + (["--steps", str(args.steps)] if args.steps else [])
+    full = (
+        [args.suite] + (["--out", args.out] if args.out else []) + (["--steps", str(args.steps)] if args.steps else [])
+    )
     full += ["--nproc", str(args.nproc)] if args.nproc else []
-    run_suite(suite, out, args.steps, args.only.split(",") if args.only else None, command,
-              "s2moe experiment " + shlex.join(full), shard)
+    run_suite(
+        suite,
+        out,
+        args.steps,
+        args.only.split(",") if args.only else None,
+        command,
+        "s2moe experiment " + shlex.join(full),
+        shard,
+    )
     return 0

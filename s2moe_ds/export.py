@@ -17,13 +17,13 @@ tokenizer file), and ``configuration_s2moe.py`` / ``modeling_s2moe.py`` for ``tr
 ``trust_remote_code``. It is written to a temporary folder and renamed, so an interrupted export leaves
 nothing half-written; an existing folder is never overwritten.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -35,8 +35,10 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PREFIX = "model."
-CODE = {"configuration_s2moe.py": "from s2moe_ds.hf import S2MoEConfig  # noqa: F401  (pip install s2moe_ds[hf])\n",
-        "modeling_s2moe.py": "from s2moe_ds.hf import S2MoEConfig, S2MoEForCausalLM  # noqa: F401\n"}
+CODE = {
+    "configuration_s2moe.py": "from s2moe_ds.hf import S2MoEConfig  # noqa: F401  (pip install s2moe_ds[hf])\n",
+    "modeling_s2moe.py": "from s2moe_ds.hf import S2MoEConfig, S2MoEForCausalLM  # noqa: F401\n",
+}
 
 
 def is_export(path: str | Path) -> bool:
@@ -84,8 +86,9 @@ def shard(state: dict, max_bytes: int) -> list[dict]:
     return shards
 
 
-def export_pretrained(run: str | Path, out_dir: str | Path, data_dir: Optional[str] = None,
-                      max_shard_bytes: int = 5 * 2**30) -> Path:
+def export_pretrained(
+    run: str | Path, out_dir: str | Path, data_dir: str | None = None, max_shard_bytes: int = 5 * 2**30
+) -> Path:
     from safetensors.torch import save_file
 
     from .data.prepare import DataError, read_meta
@@ -100,21 +103,35 @@ def export_pretrained(run: str | Path, out_dir: str | Path, data_dir: Optional[s
     try:
         meta = read_meta(data_dir)
     except DataError as e:
-        raise DataError(f"the export carries the run's tokenizer, read from its prepared data folder: {e}; pass "
-                        f"--data-dir with the folder the run was trained on") from None
+        raise DataError(
+            f"the export carries the run's tokenizer, read from its prepared data folder: {e}; pass "
+            f"--data-dir with the folder the run was trained on"
+        ) from None
     check_compatible(client, meta, str(ckpt))
     tokenizer = load_tokenizer(data_dir, meta)
     model_cfg = client["config"]["model"]
     tied = model_cfg.get("tie_embeddings", True)
     weights = {PREFIX + k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "head.weight")}
-    config = {"model_type": "s2moe", "architectures": ["S2MoEForCausalLM"],
-              "auto_map": {"AutoConfig": "configuration_s2moe.S2MoEConfig",
-                           "AutoModelForCausalLM": "modeling_s2moe.S2MoEForCausalLM"},
-              "vocab_size": model_cfg["vocab_size"], "hidden_size": model_cfg["d_model"],
-              "num_hidden_layers": model_cfg["n_layer"], "num_attention_heads": model_cfg["n_head"],
-              "max_position_embeddings": model_cfg["context"], "tie_word_embeddings": tied, "torch_dtype": "float32",
-              "s2moe": model_cfg, "s2moe_step": client.get("step"), "s2moe_tokenizer": meta["tokenizer"],
-              "s2moe_vocab_fingerprint": vocab_fingerprint(meta), "s2moe_source": str(ckpt)}
+    config = {
+        "model_type": "s2moe",
+        "architectures": ["S2MoEForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_s2moe.S2MoEConfig",
+            "AutoModelForCausalLM": "modeling_s2moe.S2MoEForCausalLM",
+        },
+        "vocab_size": model_cfg["vocab_size"],
+        "hidden_size": model_cfg["d_model"],
+        "num_hidden_layers": model_cfg["n_layer"],
+        "num_attention_heads": model_cfg["n_head"],
+        "max_position_embeddings": model_cfg["context"],
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+        "s2moe": model_cfg,
+        "s2moe_step": client.get("step"),
+        "s2moe_tokenizer": meta["tokenizer"],
+        "s2moe_vocab_fingerprint": vocab_fingerprint(meta),
+        "s2moe_source": str(ckpt),
+    }
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,8 +140,10 @@ def export_pretrained(run: str | Path, out_dir: str | Path, data_dir: Optional[s
         if len(parts) == 1:
             save_file(parts[0], str(tmp / WEIGHTS), metadata={"format": "pt"})
         else:
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in weights.values())},
-                     "weight_map": {}}
+            index = {
+                "metadata": {"total_size": sum(v.numel() * v.element_size() for v in weights.values())},
+                "weight_map": {},
+            }
             for i, part in enumerate(parts, 1):
                 name = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
                 save_file(part, str(tmp / name), metadata={"format": "pt"})
@@ -139,8 +158,10 @@ def export_pretrained(run: str | Path, out_dir: str | Path, data_dir: Optional[s
         tmp.rename(out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write the export {out} ({e.strerror or e}); nothing was left half-written: "
-                              f"choose a writable --out with free space") from None
+        raise CheckpointError(
+            f"cannot write the export {out} ({e.strerror or e}); nothing was left half-written: "
+            f"choose a writable --out with free space"
+        ) from None
     return out
 
 
@@ -155,18 +176,20 @@ def read_weights(folder: Path) -> dict:
         if not f.exists():
             raise CheckpointError(f"{f} is missing: the export is incomplete")
         state.update(load_file(str(f)))
-    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
+    return {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in state.items()}
 
 
-def load_pretrained(folder: str | Path, device: Optional[str | torch.device] = None):
+def load_pretrained(folder: str | Path, device: str | torch.device | None = None):
     """(model in eval mode, tokenizer) from an exported folder, with nothing else present."""
     from .data.tokenizers import Tokenizer
     from .model import MoELanguageModel
 
     folder = Path(folder)
     if not is_export(folder):
-        raise CheckpointError(f"{folder} is not an s2moe export (no {CONFIG} with model_type 's2moe'); make one with "
-                              f"`s2moe export RUN --out {folder}`")
+        raise CheckpointError(
+            f"{folder} is not an s2moe export (no {CONFIG} with model_type 's2moe'); make one with "
+            f"`s2moe export RUN --out {folder}`"
+        )
     config = json.loads((folder / CONFIG).read_text())
     model_cfg = from_dict(ModelConfig, config["s2moe"], prefix="s2moe")
     model_cfg.moe.backend, model_cfg.moe.ep_size = "local", 1

@@ -11,6 +11,7 @@ Per layer, forward:
 - the LM head ``2 d V``.
 Training FLOPs are 3x forward (backward costs twice the forward).
 """
+
 from __future__ import annotations
 
 from .config import ModelConfig
@@ -27,7 +28,9 @@ def moe_layer_flops(cfg: ModelConfig, training: bool, k: int | None = None, batc
     rcfg = router_config(m.router, m.router_args)
     d, E = cfg.d_model, m.num_experts
     k = k or (m.k if training else m.inference_k)
-    per_pass = cls.flops_per_token(rcfg, d, E) + cls.expected_slots(rcfg, k, E, training) * expert_flops(d, m.d_ff or 4 * d, m.activation)
+    per_pass = cls.flops_per_token(rcfg, d, E) + cls.expected_slots(rcfg, k, E, training) * expert_flops(
+        d, m.d_ff or 4 * d, m.activation
+    )
     if not m.s2moe.enabled or (not training and m.s2moe.inference == "clean"):
         return per_pass
     extra = 2 * d
@@ -35,8 +38,10 @@ def moe_layer_flops(cfg: ModelConfig, training: bool, k: int | None = None, batc
         negatives = m.s2moe.num_negatives
         if negatives == 0 or (batch_tokens and negatives > batch_tokens):
             if not batch_tokens:
-                raise ValueError("model.moe.s2moe.num_negatives is 0 (every token of the micro-batch is a "
-                                 "negative): pass batch_tokens (micro_batch_size x context) to count its FLOPs")
+                raise ValueError(
+                    "model.moe.s2moe.num_negatives is 0 (every token of the micro-batch is a "
+                    "negative): pass batch_tokens (micro_batch_size x context) to count its FLOPs"
+                )
             negatives = batch_tokens
         extra += 2 * negatives * d + 2 * d  # negatives + the positive's dot product
     return 2 * per_pass + extra

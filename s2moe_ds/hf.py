@@ -10,9 +10,8 @@ into the folder, each importing the classes below, and names them in ``config.js
 with the Auto classes (then ``trust_remote_code`` is not needed). The model is this package's
 ``MoELanguageModel`` (at ``.model``), evaluated as exported: routing, S2MoE's clean pathway, top-k.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -27,7 +26,7 @@ class S2MoEConfig(PretrainedConfig):
 
     model_type = "s2moe"
 
-    def __init__(self, s2moe: Optional[dict] = None, **kwargs):
+    def __init__(self, s2moe: dict | None = None, **kwargs):
         self.s2moe = s2moe or {}
         m = self.s2moe
         kwargs.setdefault("tie_word_embeddings", bool(m.get("tie_embeddings", True)))
@@ -66,14 +65,15 @@ class S2MoEForCausalLM(PreTrainedModel):
     def get_output_embeddings(self):
         return self.model.head
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, **_) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **_) -> CausalLMOutput:
         """Logits of every position; with ``labels`` (the input ids: shifted here, as transformers does) the
         mean next-token cross-entropy."""
         out = self.model(input_ids)
         loss = None
         if labels is not None:
-            loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]),
-                                                     labels[:, 1:].reshape(-1))
+            loss = torch.nn.functional.cross_entropy(
+                out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1)
+            )
         return CausalLMOutput(loss=loss, logits=out.logits)
 
 

@@ -3,11 +3,11 @@
 Shape suffixes: B batch, L sequence length, D model width, V vocabulary.
 Pre-LayerNorm blocks; causal attention through ``F.scaled_dot_product_attention``.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BLD: Tensor, cache: Optional[list] = None) -> Tensor:
+    def forward(self, x_BLD: Tensor, cache: list | None = None) -> Tensor:
         """``cache``: this layer's ``[k, v]`` of the tokens before ``x`` (generation); extended in place."""
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
@@ -62,18 +62,24 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         if moe:
-            self.ffn = build_moe_layer(cfg.moe, cfg.d_model, layer_id=layer_id, seed=seed,
-                                       out_init_std=0.02 / math.sqrt(2 * cfg.n_layer), vocab_size=cfg.vocab_size)
+            self.ffn = build_moe_layer(
+                cfg.moe,
+                cfg.d_model,
+                layer_id=layer_id,
+                seed=seed,
+                out_init_std=0.02 / math.sqrt(2 * cfg.n_layer),
+                vocab_size=cfg.vocab_size,
+            )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: Optional[list] = None) -> tuple[Tensor, dict, dict]:
+    def forward(self, x: Tensor, cache: list | None = None) -> tuple[Tensor, dict, dict]:
         if self.training and torch.is_grad_enabled() and self.checkpointing == "all":
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x, cache)
 
-    def _forward(self, x: Tensor, cache: Optional[list] = None) -> tuple[Tensor, dict, dict]:
+    def _forward(self, x: Tensor, cache: list | None = None) -> tuple[Tensor, dict, dict]:
         x = x + self.attn(self.ln1(x), cache)
         h = self.ln2(x)
         if isinstance(self.ffn, MoELayer):
@@ -88,9 +94,9 @@ class Block(nn.Module):
 @dataclass
 class ModelOutput:
     logits: Tensor
-    loss: Optional[Tensor] = None
+    loss: Tensor | None = None
     """Task loss: mean cross-entropy in nats per token."""
-    aux_loss: Optional[Tensor] = None
+    aux_loss: Tensor | None = None
     """Sum of every MoE layer's (coefficient-scaled) auxiliary losses."""
     aux_losses: dict = field(default_factory=dict)
     """'layer{i}/{name}' -> scaled auxiliary loss."""
@@ -103,8 +109,10 @@ class MoELanguageModel(nn.Module):
         super().__init__()
         cfg.validate()
         if cfg.vocab_size <= 0:
-            raise ValueError("config field 'model.vocab_size': must be set (> 0) before building the model; "
-                             "the trainer takes it from the dataset's meta.json")
+            raise ValueError(
+                "config field 'model.vocab_size': must be set (> 0) before building the model; "
+                "the trainer takes it from the dataset's meta.json"
+            )
         self.cfg = cfg
         moe_ids = set(cfg.moe_layer_ids())
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -146,13 +154,17 @@ class MoELanguageModel(nn.Module):
         layer and step, without warm-up or cap, as its release)."""
         from .moe.routers.competesmoe import CompeteSMoERouter, CompetitionSchedule
 
-        routers = [layer.router for _, layer in self.moe_layers()
-                   if isinstance(layer.router, CompeteSMoERouter) and layer.router.cfg.variant == "v2025"]
+        routers = [
+            layer.router
+            for _, layer in self.moe_layers()
+            if isinstance(layer.router, CompeteSMoERouter) and layer.router.cfg.variant == "v2025"
+        ]
         if not routers:
             return
         c = routers[0].cfg
-        schedule = CompetitionSchedule(seed, len(routers), total_steps, c.compete_prob, c.warmup_fraction,
-                                       c.max_compete_layers)
+        schedule = CompetitionSchedule(
+            seed, len(routers), total_steps, c.compete_prob, c.warmup_fraction, c.max_compete_layers
+        )
         for i, r in enumerate(routers):
             r.schedule, r.schedule_index = schedule, i
 
@@ -171,8 +183,7 @@ class MoELanguageModel(nn.Module):
             if counts is not None:
                 layer.router.update_selection_bias(counts)
 
-    def set_inference(self, k: Optional[int] = None, pathways: Optional[str] = None,
-                      weights: Optional[str] = None) -> None:
+    def set_inference(self, k: int | None = None, pathways: str | None = None, weights: str | None = None) -> None:
         """Override each MoE layer's evaluation top-k, S2MoE inference pathways ('clean'/'both') and
         combine-weight convention ('train': the training rule; 'per_k': the old convention)."""
         for _, layer in self.moe_layers():
@@ -187,7 +198,7 @@ class MoELanguageModel(nn.Module):
             if pathways is not None:
                 layer.cfg.s2moe.inference = pathways
 
-    def forward(self, idx_BL: Tensor, targets_BL: Optional[Tensor] = None, cache: Optional[list] = None) -> ModelOutput:
+    def forward(self, idx_BL: Tensor, targets_BL: Tensor | None = None, cache: list | None = None) -> ModelOutput:
         """``cache`` (generation): a list with one ``[k, v]`` per block (``new_cache()``), holding the tokens
         before ``idx_BL``; their count is the position of ``idx_BL``'s first token."""
         B, L = idx_BL.shape
@@ -227,8 +238,16 @@ class MoELanguageModel(nn.Module):
         return [[] for _ in self.blocks]
 
     @torch.no_grad()
-    def generate(self, idx_BL: Tensor, new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 greedy: bool = False, use_cache: bool = True) -> Tensor:
+    def generate(
+        self,
+        idx_BL: Tensor,
+        new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+        use_cache: bool = True,
+    ) -> Tensor:
         """Append ``new_tokens`` tokens. Each step samples from the last position's distribution (``greedy``:
         its argmax) after temperature, top-k and top-p (nucleus) filtering. With ``use_cache`` the keys and
         values of earlier tokens are kept (one token's forward per step) while the sequence fits the
@@ -250,8 +269,9 @@ class MoELanguageModel(nn.Module):
         return idx_BL
 
 
-def sample_next(logits_BV: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                greedy: bool = False) -> Tensor:
+def sample_next(
+    logits_BV: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False
+) -> Tensor:
     """One token per row: argmax (``greedy``), or a draw after temperature, top-k and top-p filtering."""
     if greedy:
         return logits_BV.argmax(-1, keepdim=True)

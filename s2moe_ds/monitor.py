@@ -1,4 +1,5 @@
 """Rank-0 logging: TensorBoard scalars/histograms/text and a metrics.jsonl file with the same numbers."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ class TensorBoardTracker:
             self.writer.add_scalar(tag, v, step)
 
     def histogram(self, step: int, tag: str, counts: np.ndarray) -> None:
-        self.writer.add_histogram(tag, np.repeat(np.arange(len(counts)), counts), step,
-                                  bins=np.arange(len(counts) + 1) - 0.5)
+        self.writer.add_histogram(
+            tag, np.repeat(np.arange(len(counts)), counts), step, bins=np.arange(len(counts) + 1) - 0.5
+        )
 
     def flush(self) -> None:
         self.writer.flush()
@@ -75,13 +77,21 @@ class WandbTracker:
         try:
             import wandb
         except ImportError:
-            raise ImportError("train.trackers lists 'wandb' but the wandb package is not installed: "
-                              "pip install wandb (or drop 'wandb' from train.trackers)") from None
+            raise ImportError(
+                "train.trackers lists 'wandb' but the wandb package is not installed: "
+                "pip install wandb (or drop 'wandb' from train.trackers)"
+            ) from None
         self.wandb = wandb
         t = config.get("train", {})
-        self.run = wandb.init(project=t.get("wandb_project") or "s2moe", entity=t.get("wandb_entity") or None,
-                              name=out_dir.name, dir=str(out_dir), config=config, id=run_id or None,
-                              resume="allow" if run_id else None)
+        self.run = wandb.init(
+            project=t.get("wandb_project") or "s2moe",
+            entity=t.get("wandb_entity") or None,
+            name=out_dir.name,
+            dir=str(out_dir),
+            config=config,
+            id=run_id or None,
+            resume="allow" if run_id else None,
+        )
 
     def scalars(self, step: int, values: dict) -> None:
         self.run.log({k: float(v) for k, v in values.items()}, step=step)
@@ -189,7 +199,7 @@ class StepMoEMetrics:
         aux, metrics, i = {}, {}, 1
         for n in names:
             size = self.sums[n].numel()
-            v = flat[i:i + size].view_as(self.sums[n])
+            v = flat[i : i + size].view_as(self.sums[n])
             i += size
             kind, name = n.split(":", 1)
             if kind == "aux":

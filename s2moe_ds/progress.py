@@ -10,18 +10,26 @@ device name and precision, else (CPU) an estimate: threads x clock x FLOPs per c
 unit (AVX-512: 64, AVX2 + FMA: 32 fp32 FLOPs/cycle). The ETA is the remaining steps at this session's
 average time per step, evaluation and checkpoints included.
 """
+
 from __future__ import annotations
 
 import datetime
 import resource
 import time
-from typing import Optional
 
 import torch
 
 # dense peak TFLOP/s per GPU by name fragment: (bf16/fp16 tensor cores, fp32 without tensor cores)
-GPU_PEAK_TFLOPS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
-                   "A10G": (70.0, 31.2), "L4": (121.0, 30.3), "V100": (125.0, 15.7), "T4": (65.0, 8.1)}
+GPU_PEAK_TFLOPS = {
+    "H200": (989.0, 67.0),
+    "H100": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "L40S": (362.0, 91.6),
+    "A10G": (70.0, 31.2),
+    "L4": (121.0, 30.3),
+    "V100": (125.0, 15.7),
+    "T4": (65.0, 8.1),
+}
 
 
 def cpu_peak_flops(threads: int) -> float:
@@ -66,8 +74,14 @@ def hms(seconds: float) -> str:
 class Progress:
     """Times training, evaluation and checkpoints apart; builds the progress line and its scalars."""
 
-    def __init__(self, total_steps: int, start_step: int, tokens_per_step: int, train_flops_per_token: float,
-                 peak_flops_total: float):
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int,
+        tokens_per_step: int,
+        train_flops_per_token: float,
+        peak_flops_total: float,
+    ):
         self.total, self.start = total_steps, start_step
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = train_flops_per_token
@@ -87,7 +101,7 @@ class Progress:
     def add_ckpt(self, seconds: float) -> None:
         self.ckpt_s += seconds
 
-    def report(self, step: int, loss: float, lr: float, grad_norm: Optional[float]) -> tuple[str, dict]:
+    def report(self, step: int, loss: float, lr: float, grad_norm: float | None) -> tuple[str, dict]:
         """(the line, its numbers as scalars) for the steps since the last report."""
         step_s = self.window_s / max(self.window_steps, 1)
         tok_s = self.tokens_per_step / max(step_s, 1e-12)
@@ -97,14 +111,27 @@ class Progress:
         done = step - self.start
         eta = elapsed / max(done, 1) * (self.total - step)
         self.window_s, self.window_steps = 0.0, 0
-        parts = [f"step {step}/{self.total}", f"loss {loss:.4f}", f"lr {lr:.2e}", f"{tok_s:,.0f} tok/s",
-                 f"{step_s:.3f} s/step", f"MFU {100 * mfu:.2f}%" if mfu is not None else "MFU n/a",
-                 f"grad {grad_norm:.3g}" if grad_norm is not None else "grad n/a",
-                 f"{mem_kind} {mem / 2**30:.2f} GB",
-                 f"elapsed {hms(elapsed)} (eval {self.eval_s:.0f} s, ckpt {self.ckpt_s:.0f} s)", f"eta {hms(eta)}"]
-        scalars = {"train/tokens_per_sec": tok_s, "train/step_time_s": step_s, "train/peak_memory_gb": mem / 2**30,
-                   "time/eval_s": self.eval_s, "time/checkpoint_s": self.ckpt_s, "time/elapsed_s": elapsed,
-                   "time/eta_s": eta}
+        parts = [
+            f"step {step}/{self.total}",
+            f"loss {loss:.4f}",
+            f"lr {lr:.2e}",
+            f"{tok_s:,.0f} tok/s",
+            f"{step_s:.3f} s/step",
+            f"MFU {100 * mfu:.2f}%" if mfu is not None else "MFU n/a",
+            f"grad {grad_norm:.3g}" if grad_norm is not None else "grad n/a",
+            f"{mem_kind} {mem / 2**30:.2f} GB",
+            f"elapsed {hms(elapsed)} (eval {self.eval_s:.0f} s, ckpt {self.ckpt_s:.0f} s)",
+            f"eta {hms(eta)}",
+        ]
+        scalars = {
+            "train/tokens_per_sec": tok_s,
+            "train/step_time_s": step_s,
+            "train/peak_memory_gb": mem / 2**30,
+            "time/eval_s": self.eval_s,
+            "time/checkpoint_s": self.ckpt_s,
+            "time/elapsed_s": elapsed,
+            "time/eta_s": eta,
+        }
         if mfu is not None:
             scalars["train/mfu"] = mfu
         if grad_norm is not None:

@@ -6,6 +6,7 @@
 Every number in the report is read from the folder's runs (``result.json`` and ``metrics.jsonl``);
 the statements about the S2MoE claim are computed from those numbers, whichever way they come out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ import platform
 import statistics
 import subprocess
 from pathlib import Path
-from typing import Optional
 
 from .configtools import ConfigError
 from .experiment import REPO_ROOT, fmt, mean_std, summary_markdown, summary_rows
@@ -47,8 +47,38 @@ def _variants(runs: list[dict]) -> list[str]:
 
 
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (standard table values)
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
 
 def gap_interval(gaps: list[float]) -> tuple[float, float]:
@@ -61,7 +91,7 @@ def gap_interval(gaps: list[float]) -> tuple[float, float]:
     return m - half, m + half
 
 
-def paired_gap(rows: list[dict], a: tuple[str, str], b: tuple[str, str], metric: str) -> Optional[dict]:
+def paired_gap(rows: list[dict], a: tuple[str, str], b: tuple[str, str], metric: str) -> dict | None:
     """Per-seed relative gap ``100 (a / b - 1)`` of two (variant, inference) settings over their shared
     seeds: mean, sd, Student-t 95% interval. None when they share no seed."""
     by_seed = {(r["variant"], r["inference"], r["seed"]): r[metric] for r in rows}
@@ -114,30 +144,41 @@ def claims(rows: list[dict]) -> list[str]:
     out = []
     metric = rows[0]["metric"]
     s2 = summ.get(("s2moe-top1", "train_k")) or next(
-        (s for (v, i), s in summ.items() if v.startswith("s2moe") and i == "train_k"), None)
+        (s for (v, i), s in summ.items() if v.startswith("s2moe") and i == "train_k"), None
+    )
     smoe = summ.get(("smoe-top2", "train_k"))
     if s2 and smoe:
         g = paired_gap(rows, (s2["variant"], "train_k"), ("smoe-top2", "train_k"), metric)
         if g:
             lo, hi = g["lo"], g["hi"]
-            ci = "" if math.isnan(hi) else f", 95% interval of the mean gap [{lo:+.2f}%, {hi:+.2f}%] (Student t, {len(g['gaps']) - 1} df)"
+            ci = (
+                ""
+                if math.isnan(hi)
+                else f", 95% interval of the mean gap [{lo:+.2f}%, {hi:+.2f}%] (Student t, {len(g['gaps']) - 1} df)"
+            )
             spread = "" if math.isnan(g["sd"]) else f" ± {g['sd']:.2f}"
-            out.append(f"**S2MoE claim (top-1 at inference within 1% {metric} of SMoE top-2):** S2MoE top-1 "
-                       f"{fmt(s2['values'])} vs SMoE top-2 {fmt(smoe['values'])}; paired gap over seeds {g['seeds']}: "
-                       f"{g['mean']:+.2f}%{spread}{ci} (positive = S2MoE worse). Verdict on this run: "
-                       f"**{parity_verdict(g, 'SMoE top-2')}**.")
+            out.append(
+                f"**S2MoE claim (top-1 at inference within 1% {metric} of SMoE top-2):** S2MoE top-1 "
+                f"{fmt(s2['values'])} vs SMoE top-2 {fmt(smoe['values'])}; paired gap over seeds {g['seeds']}: "
+                f"{g['mean']:+.2f}%{spread}{ci} (positive = S2MoE worse). Verdict on this run: "
+                f"**{parity_verdict(g, 'SMoE top-2')}**."
+            )
         moe_cost = ""
         if s2.get("inference_moe_mflops_per_token") and smoe.get("inference_moe_mflops_per_token"):
-            moe_cost = (f"; the MoE layers alone {s2['inference_moe_mflops_per_token']:.3f} vs "
-                        f"{smoe['inference_moe_mflops_per_token']:.3f}, "
-                        f"{100 * (1 - s2['inference_moe_mflops_per_token'] / smoe['inference_moe_mflops_per_token']):.1f}% less")
-        out.append(f"**Inference compute (the paper reports 28% less):** S2MoE top-1 {s2['inference_mflops_per_token']:.3f} "
-                   f"vs SMoE top-2 {smoe['inference_mflops_per_token']:.3f} MFLOPs/token for the whole model, "
-                   f"{100 * (1 - s2['inference_mflops_per_token'] / smoe['inference_mflops_per_token']):.1f}% less "
-                   f"(attention, embeddings and head included){moe_cost}; measured eval throughput "
-                   f"{statistics.fmean(s2['tokens_per_sec']):,.0f} vs {statistics.fmean(smoe['tokens_per_sec']):,.0f} "
-                   f"tokens/s. Training: {s2['train_mflops_per_token']:.3f} vs {smoe['train_mflops_per_token']:.3f} "
-                   f"MFLOPs/token (the two top-1 pathways do the expert work of top-2; S2MoE adds the gate and InfoNCE).")
+            moe_cost = (
+                f"; the MoE layers alone {s2['inference_moe_mflops_per_token']:.3f} vs "
+                f"{smoe['inference_moe_mflops_per_token']:.3f}, "
+                f"{100 * (1 - s2['inference_moe_mflops_per_token'] / smoe['inference_moe_mflops_per_token']):.1f}% less"
+            )
+        out.append(
+            f"**Inference compute (the paper reports 28% less):** S2MoE top-1 {s2['inference_mflops_per_token']:.3f} "
+            f"vs SMoE top-2 {smoe['inference_mflops_per_token']:.3f} MFLOPs/token for the whole model, "
+            f"{100 * (1 - s2['inference_mflops_per_token'] / smoe['inference_mflops_per_token']):.1f}% less "
+            f"(attention, embeddings and head included){moe_cost}; measured eval throughput "
+            f"{statistics.fmean(s2['tokens_per_sec']):,.0f} vs {statistics.fmean(smoe['tokens_per_sec']):,.0f} "
+            f"tokens/s. Training: {s2['train_mflops_per_token']:.3f} vs {smoe['train_mflops_per_token']:.3f} "
+            f"MFLOPs/token (the two top-1 pathways do the expert work of top-2; S2MoE adds the gate and InfoNCE)."
+        )
         one = []
         rule = {(r["variant"], r["inference"]): r.get("weights") for r in rows}
         for (v, i), s in summ.items():
@@ -146,19 +187,31 @@ def claims(rows: list[dict]) -> list[str]:
                 old = summ.get((v, "top1-perk"))
                 old_txt = f"; under the old per-k rule it read {fmt(old['values'])}" if old else ""
                 if g1:
-                    one.append(f"{v} at top-1 {fmt(s['values'])} (S2MoE {gap_text(g1)}: "
-                               f"{sign_verdict(g1, 'S2MoE better', 'S2MoE worse')}{old_txt})")
+                    one.append(
+                        f"{v} at top-1 {fmt(s['values'])} (S2MoE {gap_text(g1)}: "
+                        f"{sign_verdict(g1, 'S2MoE better', 'S2MoE worse')}{old_txt})"
+                    )
         if one:
-            out.append("**The fair one-expert comparison** (each top-2-trained model run at top-1 with its training "
-                       "weight rule, i.e. its one expert at weight 1; gap = S2MoE top-1 relative to it, paired): "
-                       + "; ".join(one) + ".")
-        better = sorted((statistics.fmean(s["values"]), v, s["inference_mflops_per_token"]) for (v, i), s in summ.items()
-                        if i == "train_k" and v != s2["variant"] and not v.startswith("s2moe")
-                        and statistics.fmean(s["values"]) < statistics.fmean(s2["values"]))
+            out.append(
+                "**The fair one-expert comparison** (each top-2-trained model run at top-1 with its training "
+                "weight rule, i.e. its one expert at weight 1; gap = S2MoE top-1 relative to it, paired): "
+                + "; ".join(one)
+                + "."
+            )
+        better = sorted(
+            (statistics.fmean(s["values"]), v, s["inference_mflops_per_token"])
+            for (v, i), s in summ.items()
+            if i == "train_k"
+            and v != s2["variant"]
+            and not v.startswith("s2moe")
+            and statistics.fmean(s["values"]) < statistics.fmean(s2["values"])
+        )
         if better:
-            out.append("Where S2MoE top-1 does **not** win: " + ", ".join(f"{v} ({m:.4f} at {f:.3f} MFLOPs/token)"
-                                                                        for m, v, f in better)
-                       + f" score a lower mean {metric} at their training top-k.")
+            out.append(
+                "Where S2MoE top-1 does **not** win: "
+                + ", ".join(f"{v} ({m:.4f} at {f:.3f} MFLOPs/token)" for m, v, f in better)
+                + f" score a lower mean {metric} at their training top-k."
+            )
         else:
             out.append(f"No other router scored a lower mean {metric} than S2MoE top-1 at its training top-k.")
         ablations = []
@@ -166,32 +219,45 @@ def claims(rows: list[dict]) -> list[str]:
             if v.startswith("s2moe-") and v != s2["variant"] and i == "train_k":
                 ga = paired_gap(rows, (v, "train_k"), (s2["variant"], "train_k"), metric)
                 if ga:
-                    ablations.append(f"{v} {fmt(s['values'])} ({gap_text(ga)} vs S2MoE: "
-                                     f"{sign_verdict(ga, 'better than S2MoE', 'worse than S2MoE')})")
+                    ablations.append(
+                        f"{v} {fmt(s['values'])} ({gap_text(ga)} vs S2MoE: "
+                        f"{sign_verdict(ga, 'better than S2MoE', 'worse than S2MoE')})"
+                    )
         if ablations:
-            out.append("**Ablations of S2MoE** (top-1, paired with s2moe-top1's seeds; positive = the ablation "
-                       "is worse): " + "; ".join(ablations) + ".")
+            out.append(
+                "**Ablations of S2MoE** (top-1, paired with s2moe-top1's seeds; positive = the ablation "
+                "is worse): " + "; ".join(ablations) + "."
+            )
     dense = summ.get(("dense", "train_k"))
     if dense:
         d = statistics.fmean(dense["values"])
-        one = [(v, s) for (v, i), s in summ.items() if s["k"] == 1 and not v.startswith("dense")
-               and s["pathways"] != "both" and not i.endswith("-perk")]
+        one = [
+            (v, s)
+            for (v, i), s in summ.items()
+            if s["k"] == 1 and not v.startswith("dense") and s["pathways"] != "both" and not i.endswith("-perk")
+        ]
         beat = [f"{v} ({statistics.fmean(s['values']):.4f})" for v, s in one if statistics.fmean(s["values"]) < d]
         lose = [f"{v} ({statistics.fmean(s['values']):.4f})" for v, s in one if statistics.fmean(s["values"]) >= d]
-        out.append(f"Dense baseline: {fmt(dense['values'])} {metric} at {dense['inference_mflops_per_token']:.3f} "
-                   f"MFLOPs/token. At one expert per token (about the dense FLOPs), better than dense: "
-                   f"{', '.join(beat) or 'none'}; not better: {', '.join(lose) or 'none'}.")
+        out.append(
+            f"Dense baseline: {fmt(dense['values'])} {metric} at {dense['inference_mflops_per_token']:.3f} "
+            f"MFLOPs/token. At one expert per token (about the dense FLOPs), better than dense: "
+            f"{', '.join(beat) or 'none'}; not better: {', '.join(lose) or 'none'}."
+        )
         wide = summ.get(("dense-wide", "train_k"))
         if wide and s2:
             gw = paired_gap(rows, (s2["variant"], "train_k"), ("dense-wide", "train_k"), metric)
-            out.append(f"Dense with the MoE models' total parameters (dense-wide): {fmt(wide['values'])} at "
-                       f"{wide['inference_mflops_per_token']:.3f} MFLOPs/token"
-                       + (f"; S2MoE top-1 relative to it: {gap_text(gw)}" if gw else "") + ".")
+            out.append(
+                f"Dense with the MoE models' total parameters (dense-wide): {fmt(wide['values'])} at "
+                f"{wide['inference_mflops_per_token']:.3f} MFLOPs/token"
+                + (f"; S2MoE top-1 relative to it: {gap_text(gw)}" if gw else "")
+                + "."
+            )
     return out
 
 
 def collapse_claims(runs: list[dict]) -> list[str]:
     """S2MoE vs SMoE top-2 on the collapse diagnostics (per run: the mean over MoE layers), paired by seed."""
+
     def per_run(key: str) -> dict:
         vals = {}
         for r in runs:
@@ -202,11 +268,20 @@ def collapse_claims(runs: list[dict]) -> list[str]:
 
     out = []
     for key, name, lower, higher in (
-            ("routing_jacobian_effective_rank", "routing-Jacobian effective rank", "S2MoE lower (more collapsed)",
-             "S2MoE higher (less collapsed)"),
-            ("jacobian_effective_rank", "whole-layer Jacobian effective rank", "S2MoE lower", "S2MoE higher"),
-            ("expert_output_similarity", "expert-output cosine similarity", "S2MoE lower (less alike)",
-             "S2MoE higher (more alike)")):
+        (
+            "routing_jacobian_effective_rank",
+            "routing-Jacobian effective rank",
+            "S2MoE lower (more collapsed)",
+            "S2MoE higher (less collapsed)",
+        ),
+        ("jacobian_effective_rank", "whole-layer Jacobian effective rank", "S2MoE lower", "S2MoE higher"),
+        (
+            "expert_output_similarity",
+            "expert-output cosine similarity",
+            "S2MoE lower (less alike)",
+            "S2MoE higher (more alike)",
+        ),
+    ):
         vals = per_run(key)
         seeds = sorted({s for (v, s) in vals if v == "s2moe-top1"} & {s for (v, s) in vals if v == "smoe-top2"})
         if len(seeds) < 2:
@@ -215,28 +290,38 @@ def collapse_claims(runs: list[dict]) -> list[str]:
         m, sd = mean_std(diffs)
         lo, hi = gap_interval(diffs)
         g = {"mean": m, "sd": sd, "lo": lo, "hi": hi, "seeds": seeds}
-        out.append(f"{name}: S2MoE {statistics.fmean(vals[('s2moe-top1', s)] for s in seeds):.3f} vs SMoE top-2 "
-                   f"{statistics.fmean(vals[('smoe-top2', s)] for s in seeds):.3f}; paired difference {m:+.3f} ± {sd:.3f}, "
-                   f"95% interval [{lo:+.3f}, {hi:+.3f}] over {len(seeds)} seeds: {sign_verdict(g, lower, higher)}.")
+        out.append(
+            f"{name}: S2MoE {statistics.fmean(vals[('s2moe-top1', s)] for s in seeds):.3f} vs SMoE top-2 "
+            f"{statistics.fmean(vals[('smoe-top2', s)] for s in seeds):.3f}; paired difference {m:+.3f} ± {sd:.3f}, "
+            f"95% interval [{lo:+.3f}, {hi:+.3f}] over {len(seeds)} seeds: {sign_verdict(g, lower, higher)}."
+        )
     if out:
-        out.insert(0, "**Representation collapse (the paper: S2MoE collapses less)**, means over the 4 MoE layers, "
-                      "paired by seed:")
+        out.insert(
+            0,
+            "**Representation collapse (the paper: S2MoE collapses less)**, means over the 4 MoE layers, "
+            "paired by seed:",
+        )
     return out
 
 
 def analysis_table(runs: list[dict]) -> str:
-    lines = ["| variant | routing-Jacobian effective rank | Jacobian effective rank | expert-output cos sim | "
-             "router vector \\|cos\\| | routing entropy (nats) | load imbalance (max/mean) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | routing-Jacobian effective rank | Jacobian effective rank | expert-output cos sim | "
+        "router vector \\|cos\\| | routing entropy (nats) | load imbalance (max/mean) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in _variants(runs):
         layers = [layer for r in runs if r["variant"] == v for layer in r["analysis"]]
 
         def col(key: str) -> str:
             vals = [layer[key] for layer in layers if layer.get(key) is not None]
             return f"{statistics.fmean(vals):.3f}" if vals else "–"
-        lines.append(f"| {v} | {col('routing_jacobian_effective_rank')} | {col('jacobian_effective_rank')} | "
-                     f"{col('expert_output_similarity')} | {col('router_similarity')} | {col('routing_entropy')} | "
-                     f"{col('load_imbalance')} |")
+
+        lines.append(
+            f"| {v} | {col('routing_jacobian_effective_rank')} | {col('jacobian_effective_rank')} | "
+            f"{col('expert_output_similarity')} | {col('router_similarity')} | {col('routing_entropy')} | "
+            f"{col('load_imbalance')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -250,7 +335,8 @@ ANALYSIS_TEXT = (
     "the same for the whole layer. **Expert-output cos sim**: how alike the experts' outputs are on the same "
     "tokens (1 = identical experts). **Router vector |cos|**: how alike the routers' per-expert directions "
     "are, in the d_model input space for every router (XMoE's 8-dim embeddings mapped back through its "
-    "projection; VQMoE's codebook). Dense rows have only the whole-layer Jacobian.")
+    "projection; VQMoE's codebook). Dense rows have only the whole-layer Jacobian."
+)
 
 
 def plots(runs: list[dict], img_dir: Path, metric: str) -> list[str]:
@@ -290,8 +376,9 @@ def plots(runs: list[dict], img_dir: Path, metric: str) -> list[str]:
     for v in variants:
         r = next(r for r in runs if r["variant"] == v)
         recs = [rec for rec in read_metrics(r["dir"]) if rec["kind"] == "moe"]
-        layers = sorted({k.split("/")[0] for rec in recs for k in rec if k.endswith("/tokens_per_expert")},
-                        key=lambda s: int(s[5:]))
+        layers = sorted(
+            {k.split("/")[0] for rec in recs for k in rec if k.endswith("/tokens_per_expert")}, key=lambda s: int(s[5:])
+        )
         if layers:
             moe_runs.append((v, r["seed"], recs, layers))
     if moe_runs:
@@ -304,8 +391,15 @@ def plots(runs: list[dict], img_dir: Path, metric: str) -> list[str]:
                 load = np.array([c for _, c in pts], dtype=float)
                 load = load / load.sum(1, keepdims=True).clip(min=1e-9)
                 ax = axes[row][col]
-                ax.imshow(load.T, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.5, float(load.max())),
-                          extent=(pts[0][0], pts[-1][0], load.shape[1] - 0.5, -0.5), interpolation="nearest")
+                ax.imshow(
+                    load.T,
+                    aspect="auto",
+                    cmap="viridis",
+                    vmin=0,
+                    vmax=max(0.5, float(load.max())),
+                    extent=(pts[0][0], pts[-1][0], load.shape[1] - 0.5, -0.5),
+                    interpolation="nearest",
+                )
                 ax.set_title(f"{v} s{seed} {layer}", fontsize=7)
                 ax.tick_params(labelsize=6)
                 if col == 0:
@@ -318,10 +412,13 @@ def plots(runs: list[dict], img_dir: Path, metric: str) -> list[str]:
 
         # routing entropy and imbalance over training, mean over layers, first seed
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for v, seed, recs, layers in moe_runs:
+        for v, _seed, recs, layers in moe_runs:
             for ax, name in zip(axes, ("routing_entropy", "load_imbalance")):
-                pts = [(rec["step"], statistics.fmean(rec[f"{lay}/{name}"] for lay in layers))
-                       for rec in recs if all(f"{lay}/{name}" in rec for lay in layers)]
+                pts = [
+                    (rec["step"], statistics.fmean(rec[f"{lay}/{name}"] for lay in layers))
+                    for rec in recs
+                    if all(f"{lay}/{name}" in rec for lay in layers)
+                ]
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], label=v)
         for ax, name in zip(axes, ("routing entropy (nats), mean over layers", "load imbalance (max/mean)")):
@@ -336,8 +433,13 @@ def plots(runs: list[dict], img_dir: Path, metric: str) -> list[str]:
 
     # collapse diagnostics: expert-output similarity per layer; Jacobian spectra
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    with_moe = [v for v in variants if any(layer["expert_output_similarity"] is not None
-                                           for r in runs if r["variant"] == v for layer in r["analysis"])]
+    with_moe = [
+        v
+        for v in variants
+        if any(
+            layer["expert_output_similarity"] is not None for r in runs if r["variant"] == v for layer in r["analysis"]
+        )
+    ]
     width = 0.8 / max(1, len(with_moe))
     n_layers = max(len(r["analysis"]) for r in runs)
     for j, v in enumerate(with_moe):
@@ -366,8 +468,12 @@ def plots(runs: list[dict], img_dir: Path, metric: str) -> list[str]:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -386,30 +492,51 @@ def write_report(folder: Path, out: Path, command: str = "", notes: str = "") ->
     seeds = sorted({r["seed"] for r in runs})
     rel = lambda p: Path(p).relative_to(out.parent) if Path(p).is_relative_to(out.parent) else p  # noqa: E731
     shown = command or meta.get("command", f"s2moe experiment {folder.name}")
-    text = [f"# Results: {meta.get('suite', folder.name)}", "", meta.get("description", ""), "",
-            "Produced by (from the repository root; the experiment command is resumable and runs only what is "
-            "missing):", "", "```",
-            shown, f"s2moe report {folder} --out {out}", "```", ""]
+    text = [
+        f"# Results: {meta.get('suite', folder.name)}",
+        "",
+        meta.get("description", ""),
+        "",
+        "Produced by (from the repository root; the experiment command is resumable and runs only what is missing):",
+        "",
+        "```",
+        shown,
+        f"s2moe report {folder} --out {out}",
+        "```",
+        "",
+    ]
     history = [c for c in meta.get("commands", []) if c != shown]
     if history:
         text += ["The runs were made, in this order, by:", "", "```", *history, "```", ""]
     text += [
-            f"Runs: {len(runs)} ({len(_variants(runs))} variants; seeds used: {seeds}; the seeds column gives each "
-            f"variant's count), {steps} training steps; configs "
-            f"{', '.join(f'`{c}`' for c in configs)} with the suite's overrides (each run's exact overrides are in "
-            f"`{folder.name}/runs/*/spec.json`). Machine: {platform.machine()}, torch {torch.__version__}, "
-            f"runs made by code {', '.join(sorted({(r.get('code') or {}).get('commit', 'unrecorded') for r in runs}))} "
-            f"(one code version per table: `code` in each run's result.json), report written at commit {_git_commit()}. "
-            f"Wall and throughput times are from one shared, noisy machine with runs sharing its cores: treat them as rough.",
-            "", f"## Validation {metric} (mean ± std over seeds) and inference cost", "",
-            "`train_k` is each model at its training top-k; `topN` overrides the inference top-k; "
-            "`-both` runs both S2MoE pathways at inference.", "",
-            summary_markdown(rows), "## What the numbers say", ""]
+        f"Runs: {len(runs)} ({len(_variants(runs))} variants; seeds used: {seeds}; the seeds column gives each "
+        f"variant's count), {steps} training steps; configs "
+        f"{', '.join(f'`{c}`' for c in configs)} with the suite's overrides (each run's exact overrides are in "
+        f"`{folder.name}/runs/*/spec.json`). Machine: {platform.machine()}, torch {torch.__version__}, "
+        f"runs made by code {', '.join(sorted({(r.get('code') or {}).get('commit', 'unrecorded') for r in runs}))} "
+        f"(one code version per table: `code` in each run's result.json), report written at commit {_git_commit()}. "
+        f"Wall and throughput times are from one shared, noisy machine with runs sharing its cores: treat them as rough.",
+        "",
+        f"## Validation {metric} (mean ± std over seeds) and inference cost",
+        "",
+        "`train_k` is each model at its training top-k; `topN` overrides the inference top-k; "
+        "`-both` runs both S2MoE pathways at inference.",
+        "",
+        summary_markdown(rows),
+        "## What the numbers say",
+        "",
+    ]
     text += [f"- {c}" for c in claims(rows)]
     if notes:
         text += ["", notes.strip()]
-    text += ["", "## Representation collapse (at the end of training, on validation tokens)", "",
-             ANALYSIS_TEXT, "", analysis_table(runs)]
+    text += [
+        "",
+        "## Representation collapse (at the end of training, on validation tokens)",
+        "",
+        ANALYSIS_TEXT,
+        "",
+        analysis_table(runs),
+    ]
     text += [f"- {c}" for c in collapse_claims(runs)]
     text += ["", "## Plots", ""]
     text += [f"![{name}]({rel(img_dir / name)})" for name in images]
@@ -419,19 +546,29 @@ def write_report(folder: Path, out: Path, command: str = "", notes: str = "") ->
 
 
 def main_report(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="s2moe report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="s2moe report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("folder", help="an experiment results folder (s2moe experiment --out)")
-    ap.add_argument("--out", default=None, help="Markdown file to write (default: docs/results.md); plots go "
-                                                "to a folder of the same name without .md")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="Markdown file to write (default: docs/results.md); plots go to a folder of the same name without .md",
+    )
     ap.add_argument("--command", default="", help="the experiment command to quote at the top of the report")
-    ap.add_argument("--notes", default=None, help="a Markdown file inserted after the computed statements "
-                                                  "(e.g. what changed since an earlier run of the suite)")
+    ap.add_argument(
+        "--notes",
+        default=None,
+        help="a Markdown file inserted after the computed statements "
+        "(e.g. what changed since an earlier run of the suite)",
+    )
     args = ap.parse_args(argv)
     folder = Path(args.folder)
     if not (folder / "results.json").exists():
-        raise ConfigError(f"{folder} is not an experiment folder (no results.json); pass the --out folder "
-                          f"of `s2moe experiment`, e.g. results/cpu-shakespeare")
+        raise ConfigError(
+            f"{folder} is not an experiment folder (no results.json); pass the --out folder "
+            f"of `s2moe experiment`, e.g. results/cpu-shakespeare"
+        )
     notes = Path(args.notes).read_text() if args.notes else ""
     out = write_report(folder, Path(args.out) if args.out else REPO_ROOT / "docs" / "results.md", args.command, notes)
     print(f"[s2moe report] wrote {out}")

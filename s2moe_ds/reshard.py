@@ -22,19 +22,21 @@ module parameter, the fp32 master partition and both moments, then the step.
 checkpoint into a run with the new layout and saves it at once into DST, a native checkpoint of that
 layout (for DeepSpeed's own tools, or to stop relying on the portable copy), without training a step.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
-from typing import Optional
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 PORTABLE = "s2moe_portable"
-_DS_EXPERT = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<j>\d+)\.(?P<w>\w+)$")
+_DS_EXPERT = re.compile(
+    r"^(?P<prefix>.*\.ffn\.experts)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<j>\d+)\.(?P<w>\w+)$"
+)
 _LOCAL_EXPERT = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<w>w[123])$")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -112,7 +114,7 @@ def save_portable(engine, model, ckpt_dir: Path, layout: dict) -> None:
     no collective is involved."""
     _relink(engine)
     entries = {}
-    for name, p, keys in portable_keys(model):
+    for _name, p, keys in portable_keys(model):
         owned = _owned_fragment(p)
         if owned is None:  # whole tensors on every rank: one writer saves them
             if not _writer(p):
@@ -132,7 +134,7 @@ def save_portable(engine, model, ckpt_dir: Path, layout: dict) -> None:
             base = (index or 0) * per
             lo, hi = max(start, base), min(start + n, base + per)
             if lo < hi:
-                piece = {k: v[lo - start:hi - start].clone() for k, v in values.items()}
+                piece = {k: v[lo - start : hi - start].clone() for k, v in values.items()}
                 entries.setdefault(key, {"shape": shape, "frags": []})["frags"].append((lo - base, piece))
     out = ckpt_dir / PORTABLE
     out.mkdir(parents=True, exist_ok=True)
@@ -150,12 +152,14 @@ def _assemble(key: str, entry: dict, source: Path) -> dict:
     seen = torch.zeros(numel, dtype=torch.bool)  # replicated owners (unpartitioned optimizers) may overlap
     for offset, piece in entry["frags"]:
         for k in full:
-            full[k][offset:offset + piece[k].numel()] = piece[k]
-        seen[offset:offset + piece["fp32"].numel()] = True
+            full[k][offset : offset + piece[k].numel()] = piece[k]
+        seen[offset : offset + piece["fp32"].numel()] = True
     covered = int(seen.sum())
     if covered != numel:
-        raise CheckpointError(f"{source}: {key!r} has {covered} of its {numel} elements (a rank's file is missing "
-                              f"or from another save); the portable state is incomplete")
+        raise CheckpointError(
+            f"{source}: {key!r} has {covered} of its {numel} elements (a rank's file is missing "
+            f"or from another save); the portable state is incomplete"
+        )
     return {k: v.view(entry["shape"]) for k, v in full.items()}
 
 
@@ -209,12 +213,18 @@ def load_portable(engine, model, ckpt_dir: Path) -> dict:
     for name, p, keys in portable_keys(model):
         missing = [k for k, _ in keys if k not in merged]
         if missing:
-            raise CheckpointError(f"{ckpt_dir}/{PORTABLE} has no entry {missing[0]!r} for parameter {name}: "
-                                  f"the checkpoint is from a different model configuration")
-        full = {k: torch.stack([merged[key][k] for key, _ in keys]) if keys[0][1] is not None else merged[keys[0][0]][k]
-                for k in ("fp32",) + MOMENTS}
+            raise CheckpointError(
+                f"{ckpt_dir}/{PORTABLE} has no entry {missing[0]!r} for parameter {name}: "
+                f"the checkpoint is from a different model configuration"
+            )
+        full = {
+            k: torch.stack([merged[key][k] for key, _ in keys]) if keys[0][1] is not None else merged[keys[0][0]][k]
+            for k in ("fp32",) + MOMENTS
+        }
         if full["fp32"].shape != p.shape:
-            raise CheckpointError(f"parameter {name}: checkpoint shape {tuple(full['fp32'].shape)} != model {tuple(p.shape)}")
+            raise CheckpointError(
+                f"parameter {name}: checkpoint shape {tuple(full['fp32'].shape)} != model {tuple(p.shape)}"
+            )
         with torch.no_grad():
             p.copy_(full["fp32"].to(p.dtype))
         if hasattr(p, "_hp_mapping"):
@@ -235,12 +245,14 @@ def require_portable(ckpt_dir: Path) -> None:
     from .checkpoint import CheckpointError
 
     if not has_portable(ckpt_dir):
-        raise CheckpointError(f"{ckpt_dir} has no {PORTABLE}/ (the run had train.portable_checkpoints=false, or "
-                              f"predates resharding): it can only be resumed with the parallel layout that wrote it "
-                              f"(its world size, model.moe.ep_size, backend and ZeRO stage)")
+        raise CheckpointError(
+            f"{ckpt_dir} has no {PORTABLE}/ (the run had train.portable_checkpoints=false, or "
+            f"predates resharding): it can only be resumed with the parallel layout that wrote it "
+            f"(its world size, model.moe.ep_size, backend and ZeRO stage)"
+        )
 
 
-def read_layout(ckpt_dir: Path, client_state: Optional[dict] = None):
+def read_layout(ckpt_dir: Path, client_state: dict | None = None):
     """The parallel layout that wrote a checkpoint: from its portable copy, else from the client state
     saved with it (every checkpoint records it), else None (a checkpoint older than both)."""
     if has_portable(ckpt_dir):
@@ -275,7 +287,14 @@ def reshard_run(src: str, dst: str, nproc: int, overrides: list[str]) -> Path:
 
     import yaml
 
-    from .checkpoint import CheckpointError, checkpoint_tags, find_checkpoint, read_client_state, verify_checkpoint, write_config
+    from .checkpoint import (
+        CheckpointError,
+        checkpoint_tags,
+        find_checkpoint,
+        read_client_state,
+        verify_checkpoint,
+        write_config,
+    )
     from .configtools import ConfigError
     from .distributed import free_port
 
@@ -294,14 +313,29 @@ def reshard_run(src: str, dst: str, nproc: int, overrides: list[str]) -> Path:
     source_cfg = out / "source_config.yaml"
     source_cfg.write_text(yaml.safe_dump(client["config"], sort_keys=False))
     step = int(client["step"])
-    args = ["--config", str(source_cfg), *overrides, f"train.out_dir={out}", f"train.resume={ckpt}",
-            f"train.stop_at_step={step}", "train.progress=false"]
+    args = [
+        "--config",
+        str(source_cfg),
+        *overrides,
+        f"train.out_dir={out}",
+        f"train.resume={ckpt}",
+        f"train.stop_at_step={step}",
+        "train.progress=false",
+    ]
     if nproc == 1:
         cmd = [sys.executable, "-m", "s2moe_ds.train", *args]
     else:
         launcher = Path(sys.executable).parent / "deepspeed"
-        cmd = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(nproc), "--master_port",
-               str(free_port()), "--module", "s2moe_ds.train", *args]
+        cmd = [
+            str(launcher) if launcher.exists() else "deepspeed",
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "s2moe_ds.train",
+            *args,
+        ]
     print("+ " + shlex.join(cmd), flush=True)
     if subprocess.run(cmd).returncode != 0:
         raise CheckpointError(f"resharding {ckpt} into {out} failed (see the messages above); {ckpt} is unchanged")
@@ -314,6 +348,9 @@ def reshard_run(src: str, dst: str, nproc: int, overrides: list[str]) -> Path:
     write_config(out, cfg)
     source_cfg.unlink()
     launch = "python -m s2moe_ds.train" if nproc == 1 else f"deepspeed --num_gpus {nproc} --module s2moe_ds.train"
-    print(f"[s2moe reshard] {ckpt} ({read_layout(ckpt, client)}) -> {new} ({read_layout(new)}) at step {step}; "
-          f"continue the run with: {launch} --config {out / 'config.yaml'}", flush=True)
+    print(
+        f"[s2moe reshard] {ckpt} ({read_layout(ckpt, client)}) -> {new} ({read_layout(new)}) at step {step}; "
+        f"continue the run with: {launch} --config {out / 'config.yaml'}",
+        flush=True,
+    )
     return new

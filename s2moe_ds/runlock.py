@@ -7,6 +7,7 @@ however it exits (SIGKILL included), so a crash never leaves a stale lock. A sec
 with the holder's host, pid and start time, and writes nothing. (``flock`` on a network file system
 works where the file system supports it: NFSv4, Lustre with ``flock`` mounts; not on NFSv3.)
 """
+
 from __future__ import annotations
 
 import datetime
@@ -14,7 +15,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO
 
 from .configtools import ConfigError
 
@@ -35,12 +36,21 @@ def acquire_run_lock(out_dir: str | Path) -> IO:
         fh.seek(0)
         holder = _describe(fh.read())
         fh.close()
-        raise ConfigError(f"train.out_dir {str(out_dir)!r} is in use by another job ({holder}); wait for it to "
-                          f"finish or stop it, or choose another train.out_dir") from None
+        raise ConfigError(
+            f"train.out_dir {str(out_dir)!r} is in use by another job ({holder}); wait for it to "
+            f"finish or stop it, or choose another train.out_dir"
+        ) from None
     fh.seek(0)
     fh.truncate()
-    fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}))
+    fh.write(
+        json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            }
+        )
+    )
     fh.flush()
     return fh
 
@@ -53,7 +63,7 @@ def _describe(text: str) -> str:
         return "holder unknown"
 
 
-def lock_run_dir(out_dir: str | Path, rank: int) -> Optional[IO]:
+def lock_run_dir(out_dir: str | Path, rank: int) -> IO | None:
     """Rank 0 takes the lock; every rank learns the outcome, so a refused job stops on all ranks."""
     import torch.distributed as dist
 

@@ -7,6 +7,7 @@ Every schedule warms up linearly over ``train.warmup_steps``, then:
   line to ``min_lr``; the stable phase lets a run be extended (or branched into a decay) from any of its
   checkpoints, which is why it is used for continued training.
 """
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@
 Every random stream is re-seeded from (seed, step, micro-step, rank) before each micro-step, and
 batches are drawn from the same key, so a resumed run repeats an uninterrupted one step for step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,25 +21,43 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (PARTIAL, CheckpointError, check_compatible, check_resume_config, latest_tag, publish,
-                         read_client_state, resolve_resume, run_id_of, vocab_fingerprint, write_config, write_run_id)
+from .checkpoint import (
+    PARTIAL,
+    CheckpointError,
+    check_compatible,
+    check_resume_config,
+    latest_tag,
+    publish,
+    read_client_state,
+    resolve_resume,
+    run_id_of,
+    vocab_fingerprint,
+    write_config,
+    write_run_id,
+)
 from .config import Config, load_config
-from .data.loader import WindowSampler, stream_seed
 from .configtools import ConfigError
+from .data.loader import WindowSampler, stream_seed
 from .data.prepare import DataError, load_split, read_meta
-from .distributed import (MasterWeights, all_reduce_mean, apply_schedule, broadcast_str, build_engine, device,
-                          init_distributed)
+from .distributed import (
+    MasterWeights,
+    all_reduce_mean,
+    apply_schedule,
+    broadcast_str,
+    build_engine,
+    device,
+    init_distributed,
+)
 from .flops import flops_per_token
 from .model import MoELanguageModel
 from .monitor import Monitor, StepMoEMetrics, quality
 from .progress import Progress, device_peak_flops
-from .runlock import lock_run_dir
 from .reshard import has_portable, read_layout, resume_resharded, save_portable
+from .runlock import lock_run_dir
 
 
 def tqdm_write(msg: str) -> None:
@@ -71,8 +90,10 @@ def describe_os_error(e: OSError, path: Path) -> str:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"permission denied ({e.strerror}): make {path} writable"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left ({shutil.disk_usage(path if path.exists() else path.parent).free:,} bytes free on that " \
-               f"file system): free space there (or set train.keep_last)"
+        return (
+            f"no space left ({shutil.disk_usage(path if path.exists() else path.parent).free:,} bytes free on that "
+            f"file system): free space there (or set train.keep_last)"
+        )
     return f"{e.strerror or e}"
 
 
@@ -80,7 +101,8 @@ def is_comm_failure(e: BaseException) -> bool:
     """A collective failed because of the other ranks (gloo/NCCL report these as RuntimeError)."""
     text = str(e)
     return isinstance(e, dist.DistError) or any(
-        s in text for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "NCCL", "gloo"))
+        s in text for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "NCCL", "gloo")
+    )
 
 
 def inject_rank_fault(rank: int, step: int) -> None:
@@ -98,7 +120,7 @@ def inject_rank_fault(rank: int, step: int) -> None:
     time.sleep(10**6)
 
 
-def grad_norm(engine) -> Optional[float]:
+def grad_norm(engine) -> float | None:
     """The global gradient norm of the last step, when the engine computed one (it does when clipping)."""
     value = engine.get_global_grad_norm()
     if value is None:
@@ -119,18 +141,26 @@ def global_batch_change(client: dict, t, world: int) -> list[str]:
     if old == new:
         return []
     per_accum = world * t.micro_batch_size
-    keep = f"train.grad_accum={old // per_accum} keeps it" if old % per_accum == 0 else \
-        f"no train.grad_accum keeps it with {world} rank(s) x {t.micro_batch_size}"
-    return [f"global batch {old} -> {new} windows per step ({saved_world} rank(s) x {saved_t['micro_batch_size']} x "
-            f"{saved_t.get('grad_accum', 1)} -> {world} x {t.micro_batch_size} x {t.grad_accum}; {keep})"]
+    keep = (
+        f"train.grad_accum={old // per_accum} keeps it"
+        if old % per_accum == 0
+        else f"no train.grad_accum keeps it with {world} rank(s) x {t.micro_batch_size}"
+    )
+    return [
+        f"global batch {old} -> {new} windows per step ({saved_world} rank(s) x {saved_t['micro_batch_size']} x "
+        f"{saved_t.get('grad_accum', 1)} -> {world} x {t.micro_batch_size} x {t.grad_accum}; {keep})"
+    ]
 
 
 def set_aside_leftovers(out_dir: Path, rank: int) -> None:
     """``train.resume=auto`` with no checkpoint to resume but logs of a run that died before its first
     checkpoint: move them into ``abandoned-N/`` (rank 0) so the new run's logs do not mix with them."""
     if rank == 0:
-        leftovers = [n for n in ("metrics.jsonl", "config.yaml", "run.json", "tensorboard", "checkpoints")
-                     if (out_dir / n).exists()]
+        leftovers = [
+            n
+            for n in ("metrics.jsonl", "config.yaml", "run.json", "tensorboard", "checkpoints")
+            if (out_dir / n).exists()
+        ]
         if leftovers:
             n = 1
             while (out_dir / f"abandoned-{n}").exists():
@@ -139,8 +169,11 @@ def set_aside_leftovers(out_dir: Path, rank: int) -> None:
             dest.mkdir(parents=True)
             for name in leftovers:
                 (out_dir / name).rename(dest / name)
-            print(f"[s2moe] {out_dir} held logs of a run with no checkpoint ({', '.join(leftovers)}); moved them to "
-                  f"{dest} and starting fresh", flush=True)
+            print(
+                f"[s2moe] {out_dir} held logs of a run with no checkpoint ({', '.join(leftovers)}); moved them to "
+                f"{dest} and starting fresh",
+                flush=True,
+            )
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
@@ -153,8 +186,10 @@ def check_writable(out_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"config field 'train.out_dir': {str(out_dir)!r} is not writable ({e.strerror or e}); "
-                          f"choose a directory you can write to") from None
+        raise ConfigError(
+            f"config field 'train.out_dir': {str(out_dir)!r} is not writable ({e.strerror or e}); "
+            f"choose a directory you can write to"
+        ) from None
 
 
 class StopRequest:
@@ -205,21 +240,27 @@ def train(cfg: Config) -> dict:
     rank, world = init_distributed(t.dist_timeout_s)
     ep = cfg.model.moe.ep_size
     if world % ep:
-        raise ConfigError(f"config field 'model.moe.ep_size': the world size ({world}) must be a multiple of "
-                          f"ep_size ({ep}); launch {ep} x N processes or lower ep_size")
+        raise ConfigError(
+            f"config field 'model.moe.ep_size': the world size ({world}) must be a multiple of "
+            f"ep_size ({ep}); launch {ep} x N processes or lower ep_size"
+        )
     dev = device()
     meta = read_meta(cfg.data.data_dir)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta["vocab_size"]
     elif cfg.model.vocab_size != meta["vocab_size"]:
-        raise ConfigError(f"config field 'model.vocab_size' is {cfg.model.vocab_size} but the dataset in "
-                         f"{cfg.data.data_dir} has {meta['vocab_size']} symbols; set it to 0 (take it from the data)")
+        raise ConfigError(
+            f"config field 'model.vocab_size' is {cfg.model.vocab_size} but the dataset in "
+            f"{cfg.data.data_dir} has {meta['vocab_size']} symbols; set it to 0 (take it from the data)"
+        )
     splits = {name: load_split(cfg.data.data_dir, name, meta) for name in ("train", "val")}
     for name, tokens in splits.items():
         if len(tokens) <= cfg.model.context + 1:
-            raise ConfigError(f"config field 'model.context' is {cfg.model.context} but the {name} split of "
-                              f"{cfg.data.data_dir} has only {len(tokens)} tokens; lower model.context below "
-                              f"{len(tokens) - 1} or prepare more data")
+            raise ConfigError(
+                f"config field 'model.context' is {cfg.model.context} but the {name} split of "
+                f"{cfg.data.data_dir} has only {len(tokens)} tokens; lower model.context below "
+                f"{len(tokens) - 1} or prepare more data"
+            )
     train_windows = WindowSampler(splits["train"], cfg.model.context)
     val_windows = WindowSampler(splits["val"], cfg.model.context)
     check_writable(Path(t.out_dir))
@@ -234,8 +275,12 @@ def train(cfg: Config) -> dict:
     model = MoELanguageModel(cfg.model, seed=t.seed).to(dev)
     model.set_total_steps(t.steps, t.seed)
     engine, scheduler = build_engine(model, cfg, world)
-    layout = {"world": world, "ep_size": ep, "backend": cfg.model.moe.backend,
-              "zero_stage": engine.zero_optimization_stage()}
+    layout = {
+        "world": world,
+        "ep_size": ep,
+        "backend": cfg.model.moe.backend,
+        "zero_stage": engine.zero_optimization_stage(),
+    }
     start = 0
     run_id = None
     if resume:
@@ -255,7 +300,8 @@ def train(cfg: Config) -> dict:
                     f"{root}/{tag} was written with the parallel layout {saved} and this run has {layout}, but the "
                     f"checkpoint has no portable copy (the run had train.portable_checkpoints=false), so its "
                     f"optimizer state cannot be resharded: resume with the layout that wrote it (its weights still "
-                    f"evaluate and export under any layout: `s2moe eval`, `s2moe export`)")
+                    f"evaluate and export under any layout: `s2moe eval`, `s2moe export`)"
+                )
             client = resume_resharded(engine, model, scheduler, root / tag)
             if rank == 0:
                 print(f"[s2moe] resharded {root / tag}: {saved} -> {layout} (model and optimizer state)", flush=True)
@@ -265,9 +311,11 @@ def train(cfg: Config) -> dict:
             except RuntimeError as e:
                 if "size mismatch" not in str(e) and "Missing key" not in str(e) and "Unexpected key" not in str(e):
                     raise
-                raise CheckpointError(f"{root}/{tag} holds a model of another shape than this config's "
-                                      f"({str(e).splitlines()[0][:300]}); resume with the model settings it was "
-                                      f"trained with (its config.yaml)") from None
+                raise CheckpointError(
+                    f"{root}/{tag} holds a model of another shape than this config's "
+                    f"({str(e).splitlines()[0][:300]}); resume with the model settings it was "
+                    f"trained with (its config.yaml)"
+                ) from None
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {root}/{tag}")
             apply_schedule(scheduler, t.lr)  # the restored schedule keeps the old lr; apply the config's
@@ -290,9 +338,12 @@ def train(cfg: Config) -> dict:
     flops_train = flops_per_token(cfg.model, training=True, batch_tokens=t.micro_batch_size * cfg.model.context)
     qname = quality(0.0, meta["tokenizer"])[0]
     if rank == 0:
-        print(f"[s2moe] world={world} device={dev} params total={counts['total']:,} "
-              f"active/token={counts['active_per_token']:,} train GFLOPs/token={flops_train / 1e9:.4f} "
-              f"steps {start}->{t.steps}" + (f" (resumed from {resume[0]}/{resume[1]})" if resume else ""), flush=True)
+        print(
+            f"[s2moe] world={world} device={dev} params total={counts['total']:,} "
+            f"active/token={counts['active_per_token']:,} train GFLOPs/token={flops_train / 1e9:.4f} "
+            f"steps {start}->{t.steps}" + (f" (resumed from {resume[0]}/{resume[1]})" if resume else ""),
+            flush=True,
+        )
 
     def save(step: int) -> None:
         t0 = time.perf_counter()
@@ -303,18 +354,26 @@ def train(cfg: Config) -> dict:
 
     def _save(step: int) -> None:
         """Write to ``{tag}.partial`` on every rank, then rank 0 verifies and publishes it as ``latest``."""
-        client = {"step": step, "config": resolved, "vocab_fingerprint": vocab_fingerprint(meta), "layout": layout,
-                  "run_id": run_id, "data": data_id}
+        client = {
+            "step": step,
+            "config": resolved,
+            "vocab_fingerprint": vocab_fingerprint(meta),
+            "layout": layout,
+            "run_id": run_id,
+            "data": data_id,
+        }
         root, tag = out_dir / "checkpoints", f"step{step:07d}"
         partial = tag + PARTIAL
         ok = torch.tensor([1.0 if finite_parameters(model) else 0.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not ok.item():
-            raise NonFiniteLoss(f"step {step}: the weights are not finite (the updates diverged although the "
-                                f"gradients were finite: train.lr too large?); not saved. The last good checkpoint "
-                                f"is {latest_tag(root) or 'none'} in {root}; lower train.lr and resume with "
-                                f"train.resume=auto")
+            raise NonFiniteLoss(
+                f"step {step}: the weights are not finite (the updates diverged although the "
+                f"gradients were finite: train.lr too large?); not saved. The last good checkpoint "
+                f"is {latest_tag(root) or 'none'} in {root}; lower train.lr and resume with "
+                f"train.resume=auto"
+            )
         try:
             engine.save_checkpoint(str(root), tag=partial, client_state=client, save_latest=False)
             if t.portable_checkpoints:
@@ -322,11 +381,16 @@ def train(cfg: Config) -> dict:
         except (OSError, RuntimeError) as e:
             previous = latest_tag(root)
             # torch's writer reports a full disk as "unexpected pos ..." (a RuntimeError): give the free space
-            cause = describe_os_error(e, root) if isinstance(e, OSError) else (
-                f"{str(e).strip()}; {shutil.disk_usage(root).free:,} bytes free on that file system")
-            raise CheckpointError(f"writing checkpoint {root / partial} failed on rank {rank}: {cause}. Nothing was "
-                                  f"published; the previous checkpoint ({previous or 'none'}) is intact. Fix that and "
-                                  f"resume with train.resume=auto") from None
+            cause = (
+                describe_os_error(e, root)
+                if isinstance(e, OSError)
+                else (f"{str(e).strip()}; {shutil.disk_usage(root).free:,} bytes free on that file system")
+            )
+            raise CheckpointError(
+                f"writing checkpoint {root / partial} failed on rank {rank}: {cause}. Nothing was "
+                f"published; the previous checkpoint ({previous or 'none'}) is intact. Fix that and "
+                f"resume with train.resume=auto"
+            ) from None
         dist.barrier()
         if rank == 0:
             publish(root, partial, tag, keep_last=t.keep_last, run_id=run_id)
@@ -336,8 +400,10 @@ def train(cfg: Config) -> dict:
     peak, peak_source = device_peak_flops(t.precision, t.peak_tflops)
     prog = Progress(end, start, tokens_per_step, flops_train, peak * world)
     if rank == 0:
-        print(f"[s2moe] MFU against {peak * world / 1e12:.3f} TFLOP/s ({world} x {peak / 1e12:.3f}, {peak_source})",
-              flush=True)
+        print(
+            f"[s2moe] MFU against {peak * world / 1e12:.3f} TFLOP/s ({world} x {peak / 1e12:.3f}, {peak_source})",
+            flush=True,
+        )
     progress = None
     if rank == 0 and t.progress and sys.stderr.isatty():  # a bar only on a terminal; the line goes to any log
         from tqdm import tqdm
@@ -350,8 +416,12 @@ def train(cfg: Config) -> dict:
         save(start)  # a checkpoint of another run and no step to train (`s2moe reshard`): write it in this layout
     if own_noop:
         if rank == 0:
-            print(f"[s2moe] {resume[0]}/{resume[1]} is already at step {start} (train.steps={t.steps}"
-                  + (f", train.stop_at_step={t.stop_at_step}" if t.stop_at_step else "") + "): nothing to train", flush=True)
+            print(
+                f"[s2moe] {resume[0]}/{resume[1]} is already at step {start} (train.steps={t.steps}"
+                + (f", train.stop_at_step={t.stop_at_step}" if t.stop_at_step else "")
+                + "): nothing to train",
+                flush=True,
+            )
     skipped = consecutive = 0
     inject = {int(v) for v in os.environ.get("S2MOE_INJECT_NONFINITE_AT", "").split(",") if v.strip()}
     can_skip = engine.zero_optimization_stage() >= 1
@@ -375,15 +445,19 @@ def train(cfg: Config) -> dict:
                 engine.backward(loss_total)
                 engine.step()
                 moe_step.add(out.aux_losses, out.metrics)
-                micro_losses.append(torch.stack([out.loss.detach().float(), loss_total.detach().float() - out.loss.detach().float()]))
+                micro_losses.append(
+                    torch.stack([out.loss.detach().float(), loss_total.detach().float() - out.loss.detach().float()])
+                )
             stats = all_reduce_mean(torch.stack(micro_losses).mean(0))
             loss, aux = float(stats[0]), float(stats[1])
             prog.add_train(time.perf_counter() - step_t0)
             finite = bool(torch.isfinite(stats).all())
             if not finite and not can_skip:
-                raise NonFiniteLoss(f"step {step}: training loss is {loss} (aux {aux}); the weights are diverging. "
-                                    f"Lower train.lr, keep train.grad_clip > 0, or train in fp32; the last good "
-                                    f"checkpoint is in {out_dir / 'checkpoints'} (resume with train.resume=auto)")
+                raise NonFiniteLoss(
+                    f"step {step}: training loss is {loss} (aux {aux}); the weights are diverging. "
+                    f"Lower train.lr, keep train.grad_clip > 0, or train in fp32; the last good "
+                    f"checkpoint is in {out_dir / 'checkpoints'} (resume with train.resume=auto)"
+                )
             step_skipped = not (engine.was_step_applied() and finite)
             reduced = None
             if not step_skipped:
@@ -398,14 +472,19 @@ def train(cfg: Config) -> dict:
                 consecutive += 1
                 mon.scalars(step + 1, {"train/skipped_steps": skipped}, record="skip")
                 if rank == 0:
-                    print(f"[s2moe] step {step + 1}: non-finite loss/gradient, step skipped "
-                          f"({consecutive} in a row, {skipped} in total)", flush=True)
+                    print(
+                        f"[s2moe] step {step + 1}: non-finite loss/gradient, step skipped "
+                        f"({consecutive} in a row, {skipped} in total)",
+                        flush=True,
+                    )
                 if consecutive > t.max_skipped_steps:
                     save(step + 1)
-                    raise NonFiniteLoss(f"{consecutive} steps in a row had a non-finite loss or gradient (limit "
-                                        f"train.max_skipped_steps={t.max_skipped_steps}); saved the last good state as "
-                                        f"checkpoint step{step + 1:07d}. Lower train.lr or check the data, then "
-                                        f"resume with train.resume=auto")
+                    raise NonFiniteLoss(
+                        f"{consecutive} steps in a row had a non-finite loss or gradient (limit "
+                        f"train.max_skipped_steps={t.max_skipped_steps}); saved the last good state as "
+                        f"checkpoint step{step + 1:07d}. Lower train.lr or check the data, then "
+                        f"resume with train.resume=auto"
+                    )
             done = step + 1
             if progress:
                 progress.update(1)
@@ -414,8 +493,16 @@ def train(cfg: Config) -> dict:
                 aux_by_layer, metrics = reduced or moe_step.reduce()
                 lr = scheduler.get_last_lr()[0]
                 line, timing = prog.report(done, loss, lr, grad_norm(engine))
-                mon.scalars(done, {"train/loss": loss, f"train/{qname}": quality(loss, meta["tokenizer"])[1],
-                                   "train/aux_loss": aux, "train/lr": lr, **timing})
+                mon.scalars(
+                    done,
+                    {
+                        "train/loss": loss,
+                        f"train/{qname}": quality(loss, meta["tokenizer"])[1],
+                        "train/aux_loss": aux,
+                        "train/lr": lr,
+                        **timing,
+                    },
+                )
                 mon.moe(done, aux_by_layer, metrics)
                 if rank == 0:
                     tqdm_write(line) if progress else print(line, flush=True)
@@ -433,8 +520,11 @@ def train(cfg: Config) -> dict:
                 save(done)
             mon.flush()
             if stopping:
-                raise Stopped(f"{stop.name} received: saved checkpoint step{done:07d} and stopped; continue with "
-                              f"train.resume=auto", stop.signum)
+                raise Stopped(
+                    f"{stop.name} received: saved checkpoint step{done:07d} and stopped; continue with "
+                    f"train.resume=auto",
+                    stop.signum,
+                )
     finally:
         # logs written so far reach disk even when a step fails or a peer is lost
         if progress:
@@ -454,7 +544,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError, NonFiniteLoss, OSError) as e:
         # a problem with the inputs, the disk or the run itself: one clear message per rank, no traceback
         rank = os.environ.get("RANK", "0")
-        where = " (while writing logs or checkpoints; published checkpoints are intact)" if isinstance(e, OSError) else ""
+        where = (
+            " (while writing logs or checkpoints; published checkpoints are intact)" if isinstance(e, OSError) else ""
+        )
         print(f"s2moe train [rank {rank}]: error: {e}{where}", file=sys.stderr, flush=True)
         return 3 if isinstance(e, NonFiniteLoss) else 2
     except RuntimeError as e:
@@ -462,9 +554,13 @@ def main(argv=None) -> int:
             raise
         # a peer died (its connection closed) or stopped answering (train.dist_timeout_s passed)
         rank = os.environ.get("RANK", "0")
-        print(f"s2moe train [rank {rank}]: error: a collective operation with the other ranks failed: another "
-              f"rank died or did not answer within train.dist_timeout_s; see the other ranks' messages above "
-              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})", file=sys.stderr, flush=True)
+        print(
+            f"s2moe train [rank {rank}]: error: a collective operation with the other ranks failed: another "
+            f"rank died or did not answer within train.dist_timeout_s; see the other ranks' messages above "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300]})",
+            file=sys.stderr,
+            flush=True,
+        )
         # The process group is now wedged: tearing it down at interpreter exit can block on the lost peer or
         # abort in gloo's destructors ("terminate called without an active exception"). Logs were closed by
         # train(); flush what is buffered and leave without running that teardown.
@@ -473,7 +569,9 @@ def main(argv=None) -> int:
         os._exit(4)
     except Exception as e:
         rank = os.environ.get("RANK", "0")
-        print(f"s2moe train [rank {rank}]: failed with an unexpected {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(
+            f"s2moe train [rank {rank}]: failed with an unexpected {type(e).__name__}: {e}", file=sys.stderr, flush=True
+        )
         raise
     return 0
 

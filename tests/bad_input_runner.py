@@ -1,6 +1,7 @@
 """Run s2moe_ds.train.main on a list of argument lists in this one process (one process group for all),
 printing one JSON line per case: the exit code and what it wrote to stderr. Used by
 test_bad_inputs.py in a subprocess, so the process group never leaks into the test process."""
+
 import contextlib
 import io
 import json

@@ -1,5 +1,6 @@
 """Run a function on N real processes (gloo on loopback), collect what each returns, and fail instead
 of hanging when a process does not finish in time."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -15,8 +16,15 @@ def _free_port() -> int:
 
 
 def _worker(fn, rank, world, port, queue, args, env):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", **env)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+        **env,
+    )
     try:
         import datetime
 
@@ -37,7 +45,9 @@ def run_distributed(fn, world_size: int = 2, timeout: float = 120, args: tuple =
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args, env or {})) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args, env or {})) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results, errors = {}, []

@@ -2,6 +2,7 @@
 own data root, exec root, socket and pid file so it never touches another daemon, and stopped by its pid.
 No registry is needed: the base image ``debian:bookworm-slim`` is made from Debian's archive with
 debootstrap when the engine does not have it (the official image is built the same way)."""
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,10 @@ class DockerEngine:
         if not (shutil.which("dockerd") and shutil.which("debootstrap")):
             if not shutil.which("apt-get"):
                 return "dockerd/debootstrap missing and no apt-get to install them"
-            p = _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker.io", "debootstrap"],
-                     env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+            p = _run(
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker.io", "debootstrap"],
+                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            )
             if p.returncode != 0:
                 return f"apt-get install docker.io debootstrap failed: {p.stderr[-500:]}"
         if not shutil.which("docker"):
@@ -52,17 +55,30 @@ class DockerEngine:
     def docker(self, *args: str, timeout: int = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
         p = _run(["docker", *args], timeout=timeout, env=self.env, **kw)
         if check and p.returncode != 0:
-            raise RuntimeError(f"docker {' '.join(args[:3])} ... failed (rc {p.returncode}):\n"
-                               f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+            raise RuntimeError(
+                f"docker {' '.join(args[:3])} ... failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+            )
         return p
 
-    def __enter__(self) -> "DockerEngine":
+    def __enter__(self) -> DockerEngine:
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "dockerd.log", "ab")
         self.proc = subprocess.Popen(
-            ["dockerd", "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
-             "-H", f"unix://{self.sock}", "--pidfile", str(self.pidfile)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "dockerd",
+                "--data-root",
+                str(self.root / "data"),
+                "--exec-root",
+                str(self.root / "exec"),
+                "-H",
+                f"unix://{self.sock}",
+                "--pidfile",
+                str(self.pidfile),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + 60
         while _run(["docker", "info"], timeout=30, env=self.env).returncode != 0:
             if self.proc.poll() is not None or time.time() > deadline:
@@ -100,8 +116,14 @@ class DockerEngine:
             if p.returncode != 0:
                 raise RuntimeError(f"debootstrap failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
             tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-            imp = subprocess.run(["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, capture_output=True,
-                                 text=True, env=self.env, timeout=600)
+            imp = subprocess.run(
+                ["docker", "import", "-", BASE_IMAGE],
+                stdin=tar.stdout,
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=600,
+            )
             tar.stdout.close()
             if tar.wait() != 0 or imp.returncode != 0:
                 raise RuntimeError(f"docker import of the debootstrap rootfs failed: {imp.stderr[-2000:]}")

@@ -1,4 +1,5 @@
 """Helpers for end-to-end tests that run the real `deepspeed` launcher and CLI in subprocesses."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,23 +28,38 @@ def env() -> dict:
     return e
 
 
-def run(cmd: list[str], timeout: int = 300, cwd: Path = REPO, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], timeout: int = 300, cwd: Path = REPO, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run a command; a hang fails the test at ``timeout`` instead of hanging CI."""
-    proc = subprocess.run(cmd, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout
+    )
     return proc
 
 
 def deepspeed_train(nproc: int, overrides: list[str], config: str = "configs/tiny.yaml", timeout: int = 300):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-           "--module", "s2moe_ds.train", "--config", config, *overrides]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "s2moe_ds.train",
+        "--config",
+        config,
+        *overrides,
+    ]
     return run(cmd, timeout=timeout)
 
 
-def single_train(overrides: list[str], config: str = "configs/tiny.yaml", timeout: int = 300,
-                 extra_env: dict | None = None):
-    return run([sys.executable, "-m", "s2moe_ds.train", "--config", config, *overrides], timeout=timeout,
-               extra_env=extra_env)
+def single_train(
+    overrides: list[str], config: str = "configs/tiny.yaml", timeout: int = 300, extra_env: dict | None = None
+):
+    return run(
+        [sys.executable, "-m", "s2moe_ds.train", "--config", config, *overrides], timeout=timeout, extra_env=extra_env
+    )
 
 
 def cli(*args: str, timeout: int = 300):
@@ -60,11 +76,16 @@ def train_losses(out_dir: Path) -> dict[int, float]:
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    )
 
 
 def snapshot(root: Path) -> dict:
     """sha256 of every file under ``root`` by relative path: compare before and after to show nothing changed.
     The run directory's lock file (``.s2moe.lock``: who holds, or last held, the directory) is left out."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".s2moe.lock"}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".s2moe.lock"
+    }

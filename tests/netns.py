@@ -1,5 +1,6 @@
 """Two network namespaces joined by a veth pair, so a two-"node" job's traffic crosses a real interface
 (needs root and iproute2; removed afterwards)."""
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,7 @@ class VethPair:
     def _ip(self, *args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
-    def __enter__(self) -> "VethPair":
+    def __enter__(self) -> VethPair:
         for ns in self.ns:
             self._ip("netns", "add", ns)
         self._ip("link", "add", self.ifname[0], "type", "veth", "peer", "name", self.ifname[1])

@@ -1,10 +1,19 @@
 """Collapse diagnostics: the batched Jacobian against autograd's per-token Jacobian, effective rank on
 known spectra, expert-output similarity on experts made identical / independent, router vectors."""
+
 import pytest
 import torch
 
-from s2moe_ds.analysis import (analyse, effective_rank, expert_output_similarity, jacobian_spectra,
-                               mean_pairwise_cosine, router_vectors, sample_tokens, trained_layer_fn)
+from s2moe_ds.analysis import (
+    analyse,
+    effective_rank,
+    expert_output_similarity,
+    jacobian_spectra,
+    mean_pairwise_cosine,
+    router_vectors,
+    sample_tokens,
+    trained_layer_fn,
+)
 from s2moe_ds.config import ModelConfig
 from s2moe_ds.model import DenseFFN, MoELanguageModel
 from s2moe_ds.moe.layer import MoEConfig, S2MoEConfig
@@ -59,7 +68,9 @@ def test_router_vectors_live_in_the_input_space_for_every_router():
     layer = build_moe_layer(MoEConfig(num_experts=4, k=2, router="xmoe"), 16)
     x = torch.randn(5, 16)
     scores = x @ router_vectors(layer.router).t()
-    torch.testing.assert_close(scores, layer.router.proj(x) @ torch.nn.functional.normalize(layer.router.embeddings, dim=-1).t())
+    torch.testing.assert_close(
+        scores, layer.router.proj(x) @ torch.nn.functional.normalize(layer.router.embeddings, dim=-1).t()
+    )
     same = torch.ones(3, 5)
     assert mean_pairwise_cosine(same) == pytest.approx(1.0)
     assert mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0)
@@ -72,11 +83,14 @@ def test_routing_jacobian_is_the_term_through_the_weights():
     x = torch.randn(3, 8)
     s = jacobian_spectra(trained_layer_fn(layer, routing_only=True), x)
     for t in range(3):
-        ids = layer.route(x[t:t + 1], k=2).expert_ids_TK[0]
-        f = torch.stack([layer.experts(x[t:t + 1], torch.tensor([[int(e)]]), torch.ones(1, 1))[0] for e in ids]).detach()
+        ids = layer.route(x[t : t + 1], k=2).expert_ids_TK[0]
+        f = torch.stack(
+            [layer.experts(x[t : t + 1], torch.tensor([[int(e)]]), torch.ones(1, 1))[0] for e in ids]
+        ).detach()
 
         def weights(v):
             return layer.router.proj(v[None])[0][ids].softmax(-1)
+
         J = f.t() @ torch.autograd.functional.jacobian(weights, x[t])  # [D, K] @ [K, D]
         torch.testing.assert_close(s[t], torch.linalg.svdvals(J), rtol=1e-4, atol=1e-6)
     assert (s[:, 2:] < 1e-5).all()  # rank <= K - 1 = 1 for two renormalised weights

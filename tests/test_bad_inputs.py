@@ -1,12 +1,12 @@
 """At least 25 bad inputs, each a clear error naming the problem and the fix, each leaving an existing
 run's checkpoints and logs exactly as they were. Plus an unwritable run directory and a full disk."""
+
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from e2e import REPO, assert_ok, cli, env, single_train, snapshot
 
 pytestmark = pytest.mark.slow
@@ -63,11 +63,21 @@ def cases(b: Path):
         ("integer expected", CFG + ok + ["train.micro_batch_size=2.5"], ["train.micro_batch_size", "integer"]),
         ("negative steps", CFG + ok + ["train.steps=-1"], ["train.steps", "> 0"]),
         ("k > experts", CFG + ok + ["model.moe.k=5"], ["model.moe.k", "num_experts (4)"]),
-        ("ep_size not dividing experts", CFG + ok + ["model.moe.backend=deepspeed", "model.moe.ep_size=3"],
-         ["model.moe.ep_size", "divide num_experts (4)"]),
-        ("ep_size with the local backend", CFG + ok + ["model.moe.ep_size=2"], ["model.moe.ep_size", "backend 'deepspeed'"]),
-        ("world size not divisible by ep_size", CFG + ok + ["model.moe.backend=deepspeed", "model.moe.ep_size=2"],
-         ["world size (1) must be a multiple of ep_size (2)"]),
+        (
+            "ep_size not dividing experts",
+            CFG + ok + ["model.moe.backend=deepspeed", "model.moe.ep_size=3"],
+            ["model.moe.ep_size", "divide num_experts (4)"],
+        ),
+        (
+            "ep_size with the local backend",
+            CFG + ok + ["model.moe.ep_size=2"],
+            ["model.moe.ep_size", "backend 'deepspeed'"],
+        ),
+        (
+            "world size not divisible by ep_size",
+            CFG + ok + ["model.moe.backend=deepspeed", "model.moe.ep_size=2"],
+            ["world size (1) must be a multiple of ep_size (2)"],
+        ),
         ("negative noise scale", CFG + ok + ["model.moe.s2moe.sigma1=-0.5"], ["model.moe.s2moe.sigma1", ">"]),
         ("zero temperature", CFG + ok + ["model.moe.s2moe.temperature=0"], ["model.moe.s2moe.temperature", "> 0"]),
         ("unknown router", CFG + ok + ["model.moe.router=hash"], ["model.moe.router", "competesmoe"]),
@@ -80,33 +90,72 @@ def cases(b: Path):
         ("missing config file", ["--config", str(b / "nope.yaml")] + ok, ["does not exist"]),
         ("malformed config file", ["--config", str(b / "bad.yaml")] + ok, ["not valid YAML"]),
         ("bad override syntax", CFG + ok + ["train.steps"], ["section.field=value"]),
-        ("missing data", CFG + [f"data.data_dir={b / 'nowhere'}", fresh, *COMMON], ["missing meta.json", "s2moe prepare"]),
-        ("truncated token file", CFG + [f"data.data_dir={b / 'truncated'}", fresh, *COMMON], ["train.bin", "truncated"]),
+        (
+            "missing data",
+            CFG + [f"data.data_dir={b / 'nowhere'}", fresh, *COMMON],
+            ["missing meta.json", "s2moe prepare"],
+        ),
+        (
+            "truncated token file",
+            CFG + [f"data.data_dir={b / 'truncated'}", fresh, *COMMON],
+            ["train.bin", "truncated"],
+        ),
         ("corrupt meta.json", CFG + [f"data.data_dir={b / 'badmeta'}", fresh, *COMMON], ["meta.json", "corrupt"]),
-        ("token file / vocabulary mismatch", CFG + [f"data.data_dir={b / 'mismatch'}", fresh, *COMMON],
-         ["vocabulary size 20", "do not match"]),
-        ("model vocab_size disagrees with data", CFG + ok + ["model.vocab_size=50"], ["model.vocab_size", "103 symbols"]),
-        ("checkpoint trained on another vocabulary", CFG + [f"data.data_dir={b / 'other'}", run, "train.steps=4",
-                                                            "train.resume=auto", *COMMON], ["different vocabulary"]),
-        ("fresh start over an existing run", CFG + [d, run, "train.steps=4", *COMMON], ["already holds a run",
-                                                                                         "train.resume=auto"]),
+        (
+            "token file / vocabulary mismatch",
+            CFG + [f"data.data_dir={b / 'mismatch'}", fresh, *COMMON],
+            ["vocabulary size 20", "do not match"],
+        ),
+        (
+            "model vocab_size disagrees with data",
+            CFG + ok + ["model.vocab_size=50"],
+            ["model.vocab_size", "103 symbols"],
+        ),
+        (
+            "checkpoint trained on another vocabulary",
+            CFG + [f"data.data_dir={b / 'other'}", run, "train.steps=4", "train.resume=auto", *COMMON],
+            ["different vocabulary"],
+        ),
+        (
+            "fresh start over an existing run",
+            CFG + [d, run, "train.steps=4", *COMMON],
+            ["already holds a run", "train.resume=auto"],
+        ),
         ("infinite learning rate", CFG + ok + ["train.lr=.inf"], ["train.lr", "finite number"]),
         ("absurd learning rate", CFG + ok + ["train.lr=1e30"], ["train.lr", "at most 1"]),
         ("min_lr above lr", CFG + ok + ["train.min_lr=0.5"], ["train.min_lr", "must not exceed train.lr"]),
         ("beta2 = 1", CFG + ok + ["train.beta2=1.0"], ["train.beta2", "[0, 1)"]),
         ("an MoE layer listed twice", CFG + ok + ["model.moe_layers=[1,1]"], ["model.moe_layers", "twice"]),
-        ("a section given twice", ["--config", str(b / "twice.yaml")] + ok, ["'train' is given twice", "line 1",
-                                                                              "line 5"]),
-        ("context longer than a split", CFG + [f"data.data_dir={b / 'other'}", fresh, "model.context=1000", *COMMON],
-         ["model.context", "only 500 tokens"]),
-        ("meta.json missing a field", CFG + [f"data.data_dir={b / 'nofield'}", fresh, *COMMON],
-         ["meta.json lacks splits", "s2moe prepare"]),
-        ("DeepSpeed rejects its config", CFG + ok + [f"train.ds_config={b / 'badds.json'}"],
-         ["DeepSpeed rejected", "reduce_bucket_size"]),
-        ("resume from a path that is no checkpoint", CFG + ok + [f"train.resume={b / 'pydoc'}"],
-         ["not 'auto' and not a checkpoint folder"]),
-        ("run directory under a file", CFG + [d, f"train.out_dir={b / 'a_file' / 'run'}", *COMMON],
-         ["train.out_dir", "not writable"]),
+        (
+            "a section given twice",
+            ["--config", str(b / "twice.yaml")] + ok,
+            ["'train' is given twice", "line 1", "line 5"],
+        ),
+        (
+            "context longer than a split",
+            CFG + [f"data.data_dir={b / 'other'}", fresh, "model.context=1000", *COMMON],
+            ["model.context", "only 500 tokens"],
+        ),
+        (
+            "meta.json missing a field",
+            CFG + [f"data.data_dir={b / 'nofield'}", fresh, *COMMON],
+            ["meta.json lacks splits", "s2moe prepare"],
+        ),
+        (
+            "DeepSpeed rejects its config",
+            CFG + ok + [f"train.ds_config={b / 'badds.json'}"],
+            ["DeepSpeed rejected", "reduce_bucket_size"],
+        ),
+        (
+            "resume from a path that is no checkpoint",
+            CFG + ok + [f"train.resume={b / 'pydoc'}"],
+            ["not 'auto' and not a checkpoint folder"],
+        ),
+        (
+            "run directory under a file",
+            CFG + [d, f"train.out_dir={b / 'a_file' / 'run'}", *COMMON],
+            ["train.out_dir", "not writable"],
+        ),
     ]
 
 
@@ -114,8 +163,15 @@ def test_bad_inputs_give_clear_errors_and_touch_nothing(world):
     table = cases(world)
     assert len(table) >= 25
     before = snapshot(world / "run")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "bad_input_runner.py")], input=json.dumps([c[1] for c in table]),
-                          capture_output=True, text=True, cwd=REPO, env=env(), timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "bad_input_runner.py")],
+        input=json.dumps([c[1] for c in table]),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env(),
+        timeout=600,
+    )
     results = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
     assert len(results) == len(table), proc.stderr[-3000:]
     failures = []
@@ -148,8 +204,15 @@ def test_full_disk_keeps_the_published_checkpoint(world, tmp_path):
         pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
     try:
         out = small / "run"
-        proc = single_train([f"data.data_dir={world / 'pydoc'}", f"train.out_dir={out}", "train.steps=6",
-                             "train.save_interval=2", *COMMON])
+        proc = single_train(
+            [
+                f"data.data_dir={world / 'pydoc'}",
+                f"train.out_dir={out}",
+                "train.steps=6",
+                "train.save_interval=2",
+                *COMMON,
+            ]
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "bytes free on that file system" in proc.stderr and "intact" in proc.stderr, proc.stderr[-1500:]
         assert "Traceback" not in proc.stderr

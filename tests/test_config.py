@@ -1,4 +1,5 @@
 """Config loading, overrides and validation errors that name the field and the valid values."""
+
 import pytest
 
 from s2moe_ds.config import REPO_ROOT, Config, load_config
@@ -7,8 +8,15 @@ from s2moe_ds.distributed import deepspeed_config
 
 
 def test_tiny_config_loads_with_overrides():
-    cfg = load_config(REPO_ROOT / "configs/tiny.yaml", ["train.steps=7", "model.moe.router=xmoe",
-                                                        "model.moe.router_args.balance_temperature=0.5", "model.moe_layers=[1]"])
+    cfg = load_config(
+        REPO_ROOT / "configs/tiny.yaml",
+        [
+            "train.steps=7",
+            "model.moe.router=xmoe",
+            "model.moe.router_args.balance_temperature=0.5",
+            "model.moe_layers=[1]",
+        ],
+    )
     assert cfg.train.steps == 7 and cfg.model.moe.router == "xmoe"
     assert cfg.model.moe.router_args == {"balance_temperature": 0.5}
     assert cfg.model.moe_layer_ids() == [1]
@@ -24,7 +32,10 @@ BAD = [
     (["train.stpes=5"], ["train.stpes", "did you mean 'steps'"]),
     (["model.moe.k=9"], ["model.moe.k", "num_experts (8)"]),
     (["model.moe.router=topk"], ["model.moe.router", "smoe", "xmoe", "stablemoe", "competesmoe", "vqmoe"]),
-    (["model.moe.router=xmoe", "model.moe.router_args.balance_temperature=0"], ["model.moe.router_args.balance_temperature", "> 0"]),
+    (
+        ["model.moe.router=xmoe", "model.moe.router_args.balance_temperature=0"],
+        ["model.moe.router_args.balance_temperature", "> 0"],
+    ),
     (["model.moe.router_args.temprature=0.3"], ["temprature", "valid keys", "z_loss_coef"]),
     (["train.lr=fast"], ["train.lr", "expected a number"]),
     (["train.steps=1.5"], ["train.steps", "expected an integer"]),
@@ -37,8 +48,10 @@ BAD = [
     (["data.dataset=imagenet"], ["data.dataset", "text8"]),
     (["model.moe.backend=tutel"], ["model.moe.backend", "local"]),
     (["model.moe.ep_mode=padded"], ["model.moe.ep_mode", "dropless", "capacity", "ragged"]),
-    (["model.moe.backend=deepspeed", "model.moe.ep_mode=ragged", "model.moe.backend_impl=padded_bmm"],
-     ["model.moe.backend_impl", "'padded_bmm'", "auto, loop or grouped_mm"]),
+    (
+        ["model.moe.backend=deepspeed", "model.moe.ep_mode=ragged", "model.moe.backend_impl=padded_bmm"],
+        ["model.moe.backend_impl", "'padded_bmm'", "auto, loop or grouped_mm"],
+    ),
     (["model.moe.router=competesmoe", "model.moe.router_args.compete_prob=2"], ["compete_prob", "[0.0, 1.0]"]),
     (["trainsteps"], ["section.field=value"]),
 ]
@@ -70,8 +83,15 @@ def test_zero3_is_rejected_with_a_pointer(tmp_path):
 
 
 def test_deepspeed_config_filled_from_ours():
-    cfg = load_config(None, ["train.micro_batch_size=3", "train.grad_accum=2", "train.precision=bf16",
-                             "train.ds_config=ds_configs/zero2_offload.json"])
+    cfg = load_config(
+        None,
+        [
+            "train.micro_batch_size=3",
+            "train.grad_accum=2",
+            "train.precision=bf16",
+            "train.ds_config=ds_configs/zero2_offload.json",
+        ],
+    )
     ds = deepspeed_config(cfg, world=2)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
@@ -83,7 +103,11 @@ def test_lr_schedules_by_hand():
 
     t = load_config(None, ["train.steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr=0.1"]).train
     assert [lr_at(s, t) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # warm-up, every schedule
-    assert lr_at(10, t) == pytest.approx(1.0) and lr_at(55, t) == pytest.approx(0.55) and lr_at(100, t) == pytest.approx(0.1)
+    assert (
+        lr_at(10, t) == pytest.approx(1.0)
+        and lr_at(55, t) == pytest.approx(0.55)
+        and lr_at(100, t) == pytest.approx(0.1)
+    )
     t.lr_schedule = "linear"
     assert lr_at(32, t) == pytest.approx(1.0 - 0.9 * 22 / 90) and lr_at(100, t) == pytest.approx(0.1)
     t.lr_schedule, t.decay_fraction = "wsd", 0.2  # stable until step 80, then linear to min_lr at 100

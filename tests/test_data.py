@@ -1,4 +1,5 @@
 """Data preparation on small files the tests write, loaders, and the errors for bad data."""
+
 import json
 import zipfile
 

@@ -2,6 +2,7 @@
 .txt/.jsonl/.gz), end-of-document tokens, deterministic document splits, SentencePiece and Hugging Face
 tokenizer files brought by the user, uint32 tokens for big vocabularies, the Tokenizer save/load round
 trip, and memory that does not grow with the corpus."""
+
 import gzip
 import json
 import os
@@ -15,8 +16,16 @@ import pytest
 
 from s2moe_ds.config import load_config
 from s2moe_ds.configtools import ConfigError
-from s2moe_ds.data.prepare import (DataError, Decoder, load_split, prepare, prepare_corpus, read_meta,
-                                   resolve_sources, split_of_documents)
+from s2moe_ds.data.prepare import (
+    DataError,
+    Decoder,
+    load_split,
+    prepare,
+    prepare_corpus,
+    read_meta,
+    resolve_sources,
+    split_of_documents,
+)
 from s2moe_ds.data.tokenizers import CharTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,9 +70,12 @@ def mixed_source(tmp_path):
     write_jsonl(src / "e.jsonl.gz", [f"gz line {i} \u65e5\u672c" for i in range(15)], gz=True)
     (src / "notes.md").write_text("not read: folders take .txt, .jsonl and their .gz")
     (src / ".hidden.txt").write_text("not read either")
-    expected = (["the first document\nhas two lines\n"] + [f"json line {i}" for i in range(12)]
-                + [f"gz line {i} \u65e5\u672c" for i in range(15)] + ["caf\u00e9 document number two",
-                                                                       "a gzipped text document"])
+    expected = (
+        ["the first document\nhas two lines\n"]
+        + [f"json line {i}" for i in range(12)]
+        + [f"gz line {i} \u65e5\u672c" for i in range(15)]
+        + ["caf\u00e9 document number two", "a gzipped text document"]
+    )
     return src, expected
 
 
@@ -105,8 +117,16 @@ def test_glob_several_sources_and_workers_give_identical_files(tmp_path, mixed_s
 def test_split_rule_is_a_hash_of_the_document_index(tmp_path):
     texts = [f"document {i} " + " ".join(WORDS[j % 10] for j in range(i % 7 + 1)) for i in range(3000)]
     write_jsonl(tmp_path / "docs.jsonl", texts)
-    meta = prepare("corpus", tmp_path / "out", str(tmp_path / "docs.jsonl"), val_fraction=0.1, test_fraction=0.05,
-                   workers=2, block_bytes=4096, progress=False)
+    meta = prepare(
+        "corpus",
+        tmp_path / "out",
+        str(tmp_path / "docs.jsonl"),
+        val_fraction=0.1,
+        test_fraction=0.05,
+        workers=2,
+        block_bytes=4096,
+        progress=False,
+    )
     codes = split_of_documents(0, 3000, 0.1, 0.05).tolist()
     # the documented small-corpus rule: a document hashed to train goes to val, then test, while that
     # split is empty and train is not
@@ -122,8 +142,9 @@ def test_split_rule_is_a_hash_of_the_document_index(tmp_path):
     assert abs(meta["documents"]["val"] / 3000 - 0.1) < 0.02 and abs(meta["documents"]["test"] / 3000 - 0.05) < 0.015
     assert "SplitMix64" in meta["split_rule"]
     # test_fraction=0: no test split at all
-    meta = prepare("corpus", tmp_path / "two", str(tmp_path / "docs.jsonl"), test_fraction=0.0, workers=1,
-                   progress=False)
+    meta = prepare(
+        "corpus", tmp_path / "two", str(tmp_path / "docs.jsonl"), test_fraction=0.0, workers=1, progress=False
+    )
     assert set(meta["splits"]) == {"train", "val"} and not (tmp_path / "two" / "test.bin").exists()
 
 
@@ -136,7 +157,8 @@ def test_txt_documents_file_or_line_and_eod_switch(tmp_path):
     meta = prepare("corpus", tmp_path / "o2", str(one), txt_document="line", workers=1, progress=False)
     assert meta["eod"] and sum(meta["documents"].values()) == 9
     assert sorted(d for s in all_docs(tmp_path / "o2").values() for d in s) == sorted(
-        ["first line", "second line", "third line"] * 3)
+        ["first line", "second line", "third line"] * 3
+    )
     write_jsonl(tmp_path / "d.jsonl", [f"doc {i}" for i in range(20)])
     meta = prepare("corpus", tmp_path / "o3", str(tmp_path / "d.jsonl"), eod=False, workers=1, progress=False)
     assert not meta["eod"] and meta["eod_id"] is None and meta["vocab_size"] == len(meta["symbols"])
@@ -144,7 +166,7 @@ def test_txt_documents_file_or_line_and_eod_switch(tmp_path):
 
 
 def test_long_lines_and_multibyte_characters_across_blocks(tmp_path):
-    text = ("\u65e5\u672c\u8a9e caf\u00e9 \U0001f600 " * 400)  # one long line, no newline: cut at character bounds
+    text = "\u65e5\u672c\u8a9e caf\u00e9 \U0001f600 " * 400  # one long line, no newline: cut at character bounds
     (tmp_path / "a.txt").write_text(text)
     (tmp_path / "b.txt").write_text("short")
     (tmp_path / "c.txt").write_text("another")
@@ -195,9 +217,14 @@ def test_bad_sources_name_the_file_and_the_fix(tmp_path):
 def test_config_fields_are_validated():
     cfg = load_config(None, ["data.dataset=corpus", "data.source=a,b", "data.workers=2", "data.eod=false"]).data
     assert cfg.workers == 2 and cfg.eod is False and cfg.val_fraction == 0.05 and cfg.text_field == "text"
-    for bad, field in (("data.tokenizer=bpe", "data.tokenizer"), ("data.txt_document=page", "data.txt_document"),
-                       ("data.val_fraction=0", "data.val_fraction"), ("data.test_fraction=1.5", "data.test_fraction"),
-                       ("data.workers=-1", "data.workers"), ("data.text_field=", "data.text_field")):
+    for bad, field in (
+        ("data.tokenizer=bpe", "data.tokenizer"),
+        ("data.txt_document=page", "data.txt_document"),
+        ("data.val_fraction=0", "data.val_fraction"),
+        ("data.test_fraction=1.5", "data.test_fraction"),
+        ("data.workers=-1", "data.workers"),
+        ("data.text_field=", "data.text_field"),
+    ):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             load_config(None, [bad])
     with pytest.raises(ConfigError, match="val_fraction.*plus data.test_fraction"):
@@ -213,8 +240,9 @@ def spm_model(tmp_path, vocab_size=28) -> Path:
     rng = np.random.default_rng(0)
     corpus = tmp_path / "spm_train.txt"
     corpus.write_text("\n".join(" ".join(rng.choice(WORDS, 10)) for _ in range(2000)))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "my"), vocab_size=vocab_size,
-                                   model_type="unigram", minloglevel=2)  # defaults: unk 0, bos 1, eos 2
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "my"), vocab_size=vocab_size, model_type="unigram", minloglevel=2
+    )  # defaults: unk 0, bos 1, eos 2
     return tmp_path / "my.model"
 
 
@@ -237,8 +265,9 @@ def test_bring_your_own_sentencepiece_model(tmp_path):
     model = spm_model(tmp_path)
     texts = [" ".join(WORDS[(i + j) % 10] for j in range(8)) for i in range(40)]
     write_jsonl(tmp_path / "d.jsonl", texts)
-    meta = prepare("corpus", tmp_path / "out", str(tmp_path / "d.jsonl"), tokenizer=str(model), workers=2,
-                   progress=False)
+    meta = prepare(
+        "corpus", tmp_path / "out", str(tmp_path / "d.jsonl"), tokenizer=str(model), workers=2, progress=False
+    )
     assert meta["tokenizer"] == "sentencepiece" and meta["vocab_size"] == 28 and meta["eod_id"] == 2
     assert meta["tokenizer_file"] == "spm.model" and meta["tokenizer_source"] == str(model)
     assert (tmp_path / "out" / "spm.model").read_bytes() == model.read_bytes()  # the folder holds its tokenizer
@@ -260,8 +289,17 @@ def test_sentencepiece_trained_on_a_stream_sample(tmp_path):
     rng = np.random.default_rng(1)
     for k in range(3):
         write_jsonl(tmp_path / f"part{k}.jsonl", [" ".join(rng.choice(WORDS, 12)) for _ in range(400)])
-    meta = prepare("corpus", tmp_path / "out", str(tmp_path), tokenizer="sentencepiece", vocab_size=26,
-                   tokenizer_sample_mb=1, workers=2, block_bytes=8192, progress=False)
+    meta = prepare(
+        "corpus",
+        tmp_path / "out",
+        str(tmp_path),
+        tokenizer="sentencepiece",
+        vocab_size=26,
+        tokenizer_sample_mb=1,
+        workers=2,
+        block_bytes=8192,
+        progress=False,
+    )
     assert meta["tokenizer"] == "sentencepiece" and meta["vocab_size"] == 26 and meta["eod_id"] == 1
     assert "sample" in meta["tokenizer_source"]
     assert sum(meta["documents"].values()) == 1200
@@ -274,8 +312,14 @@ def test_bring_your_own_hf_tokenizer_json(tmp_path):
     for i in range(3):
         (tmp_path / f"doc{i}.txt").write_text(texts[i])
     write_jsonl(tmp_path / "more.jsonl.gz", texts[3:], gz=True)
-    meta = prepare("corpus", tmp_path / "out", f"{tmp_path}/doc*.txt,{tmp_path}/more.jsonl.gz", tokenizer=str(path),
-                   workers=2, progress=False)
+    meta = prepare(
+        "corpus",
+        tmp_path / "out",
+        f"{tmp_path}/doc*.txt,{tmp_path}/more.jsonl.gz",
+        tokenizer=str(path),
+        workers=2,
+        progress=False,
+    )
     assert meta["tokenizer"] == "huggingface" and meta["unit"] == "token" and meta["eod_id"] == 1
     assert meta["vocab_size"] == 12 and meta["dtype"] == "uint16" and meta["tokenizer_file"] == "tokenizer.json"
     assert sorted(d for s in all_docs(tmp_path / "out").values() for d in s) == sorted(texts)
@@ -294,8 +338,9 @@ def test_vocabulary_above_65535_is_stored_as_uint32(tmp_path):
     path = hf_tokenizer_json(tmp_path, n_words=70_000)
     texts = [f"alpha w{69_990 + i % 10} beta w{i}" for i in range(50)]
     write_jsonl(tmp_path / "d.jsonl", texts)
-    meta = prepare("corpus", tmp_path / "out", str(tmp_path / "d.jsonl"), tokenizer=str(path), workers=1,
-                   progress=False)
+    meta = prepare(
+        "corpus", tmp_path / "out", str(tmp_path / "d.jsonl"), tokenizer=str(path), workers=1, progress=False
+    )
     assert meta["vocab_size"] == 70_012 and meta["dtype"] == "uint32"
     ids = np.concatenate([load_split(tmp_path / "out", s) for s in meta["splits"]])
     assert ids.dtype == np.uint32 and ids.max() == 70_011  # "w69999": id 2 + 10 + 69,999
@@ -315,8 +360,12 @@ def test_save_pretrained_from_pretrained_round_trip_every_kind(tmp_path):
         "sentencepiece": SentencePieceTokenizer.from_file(model),
         "huggingface": HFTokenizer.from_file(hf_tokenizer_json(tmp_path)),
     }
-    texts = {"char": "hello w\u00e9rld\n", "byte": "caf\u00e9 \u65e5", "sentencepiece": "alpha beta gamma",
-             "huggingface": "alpha beta gamma"}
+    texts = {
+        "char": "hello w\u00e9rld\n",
+        "byte": "caf\u00e9 \u65e5",
+        "sentencepiece": "alpha beta gamma",
+        "huggingface": "alpha beta gamma",
+    }
     for name, tok in kinds.items():
         d = tmp_path / "saved" / name
         written = tok.save_pretrained(d)
@@ -340,7 +389,9 @@ def test_save_pretrained_from_pretrained_round_trip_every_kind(tmp_path):
     prepare("pydoc", tmp_path / "pydoc", progress=False)
     tok = load_tokenizer(tmp_path / "pydoc")
     tok.save_pretrained(tmp_path / "pydoc_tok")
-    assert Tokenizer.from_pretrained(tmp_path / "pydoc_tok").encode("def f():") == Decoder(tmp_path / "pydoc").encode("def f():")
+    assert Tokenizer.from_pretrained(tmp_path / "pydoc_tok").encode("def f():") == Decoder(tmp_path / "pydoc").encode(
+        "def f():"
+    )
 
 
 MEMORY_CHILD = textwrap.dedent("""
@@ -364,7 +415,7 @@ def generate_corpus(folder: Path, n_bytes: int, seed: int = 0) -> None:
         lines, size = [], 0
         while size < min(10 << 20, n_bytes - done):
             n, start = int(rng.integers(100, 6000)), int(rng.integers(0, len(pool) - 6000))
-            lines.append(json.dumps({"text": pool[start:start + n]}) + "\n")
+            lines.append(json.dumps({"text": pool[start : start + n]}) + "\n")
             size += len(lines[-1])
         (folder / f"part{k:03d}.jsonl").write_text("".join(lines))
         done, k = done + size, k + 1
@@ -375,8 +426,13 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     for mb in (30, 120):
         generate_corpus(tmp_path / f"c{mb}", mb << 20, seed=mb)
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path / f"c{mb}"), str(tmp_path / f"o{mb}")],
-                              capture_output=True, text=True, env=env, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, str(tmp_path / f"c{mb}"), str(tmp_path / f"o{mb}")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         peaks[mb] = json.loads(proc.stdout.strip().splitlines()[-1])
         (tmp_path / f"o{mb}" / "train.bin").unlink()

@@ -1,9 +1,10 @@
 """DeepSpeed expert-parallel backend on 2 real processes (gloo): equals the local reference, forward and
 backward, with uneven token counts per rank; capacity mode drops but never hangs."""
+
 import pytest
 import torch
-
 from dist_harness import run_distributed
+
 from s2moe_ds.moe.backends import ExpertSpec
 from s2moe_ds.moe.backends.deepspeed_ep import RoutedGate, slot_locations
 
@@ -139,9 +140,17 @@ def _every_router_ep_vs_local(rank, world):
             for mode in ("dropless", "ragged"):
                 layers = []
                 for backend in ("local", "deepspeed"):
-                    cfg = MoEConfig(num_experts=4, k=1 if s2 else 2, d_ff=32, router=router, router_args=args,
-                                    backend=backend, ep_size=2 if backend == "deepspeed" else 1, ep_mode=mode,
-                                    s2moe=S2MoEConfig(enabled=s2, noise="learnable"))
+                    cfg = MoEConfig(
+                        num_experts=4,
+                        k=1 if s2 else 2,
+                        d_ff=32,
+                        router=router,
+                        router_args=args,
+                        backend=backend,
+                        ep_size=2 if backend == "deepspeed" else 1,
+                        ep_mode=mode,
+                        s2moe=S2MoEConfig(enabled=s2, noise="learnable"),
+                    )
                     torch.manual_seed(0)
                     layer = build_moe_layer(cfg, 16, layer_id=1, seed=3).train()
                     if backend == "deepspeed":
@@ -169,8 +178,9 @@ def _every_router_ep_vs_local(rank, world):
                 for name, p in local.named_parameters():
                     if name.startswith("experts."):
                         continue
-                    torch.testing.assert_close(ds_params[name].grad, p.grad, rtol=1e-4, atol=1e-5,
-                                               msg=lambda m: f"{where} grad of {name}: {m}")
+                    torch.testing.assert_close(
+                        ds_params[name].grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{where} grad of {name}: {m}"
+                    )
                 # a rank's experts also serve the other rank's tokens: their gradient is the local
                 # backend's summed over both ranks
                 summed = {n: getattr(local.experts, n).grad.clone() for n in ("w1", "w2")}
@@ -179,8 +189,13 @@ def _every_router_ep_vs_local(rank, world):
                 for j, e in enumerate(dsl.experts.local_expert_ids()):
                     ex = dsl.experts.deepspeed_moe.experts.deepspeed_experts[j]
                     for n, t in summed.items():
-                        torch.testing.assert_close(getattr(ex, n).grad, t[e], rtol=1e-4, atol=1e-5,
-                                                   msg=lambda m: f"{where} grad of expert {e} {n}: {m}")
+                        torch.testing.assert_close(
+                            getattr(ex, n).grad,
+                            t[e],
+                            rtol=1e-4,
+                            atol=1e-5,
+                            msg=lambda m: f"{where} grad of expert {e} {n}: {m}",
+                        )
                 checked.append(where)
     return checked
 

@@ -1,6 +1,7 @@
 """User documentation stays true to the repository: every relative link in README.md, docs/*.md and
 tests/README.md resolves (anchors included), every repository path they name exists, and none of them
 points outside the repository (a clone has no ../shared)."""
+
 import glob
 import re
 from pathlib import Path
@@ -10,8 +11,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "tests" / "README.md"]
 # a token that starts with one of the repository's own folders (or a requirements file) is a path in it
-REPO_PATH = re.compile(r"(?<![/\w.$-])(?:configs|launch|benchmarks|ds_configs|experiments|docker|s2moe_ds|tests|docs|"
-                       r"gpu)/[\w./*-]*|(?<![/\w-])requirements[\w-]*\.txt")
+REPO_PATH = re.compile(
+    r"(?<![/\w.$-])(?:configs|launch|benchmarks|ds_configs|experiments|docker|s2moe_ds|tests|docs|"
+    r"gpu)/[\w./*-]*|(?<![/\w-])requirements[\w-]*\.txt"
+)
 
 
 def slug(heading: str) -> str:

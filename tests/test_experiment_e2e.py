@@ -1,10 +1,10 @@
 """The experiment runner and report on the CI smoke suite (real training subprocesses, real data):
 a results table, resumption without retraining, refusal of a changed spec, plots that load."""
+
 import json
 
 import pytest
 import yaml
-
 from e2e import REPO, assert_ok, cli
 
 pytestmark = pytest.mark.slow
@@ -17,8 +17,13 @@ def smoke(tmp_path_factory):
         pytest.skip(f"{shakespeare} not present (the shared data folder sits beside the repository)")
     tmp = tmp_path_factory.mktemp("experiment")
     suite = yaml.safe_load((REPO / "experiments" / "cpu-shakespeare-smoke.yaml").read_text())
-    suite["overrides"] += [f"data.data_dir={tmp / 'data'}", "train.steps=8", "train.eval_interval=4",
-                           "train.save_interval=4", "train.log_interval=2"]
+    suite["overrides"] += [
+        f"data.data_dir={tmp / 'data'}",
+        "train.steps=8",
+        "train.eval_interval=4",
+        "train.save_interval=4",
+        "train.log_interval=2",
+    ]
     path = tmp / "smoke.yaml"
     path.write_text(yaml.safe_dump(suite))
     out = tmp / "results"
@@ -31,16 +36,27 @@ def test_suite_writes_one_table_with_every_variant_and_inference_setting(smoke):
     _, out, proc = smoke
     rows = json.loads((out / "results.json").read_text())
     got = {(r["variant"], r["inference"]) for r in rows}
-    assert got == {("dense", "train_k"), ("smoe-top2", "train_k"), ("smoe-top2", "top1"), ("smoe-top2", "top1-perk"),
-                   ("s2moe-top1", "train_k"), ("s2moe-top1", "top2"), ("s2moe-top1", "top2-perk"),
-                   ("s2moe-top1", "top1-both")}
+    assert got == {
+        ("dense", "train_k"),
+        ("smoe-top2", "train_k"),
+        ("smoe-top2", "top1"),
+        ("smoe-top2", "top1-perk"),
+        ("s2moe-top1", "train_k"),
+        ("s2moe-top1", "top2"),
+        ("s2moe-top1", "top2-perk"),
+        ("s2moe-top1", "top1-both"),
+    }
     by = {(r["variant"], r["inference"]): r for r in rows}
     for r in rows:
         assert r["step"] == 8 and 1.0 < r["bpc"] < 8.0 and r["tokens"] > 100_000
     # the cost columns follow the inference top-k: S2MoE top-1 costs what SMoE run at top-1 costs
     assert by[("s2moe-top1", "train_k")]["inference_mflops_per_token"] == pytest.approx(
-        by[("smoe-top2", "top1")]["inference_mflops_per_token"])
-    assert by[("smoe-top2", "train_k")]["inference_mflops_per_token"] > by[("smoe-top2", "top1")]["inference_mflops_per_token"]
+        by[("smoe-top2", "top1")]["inference_mflops_per_token"]
+    )
+    assert (
+        by[("smoe-top2", "train_k")]["inference_mflops_per_token"]
+        > by[("smoe-top2", "top1")]["inference_mflops_per_token"]
+    )
     assert by[("s2moe-top1", "train_k")]["k"] == 1 and by[("s2moe-top1", "top1-both")]["pathways"] == "both"
     # both weight conventions at the other top-k: the training rule and the old per-k one differ
     assert by[("smoe-top2", "top1")]["weights"] == "train" and by[("smoe-top2", "top1-perk")]["weights"] == "per_k"
@@ -90,7 +106,11 @@ def test_an_unfinished_run_of_other_code_is_not_resumed(smoke):
     (run / "spec.json").write_text(json.dumps({**spec, "code": {"fingerprint": "0" * 16, "commit": "abc1234"}}))
     try:
         proc = cli("experiment", str(path), "--out", str(out), "--only", "dense", timeout=300)
-        assert proc.returncode == 2 and "other code (commit abc1234)" in proc.stderr and "mix two code versions" in proc.stderr
+        assert (
+            proc.returncode == 2
+            and "other code (commit abc1234)" in proc.stderr
+            and "mix two code versions" in proc.stderr
+        )
     finally:
         (run / "spec.json").write_text(json.dumps(spec))
         (run / "result.json").write_text(result)

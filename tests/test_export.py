@@ -1,5 +1,6 @@
 """A model you can take away: export a run, delete its data and run folder, then sample, evaluate and load
 it from another directory, in our code and through transformers' Auto classes."""
+
 import json
 import shutil
 import subprocess
@@ -7,12 +8,16 @@ import sys
 
 import pytest
 import torch
-
-from e2e import REPO, assert_ok, cli, env, single_train
+from e2e import assert_ok, cli, env, single_train
 
 pytestmark = pytest.mark.slow
-COMMON = ["train.log_interval=2", "train.eval_iters=2", "train.progress=false", "train.eval_interval=4",
-          "train.steps=4"]
+COMMON = [
+    "train.log_interval=2",
+    "train.eval_iters=2",
+    "train.progress=false",
+    "train.eval_interval=4",
+    "train.steps=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +61,14 @@ def test_sample_and_eval_from_another_directory_with_nothing_else_present(export
     root, out, _, text, *_ = exported
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    run = lambda *a: subprocess.run([sys.executable, "-m", "s2moe_ds.cli", *a], cwd=elsewhere, env=env(),  # noqa: E731
-                                    capture_output=True, text=True, timeout=300)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "s2moe_ds.cli", *a],
+        cwd=elsewhere,
+        env=env(),  # noqa: E731
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     s = run("sample", str(out), "--prompt", "def ", "--tokens", "40", "--device", "cpu")
     assert_ok(s)
     assert s.stdout.startswith("def ") and len(s.stdout) >= 30

@@ -2,6 +2,7 @@
 initialisation like the dense FFN, S2MoE's uncertainty loss acting on the noise, its ablation switches,
 and the smaller accounting fixes (InfoNCE FLOPs with all negatives, capacity priority of the two
 pathways, metrics of separately dispatched pathways)."""
+
 import math
 
 import pytest
@@ -15,8 +16,8 @@ from s2moe_ds.moe.layer import MoEConfig, S2MoEConfig
 from s2moe_ds.moe.routers import build_router
 from s2moe_ds.moe.s2moe import build_moe_layer
 
-
 # --- 1. weights at an inference k other than the training k ---
+
 
 def test_top2_trained_router_at_top1_gives_its_expert_weight_one():
     torch.manual_seed(0)
@@ -72,6 +73,7 @@ def test_model_set_inference_switches_the_convention_on_every_layer():
 
 # --- 5. experts start like the dense FFN ---
 
+
 def test_moe_ffn_output_starts_at_the_dense_ffn_scale():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=16, n_layer=4, n_head=4, d_model=128, context=8)
@@ -87,6 +89,7 @@ def test_moe_ffn_output_starts_at_the_dense_ffn_scale():
 
 
 # --- 6. S2MoE: the uncertainty loss's handle on the noise; the ablation switches ---
+
 
 def _s2moe(**s2):
     cfg = MoEConfig(num_experts=4, k=1, eval_k=1, d_ff=32, s2moe=S2MoEConfig(enabled=True, **s2))
@@ -147,6 +150,7 @@ def test_unfused_pathways_report_both_pathways_routing():
 
 # --- 8. smaller accounting fixes ---
 
+
 def test_infonce_flops_with_every_token_as_a_negative():
     cfg = ModelConfig(vocab_size=65, n_layer=4, n_head=4, d_model=128, context=64)
     cfg.moe.k, cfg.moe.s2moe.enabled = 1, True
@@ -179,12 +183,15 @@ def test_zero_sigmas_give_finite_gradients(sigma1, sigma2):
     x.requires_grad_(True)
     out = layer(x)
     (out.y.sum() + sum(out.aux_losses.values())).backward()
-    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    assert torch.isfinite(x.grad).all() and all(
+        torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None
+    )
     if sigma1 == sigma2 == 0:
         assert torch.equal(layer.noise(x.detach()), x.detach())
 
 
 # --- aux-loss-free balancing ---
+
 
 def test_selection_bias_changes_the_choice_not_the_weights():
     r = build_router("smoe", {"bias_update_rate": 0.1, "bias": False}, 2, 4, train_k=1)

@@ -1,18 +1,35 @@
 """Generation: the KV cache gives the uncached path's logits and tokens, sampling filters, the CLI."""
+
 import pytest
 import torch
 
 from s2moe_ds.config import load_config
 from s2moe_ds.model import MoELanguageModel, sample_next
 
-ROUTERS = [("smoe", True), ("smoe", False), ("xmoe", False), ("stablemoe", False), ("competesmoe", False),
-           ("vqmoe", False)]
+ROUTERS = [
+    ("smoe", True),
+    ("smoe", False),
+    ("xmoe", False),
+    ("stablemoe", False),
+    ("competesmoe", False),
+    ("vqmoe", False),
+]
 
 
 def model(router="smoe", s2=True, context=16):
-    cfg = load_config(None, ["model.vocab_size=50", f"model.context={context}", "model.n_layer=2", "model.d_model=32",
-                             "model.n_head=2", f"model.moe.router={router}", f"model.moe.s2moe.enabled={str(s2).lower()}",
-                             "model.moe.k=2"]).model
+    cfg = load_config(
+        None,
+        [
+            "model.vocab_size=50",
+            f"model.context={context}",
+            "model.n_layer=2",
+            "model.d_model=32",
+            "model.n_head=2",
+            f"model.moe.router={router}",
+            f"model.moe.s2moe.enabled={str(s2).lower()}",
+            "model.moe.k=2",
+        ],
+    ).model
     torch.manual_seed(0)
     return MoELanguageModel(cfg).eval()
 
@@ -25,7 +42,7 @@ def test_cached_logits_equal_the_full_forward(router, s2):
         full = m(idx).logits
         cache = m.new_cache()
         steps = [m(idx[:, :5], cache=cache).logits]
-        steps += [m(idx[:, t:t + 1], cache=cache).logits for t in range(5, 16)]
+        steps += [m(idx[:, t : t + 1], cache=cache).logits for t in range(5, 16)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 

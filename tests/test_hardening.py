@@ -1,8 +1,8 @@
 """No lost runs, no silently wrong results, no silent hang: the cases of the adversarial pass (each on a
 copy of a real 20-step run, with the sha256 of every file taken before and after where nothing may
 change). ``T`` below is a single-process training of configs/tiny.yaml."""
+
 import json
-import os
 import shutil
 import signal
 import socket
@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from e2e import REPO, assert_ok, cli, env, run, single_train, snapshot
 
 pytestmark = pytest.mark.slow
@@ -39,11 +38,15 @@ def copy_run(base: Path, dest: Path) -> Path:
 
 
 def lrs(out: Path) -> dict[int, float]:
-    return {r["step"]: r["train/lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "train"}
+    return {
+        r["step"]: r["train/lr"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "train"
+    }
 
 
 # --- lost runs ---
+
 
 def test_fresh_start_refuses_a_run_whose_latest_is_gone(world, tmp_path):
     root, data, base = world
@@ -106,12 +109,21 @@ def test_waiting_for_a_live_builder_is_reported_and_bounded(tmp_path, monkeypatc
 
 # --- silently wrong ---
 
+
 def test_auto_resume_follows_latest_after_a_branch_and_never_a_foreign_tag(world, tmp_path):
     root, data, base = world
     c = copy_run(base, tmp_path / "branch")
     # branch from step 10 inside the same run: latest becomes step 15, step 20 is the abandoned branch
-    assert_ok(T(data, c, "train.steps=20", "train.save_interval=5", "train.stop_at_step=15",
-                f"train.resume={c / 'checkpoints' / 'step0000010'}"))
+    assert_ok(
+        T(
+            data,
+            c,
+            "train.steps=20",
+            "train.save_interval=5",
+            "train.stop_at_step=15",
+            f"train.resume={c / 'checkpoints' / 'step0000010'}",
+        )
+    )
     assert (c / "checkpoints" / "latest").read_text().strip() == "step0000015"
     proc = T(data, c, "train.steps=20", "train.save_interval=5", "train.resume=auto")
     assert_ok(proc)
@@ -130,10 +142,20 @@ def test_auto_resume_follows_latest_after_a_branch_and_never_a_foreign_tag(world
 def test_a_new_lr_on_resume_is_the_lr_applied(world, tmp_path):
     root, data, _ = world
     out = tmp_path / "lr"
-    assert_ok(T(data, out, "train.steps=4", "train.save_interval=4", "train.lr=2e-3", "train.min_lr=2e-4",
-                "train.warmup_steps=0"))
-    proc = T(data, out, "train.steps=8", "train.resume=auto", "train.lr=2e-4", "train.min_lr=1e-5",
-             "train.warmup_steps=0")
+    assert_ok(
+        T(
+            data,
+            out,
+            "train.steps=4",
+            "train.save_interval=4",
+            "train.lr=2e-3",
+            "train.min_lr=2e-4",
+            "train.warmup_steps=0",
+        )
+    )
+    proc = T(
+        data, out, "train.steps=8", "train.resume=auto", "train.lr=2e-4", "train.min_lr=1e-5", "train.warmup_steps=0"
+    )
     assert_ok(proc)
     assert "train.lr 0.002 -> 0.0002" in proc.stdout  # the difference is reported
     import math
@@ -167,9 +189,21 @@ sys.exit(main(sys.argv[1:]))
 def test_a_diverged_state_is_never_saved_as_good(world, tmp_path):
     root, data, _ = world
     out = tmp_path / "div"
-    proc = run([sys.executable, "-c", RUNNER, "--config", "configs/tiny.yaml", f"data.data_dir={data}",
-                f"train.out_dir={out}", "train.steps=10", "train.save_interval=2", "train.max_skipped_steps=2",
-                *COMMON])
+    proc = run(
+        [
+            sys.executable,
+            "-c",
+            RUNNER,
+            "--config",
+            "configs/tiny.yaml",
+            f"data.data_dir={data}",
+            f"train.out_dir={out}",
+            "train.steps=10",
+            "train.save_interval=2",
+            "train.max_skipped_steps=2",
+            *COMMON,
+        ]
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "weights are not finite" in proc.stderr and "not saved" in proc.stderr
     # the published checkpoints are all from before the divergence, and evaluate to a finite loss
@@ -213,17 +247,24 @@ def test_resume_refuses_what_cannot_be_right_and_reports_the_rest(world, tmp_pat
     for extra, needle in cases:
         overrides = [f"data.data_dir={data}", f"train.out_dir={c}", *COMMON, "train.resume=auto", *extra]
         proc = single_train(overrides)
-        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr[-800:])
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, (
+            extra,
+            proc.stderr[-800:],
+        )
     assert snapshot(c) == before
     # a finished run resumed with nothing to train: a no-op that leaves its record alone
     proc = T(data, c, "train.steps=20", "train.resume=auto", "train.seed=5")
     assert_ok(proc)
     assert "nothing to train" in proc.stdout and "train.seed 1337 -> 5" in proc.stdout
-    assert snapshot(c) == {**before, **{k: v for k, v in snapshot(c).items() if k.startswith(("metrics", "tensorboard"))}}
+    assert snapshot(c) == {
+        **before,
+        **{k: v for k, v in snapshot(c).items() if k.startswith(("metrics", "tensorboard"))},
+    }
     assert (c / "config.yaml").read_text() == (base / "config.yaml").read_text()
 
 
 # --- honest messages ---
+
 
 def test_a_port_in_use_is_named_not_blamed_on_a_dead_rank(world, tmp_path):
     root, data, _ = world
@@ -231,10 +272,23 @@ def test_a_port_in_use_is_named_not_blamed_on_a_dead_rank(world, tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "s2moe_ds.train", "--config", "configs/tiny.yaml",
-                               f"data.data_dir={data}", f"train.out_dir={tmp_path / 'port'}", *COMMON],
-                              cwd=REPO, env={**env(), "MASTER_PORT": str(port)}, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "s2moe_ds.train",
+                "--config",
+                "configs/tiny.yaml",
+                f"data.data_dir={data}",
+                f"train.out_dir={tmp_path / 'port'}",
+                *COMMON,
+            ],
+            cwd=REPO,
+            env={**env(), "MASTER_PORT": str(port)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert proc.returncode == 2 and f"port {port}" in proc.stderr and "already in use" in proc.stderr
     assert "another rank died" not in proc.stderr and "Traceback" not in proc.stderr
 
@@ -242,12 +296,29 @@ def test_a_port_in_use_is_named_not_blamed_on_a_dead_rank(world, tmp_path):
 def test_a_preempted_run_exits_with_the_signal_code(world, tmp_path):
     root, data, _ = world
     out = tmp_path / "pre"
-    p = subprocess.Popen([sys.executable, "-m", "s2moe_ds.train", "--config", "configs/tiny.yaml",
-                          f"data.data_dir={data}", f"train.out_dir={out}", "train.steps=5000", "train.save_interval=0",
-                          *COMMON], cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "s2moe_ds.train",
+            "--config",
+            "configs/tiny.yaml",
+            f"data.data_dir={data}",
+            f"train.out_dir={out}",
+            "train.steps=5000",
+            "train.save_interval=0",
+            *COMMON,
+        ],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and
-                                          (out / "metrics.jsonl").read_text().count('"kind": "train"') >= 2):
+    while time.time() < deadline and not (
+        (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count('"kind": "train"') >= 2
+    ):
         time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=120)
@@ -279,8 +350,12 @@ def test_write_failures_name_their_cause():
 
 def _small_tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_disk_full_during_prepare_and_export_leaves_nothing_half_written(world, tmp_path):
@@ -301,43 +376,63 @@ def test_disk_full_during_prepare_and_export_leaves_nothing_half_written(world, 
     assert proc.returncode == 2 and "cannot create the folder" in proc.stderr
 
 
-@pytest.mark.parametrize("hostfile,needle", [
-    ("node0 slots=1\nnode1 slots=0\n", "node1 slots=0"),
-    ("node0 slots=1\nnode0 slots=1\n", "lists node0 twice"),
-    ("node0 slot=1\n", "line 1 is 'node0 slot=1'"),
-    ("# nothing\n", "no '<host> slots=<N>' line"),
-])
+@pytest.mark.parametrize(
+    "hostfile,needle",
+    [
+        ("node0 slots=1\nnode1 slots=0\n", "node1 slots=0"),
+        ("node0 slots=1\nnode0 slots=1\n", "lists node0 twice"),
+        ("node0 slot=1\n", "line 1 is 'node0 slot=1'"),
+        ("# nothing\n", "no '<host> slots=<N>' line"),
+    ],
+)
 def test_bad_hostfiles_are_refused(tmp_path, hostfile, needle):
     hf = tmp_path / "hostfile"
     hf.write_text(hostfile)
-    proc = subprocess.run(["bash", "launch/multi_node.sh"], cwd=REPO, capture_output=True, text=True, timeout=60,
-                          env={**env(), "HOSTFILE": str(hf), "MASTER_ADDR": "127.0.0.1", "DRY_RUN": "1"})
+    proc = subprocess.run(
+        ["bash", "launch/multi_node.sh"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env(), "HOSTFILE": str(hf), "MASTER_ADDR": "127.0.0.1", "DRY_RUN": "1"},
+    )
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["eval", "RUN", "--max-batches", "-1"], "--max-batches: must be >= 0"),
-    (["eval", "RUN", "--batch-size", "0"], "--batch-size: must be >= 1"),
-    (["eval", "RUN", "--k", "0"], "--k: must be >= 1"),
-    (["eval", "RUN", "--k", "9"], "inference top-k must be in [1, 4]"),
-    (["eval", "NOWHERE"], "does not exist"),
-    (["sample", "RUN", "--tokens", "0"], "--tokens: must be >= 1"),
-    (["sample", "RUN", "--temperature", "0"], "--temperature: must be a finite number > 0"),
-    (["sample", "RUN", "--top-k", "-2"], "--top-k: must be >= 0"),
-    (["experiment", "cpu-shakespeare", "--steps", "0"], "--steps: must be >= 1"),
-    (["experiment", "cpu-shakespeare", "--shard", "3/2"], "--shard must be I/N"),
-    (["reshard", "RUN", "NEW", "--nproc", "0"], "--nproc: must be >= 1"),
-    (["report", "NOWHERE"], "not an experiment folder"),
-    (["export", "NOWHERE", "--out", "x.safetensors"], "does not exist"),
-    (["export", "RUN", "--out", ""], "--out must name a folder"),
-    (["sample", "RUN", "--prompt", ""], "--prompt must hold at least one character"),
-    (["experiment", "cpu-shakespeare", "--seeds", ""], "--seeds must be comma-separated integers"),
-    (["experiment", "cpu-shakespeare", "--only", ""], "--only must name at least one variant"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["eval", "RUN", "--max-batches", "-1"], "--max-batches: must be >= 0"),
+        (["eval", "RUN", "--batch-size", "0"], "--batch-size: must be >= 1"),
+        (["eval", "RUN", "--k", "0"], "--k: must be >= 1"),
+        (["eval", "RUN", "--k", "9"], "inference top-k must be in [1, 4]"),
+        (["eval", "NOWHERE"], "does not exist"),
+        (["sample", "RUN", "--tokens", "0"], "--tokens: must be >= 1"),
+        (["sample", "RUN", "--temperature", "0"], "--temperature: must be a finite number > 0"),
+        (["sample", "RUN", "--top-k", "-2"], "--top-k: must be >= 0"),
+        (["experiment", "cpu-shakespeare", "--steps", "0"], "--steps: must be >= 1"),
+        (["experiment", "cpu-shakespeare", "--shard", "3/2"], "--shard must be I/N"),
+        (["reshard", "RUN", "NEW", "--nproc", "0"], "--nproc: must be >= 1"),
+        (["report", "NOWHERE"], "not an experiment folder"),
+        (["export", "NOWHERE", "--out", "x.safetensors"], "does not exist"),
+        (["export", "RUN", "--out", ""], "--out must name a folder"),
+        (["sample", "RUN", "--prompt", ""], "--prompt must hold at least one character"),
+        (["experiment", "cpu-shakespeare", "--seeds", ""], "--seeds must be comma-separated integers"),
+        (["experiment", "cpu-shakespeare", "--only", ""], "--only must name at least one variant"),
+    ],
+)
 def test_every_command_line_number_is_checked(world, tmp_path, args, needle):
     root, data, base = world
-    args = [str(base) if a == "RUN" else str(tmp_path / "nowhere") if a == "NOWHERE" else
-            str(tmp_path / "new") if a == "NEW" else a for a in args]
+    args = [
+        str(base)
+        if a == "RUN"
+        else str(tmp_path / "nowhere")
+        if a == "NOWHERE"
+        else str(tmp_path / "new")
+        if a == "NEW"
+        else a
+        for a in args
+    ]
     proc = cli(*args, timeout=120)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-800:]
 
@@ -358,14 +453,18 @@ def test_one_job_per_run_directory(world, tmp_path):
 
     root, data, base = world
     c = copy_run(base, tmp_path / "locked")
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(c)], cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(c)], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(c)
         t0 = time.time()
-        proc = deepspeed_train(2, [f"data.data_dir={data}", f"train.out_dir={c}", "train.steps=30",
-                                   "train.resume=auto", *COMMON], timeout=240)
+        proc = deepspeed_train(
+            2,
+            [f"data.data_dir={data}", f"train.out_dir={c}", "train.steps=30", "train.resume=auto", *COMMON],
+            timeout=240,
+        )
         assert proc.returncode != 0 and time.time() - t0 < 120
         err = proc.stdout + proc.stderr
         assert "is in use by another job" in err and f"pid {holder.pid}" in err and "started" in err
@@ -384,6 +483,9 @@ def test_resume_reports_a_changed_global_batch_and_the_grad_accum_that_keeps_it(
     t = load_config(None, ["train.micro_batch_size=8"]).train
     (line,) = global_batch_change(client, t, world=1)
     assert "global batch 16 -> 8" in line and "train.grad_accum=2 keeps it" in line
-    assert global_batch_change(client, load_config(None, ["train.micro_batch_size=8", "train.grad_accum=2"]).train, 1) == []
+    assert (
+        global_batch_change(client, load_config(None, ["train.micro_batch_size=8", "train.grad_accum=2"]).train, 1)
+        == []
+    )
     t3 = load_config(None, ["train.micro_batch_size=3"]).train
     assert "no train.grad_accum keeps it" in global_batch_change(client, t3, world=1)[0]

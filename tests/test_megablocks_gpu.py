@@ -4,6 +4,7 @@ cleanly elsewhere. Run on a GPU machine with: python -m pytest -q -m gpu tests/t
 Everything but the kernel (ragged dispatch, expert-parallel exchange, DeepSpeed ownership, gradient
 scaling) is shared with backend=deepspeed ep_mode=ragged and tested on CPU in tests/test_deepspeed_ep.py
 and tests/test_train_e2e.py."""
+
 import pytest
 import torch
 
@@ -76,10 +77,21 @@ def test_megablocks_matches_megablocks_own_dmoe_experts_with_the_same_routing(ac
     spec = ExpertSpec(E, D, Fh, activation)
     torch.manual_seed(0)
     ours = build_backend("megablocks", spec).cuda().bfloat16()
-    args = Arguments(hidden_size=D, ffn_hidden_size=Fh, moe_num_experts=E, moe_top_k=k, bias=False,
-                     return_bias=False, activation_fn=F.gelu if activation == "gelu" else F.silu,
-                     mlp_type="mlp" if activation == "gelu" else "glu", mlp_impl="grouped", moe_loss_weight=0.0,
-                     fp16=False, bf16=True, device=torch.cuda.current_device())
+    args = Arguments(
+        hidden_size=D,
+        ffn_hidden_size=Fh,
+        moe_num_experts=E,
+        moe_top_k=k,
+        bias=False,
+        return_bias=False,
+        activation_fn=F.gelu if activation == "gelu" else F.silu,
+        mlp_type="mlp" if activation == "gelu" else "glu",
+        mlp_impl="grouped",
+        moe_loss_weight=0.0,
+        fp16=False,
+        bf16=True,
+        device=torch.cuda.current_device(),
+    )
     theirs = ParallelDroplessMLP(args)
     experts = ours.deepspeed_moe.experts.deepspeed_experts
     with torch.no_grad():  # theirs: [E*F, D] with x @ w1[e].T and h @ w2[e]; ours: x @ w1[e] ([D, F]), h @ w2[e]

@@ -1,4 +1,5 @@
 """The language model and its parameter / FLOP accounting against hand counts."""
+
 import pytest
 import torch
 
@@ -8,8 +9,15 @@ from s2moe_ds.model import MoELanguageModel
 
 
 def cfg_with(*overrides):
-    base = ["model.vocab_size=50", "model.n_layer=2", "model.n_head=2", "model.d_model=16", "model.context=8",
-            "model.moe.num_experts=4", "model.moe.d_ff=32"]
+    base = [
+        "model.vocab_size=50",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.d_model=16",
+        "model.context=8",
+        "model.moe.num_experts=4",
+        "model.moe.d_ff=32",
+    ]
     return load_config(None, base + list(overrides)).model
 
 
@@ -22,8 +30,14 @@ def test_dense_flops_hand_count():
 
 
 def test_s2moe_flops_hand_count_train_and_inference():
-    m = cfg_with("model.moe.k=1", "model.moe.eval_k=1", "model.moe.s2moe.enabled=true",
-                 "model.moe.s2moe.num_negatives=10", "model.moe_layers=[1]", "model.d_ff=64")
+    m = cfg_with(
+        "model.moe.k=1",
+        "model.moe.eval_k=1",
+        "model.moe.s2moe.enabled=true",
+        "model.moe.s2moe.num_negatives=10",
+        "model.moe_layers=[1]",
+        "model.d_ff=64",
+    )
     d, n, V, E, f, M = 16, 8, 50, 4, 32, 10
     attn = 8 * d * d + 4 * n * d
     dense = 4 * d * 64
@@ -75,15 +89,21 @@ def test_context_overflow_is_a_clear_error():
         m(torch.zeros(1, 9, dtype=torch.long))
 
 
-@pytest.mark.parametrize("router,s2", [("smoe", True), ("smoe", False), ("xmoe", False), ("competesmoe", False),
-                                       ("vqmoe", False)])
+@pytest.mark.parametrize(
+    "router,s2", [("smoe", True), ("smoe", False), ("xmoe", False), ("competesmoe", False), ("vqmoe", False)]
+)
 @pytest.mark.parametrize("mode", ["moe", "all"])
 def test_activation_checkpointing_gives_the_plain_losses_and_gradients(router, s2, mode):
     """Recomputation replays S2MoE's noise and every router's choice: losses and gradients are the plain run's."""
+
     def run(ckpt: str):
-        cfg = cfg_with(f"model.moe.router={router}", "model.moe.k=2", f"model.moe.s2moe.enabled={str(s2).lower()}",
-                       f"model.activation_checkpointing={ckpt}", "model.moe.router_args.compete_prob=1.0"
-                       if router == "competesmoe" else "model.moe.k=2")
+        cfg = cfg_with(
+            f"model.moe.router={router}",
+            "model.moe.k=2",
+            f"model.moe.s2moe.enabled={str(s2).lower()}",
+            f"model.activation_checkpointing={ckpt}",
+            "model.moe.router_args.compete_prob=1.0" if router == "competesmoe" else "model.moe.k=2",
+        )
         torch.manual_seed(0)
         model = MoELanguageModel(cfg)
         model.train()
@@ -91,8 +111,12 @@ def test_activation_checkpointing_gives_the_plain_losses_and_gradients(router, s
         torch.manual_seed(1)
         out = model(x, x)
         (out.loss + out.aux_loss).backward()
-        return out.loss.detach(), out.aux_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                                          if p.grad is not None}
+        return (
+            out.loss.detach(),
+            out.aux_loss.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        )
+
     loss, aux, grads = run("none")
     loss_c, aux_c, grads_c = run(mode)
     torch.testing.assert_close(loss_c, loss)

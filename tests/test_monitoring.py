@@ -1,11 +1,11 @@
 """What a user watching a long run sees: the progress line in a redirected log, the same numbers in
 metrics.jsonl, TensorBoard, CSV and a W&B offline run (read back from W&B's own run file)."""
+
 import json
 import re
 import struct
 
 import pytest
-
 from e2e import assert_ok, cli, deepspeed_train
 
 pytestmark = pytest.mark.slow
@@ -41,11 +41,11 @@ def wandb_history(run_dir) -> dict[int, dict]:
         if left < 7:
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += left
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 1:
             records.append(chunk)
@@ -69,20 +69,39 @@ def test_progress_line_in_a_redirected_log_and_every_tracker_gets_the_same_numbe
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    proc = deepspeed_train(2, [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=8",
-                               "train.save_interval=4", "train.trackers=[tensorboard,csv,wandb]", *COMMON])
+    proc = deepspeed_train(
+        2,
+        [
+            f"data.data_dir={data_dir}",
+            f"train.out_dir={out}",
+            "train.steps=8",
+            "train.save_interval=4",
+            "train.trackers=[tensorboard,csv,wandb]",
+            *COMMON,
+        ],
+    )
     assert_ok(proc)  # output captured: not a terminal, so no tqdm bar, and the line must still be there
     lines = [l for l in proc.stdout.splitlines() if re.match(r"\[s2moe\] step \d+/8 \|", l)]
     assert len(lines) == 4, proc.stdout[-3000:]
-    assert re.search(r"step 8/8 \| loss \d\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| \d\.\d{3} s/step \| MFU \d+\.\d{2}% \| "
-                     r"grad \S+ \| rss \d+\.\d{2} GB \| elapsed \S+ \(eval \d+ s, ckpt \d+ s\) \| eta 0:00:00", lines[-1])
+    assert re.search(
+        r"step 8/8 \| loss \d\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| \d\.\d{3} s/step \| MFU \d+\.\d{2}% \| "
+        r"grad \S+ \| rss \d+\.\d{2} GB \| elapsed \S+ \(eval \d+ s, ckpt \d+ s\) \| eta 0:00:00",
+        lines[-1],
+    )
     assert "MFU against" in proc.stdout
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r for r in recs if r["kind"] == "train"}
     moe = {r["step"]: r for r in recs if r["kind"] == "moe"}
     assert sorted(train) == [2, 4, 6, 8]
-    for key in ("train/mfu", "train/step_time_s", "train/grad_norm", "train/peak_memory_gb", "time/eval_s",
-                "time/checkpoint_s", "time/eta_s"):
+    for key in (
+        "train/mfu",
+        "train/step_time_s",
+        "train/grad_norm",
+        "train/peak_memory_gb",
+        "time/eval_s",
+        "time/checkpoint_s",
+        "time/eta_s",
+    ):
         assert key in train[8], key
     assert train[8]["time/eval_s"] > 0 and train[8]["time/checkpoint_s"] > 0  # eval at 4, a checkpoint at 4
     # TensorBoard, CSV and W&B hold what metrics.jsonl holds

@@ -1,9 +1,9 @@
 """The portable checkpoint copy (s2moe_ds/reshard.py) written without collectives: every rank saves the
 ZeRO fragments it owns; reading them back assembles exactly the full fp32 weights and Adam moments that
 DeepSpeed's own (collective) gather returns, for shared and expert parameters, on 2 real processes."""
+
 import pytest
 import torch
-
 from dist_harness import run_distributed
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -19,8 +19,15 @@ def _portable_equals_gather(rank, world, out_dir, zero_stage, backend, ep_size):
     from s2moe_ds.model import MoELanguageModel
     from s2moe_ds.reshard import MOMENTS, portable_keys, read_portable, save_portable
 
-    cfg = load_config(REPO / "configs/tiny.yaml", [f"model.moe.backend={backend}", f"model.moe.ep_size={ep_size}",
-                                                   "model.vocab_size=40", f"train.ds_config=ds_configs/zero{zero_stage}.json"])
+    cfg = load_config(
+        REPO / "configs/tiny.yaml",
+        [
+            f"model.moe.backend={backend}",
+            f"model.moe.ep_size={ep_size}",
+            "model.vocab_size=40",
+            f"train.ds_config=ds_configs/zero{zero_stage}.json",
+        ],
+    )
     torch.manual_seed(0)
     model = MoELanguageModel(cfg.model)
     engine, _ = build_engine(model, cfg, world)
@@ -34,7 +41,7 @@ def _portable_equals_gather(rank, world, out_dir, zero_stage, backend, ep_size):
     torch.distributed.barrier()
     merged, meta = read_portable(ckpt)
     checked = 0
-    for name, p, keys in portable_keys(model):
+    for _name, p, keys in portable_keys(model):
         full = {"fp32": safe_get_full_fp32_param(p)} | {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
         for key, index in keys:
             for k, v in full.items():
@@ -42,12 +49,19 @@ def _portable_equals_gather(rank, world, out_dir, zero_stage, backend, ep_size):
             checked += 1
     assert json.loads((ckpt / "s2moe_portable" / "meta.json").read_text())["adam_step"] == meta["adam_step"] == 1
     mine = torch.load(ckpt / "s2moe_portable" / f"rank{rank:05d}.pt", weights_only=True)
-    return {"checked": checked, "keys": len(merged), "fragments": sum("frags" in e for e in mine.values()),
-            "mine": sorted(mine)}
+    return {
+        "checked": checked,
+        "keys": len(merged),
+        "fragments": sum("frags" in e for e in mine.values()),
+        "mine": sorted(mine),
+    }
 
 
-@pytest.mark.parametrize("zero_stage,backend,ep_size", [(2, "local", 1), (1, "local", 1), (2, "deepspeed", 2)],
-                         ids=["zero2-local", "zero1-local", "zero2-ep2"])
+@pytest.mark.parametrize(
+    "zero_stage,backend,ep_size",
+    [(2, "local", 1), (1, "local", 1), (2, "deepspeed", 2)],
+    ids=["zero2-local", "zero1-local", "zero2-ep2"],
+)
 def test_portable_fragments_assemble_to_the_full_state(tmp_path, zero_stage, backend, ep_size):
     res = run_distributed(_portable_equals_gather, 2, timeout=240, args=(str(tmp_path), zero_stage, backend, ep_size))
     # every key of the model is in the merged state; each rank checked all of its parameters' keys

@@ -1,5 +1,6 @@
 """Faults survived, tested for real through the deepspeed launcher: SIGKILL at an arbitrary step and
 during a checkpoint write, SIGTERM (pre-emption), truncated checkpoint files, retention."""
+
 import os
 import signal
 import subprocess
@@ -7,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from e2e import BIN, REPO, assert_ok, cli, deepspeed_train, env, free_port, train_losses
 
 pytestmark = pytest.mark.slow
@@ -24,17 +24,34 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("ref") / "run"
-    assert_ok(deepspeed_train(2, [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=12",
-                                  "train.save_interval=0", *COMMON]))
+    assert_ok(
+        deepspeed_train(
+            2, [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=12", "train.save_interval=0", *COMMON]
+        )
+    )
     return train_losses(out)
 
 
 def start(out, data_dir, extra):
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-           "s2moe_ds.train", "--config", "configs/tiny.yaml", f"data.data_dir={data_dir}", f"train.out_dir={out}",
-           "train.steps=12", *COMMON, *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "s2moe_ds.train",
+        "--config",
+        "configs/tiny.yaml",
+        f"data.data_dir={data_dir}",
+        f"train.out_dir={out}",
+        "train.steps=12",
+        *COMMON,
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def wait_for(predicate, proc, timeout=240):
@@ -65,8 +82,19 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, data_dir, r
     kill_all(proc)
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert latest in ("step0000006", "step0000003")
-    assert_ok(deepspeed_train(2, [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=12",
-                                  "train.save_interval=3", "train.resume=auto", *COMMON]))
+    assert_ok(
+        deepspeed_train(
+            2,
+            [
+                f"data.data_dir={data_dir}",
+                f"train.out_dir={out}",
+                "train.steps=12",
+                "train.save_interval=3",
+                "train.resume=auto",
+                *COMMON,
+            ],
+        )
+    )
     resumed = train_losses(out)  # later records of a step (after the resume) win
     assert [resumed[s] for s in range(1, 13)] == [reference[s] for s in range(1, 13)]
 
@@ -80,8 +108,17 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, dat
     kill_all(proc)
     assert (ckpts / "latest").read_text().strip() == "step0000002"
     assert not (ckpts / "step0000004").exists()
-    proc2 = deepspeed_train(2, [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=12",
-                                "train.save_interval=2", "train.resume=auto", *COMMON])
+    proc2 = deepspeed_train(
+        2,
+        [
+            f"data.data_dir={data_dir}",
+            f"train.out_dir={out}",
+            "train.steps=12",
+            "train.save_interval=2",
+            "train.resume=auto",
+            *COMMON,
+        ],
+    )
     assert_ok(proc2)
     assert "steps 2->12" in proc2.stdout and "removing" in proc2.stdout
     assert not list(ckpts.glob("*.partial"))
@@ -100,7 +137,7 @@ def test_sigterm_saves_and_exits_cleanly_on_every_rank(tmp_path, data_dir):
     assert "SIGTERM received: saved checkpoint" in output, output[-3000:]
     assert proc.returncode != 0  # stopped, not finished: `train && export` must not go on (each rank exits 143)
     tag = (out / "checkpoints" / "latest").read_text().strip()
-    stopped_at = int(tag[len("step"):])
+    stopped_at = int(tag[len("step") :])
     assert 3 <= stopped_at < 400 and stopped_at == max(train_losses(out))
     assert "Traceback" not in output
 
@@ -123,14 +160,26 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, data_dir):
 
 
 def test_nonfinite_steps_are_skipped_counted_and_training_continues(tmp_path, data_dir):
-    import json
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-           "s2moe_ds.train", "--config", "configs/tiny.yaml", f"data.data_dir={data_dir}", f"train.out_dir={out}",
-           "train.steps=8", "train.save_interval=0", *COMMON]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "s2moe_ds.train",
+        "--config",
+        "configs/tiny.yaml",
+        f"data.data_dir={data_dir}",
+        f"train.out_dir={out}",
+        "train.steps=8",
+        "train.save_interval=0",
+        *COMMON,
+    ]
     e = env()
     e["S2MOE_INJECT_NONFINITE_AT"] = "3,4"  # NaN losses on two steps (0-based), injected on every rank
     proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
@@ -152,10 +201,26 @@ def _two_ranks_without_launcher(tmp_path, data_dir, fault, timeout_s):
     procs = []
     for rank in (0, 1):
         e = env()
-        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                 S2MOE_INJECT_FAULT=fault)
-        cmd = [sys.executable, "-m", "s2moe_ds.train", "--config", "configs/tiny.yaml", f"data.data_dir={data_dir}",
-               f"train.out_dir={tmp_path / 'run'}", "train.steps=50", f"train.dist_timeout_s={timeout_s}", *COMMON]
+        e.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            S2MOE_INJECT_FAULT=fault,
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "s2moe_ds.train",
+            "--config",
+            "configs/tiny.yaml",
+            f"data.data_dir={data_dir}",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.steps=50",
+            f"train.dist_timeout_s={timeout_s}",
+            *COMMON,
+        ]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     t0 = time.time()
     try:
@@ -163,7 +228,7 @@ def _two_ranks_without_launcher(tmp_path, data_dir, fault, timeout_s):
     except subprocess.TimeoutExpired:
         for q in procs:
             q.kill()
-        raise AssertionError("rank 0 hung past the process-group timeout")
+        raise AssertionError("rank 0 hung past the process-group timeout") from None
     elapsed = time.time() - t0
     try:
         out1 = procs[1].communicate(timeout=60)

@@ -1,6 +1,7 @@
 """The results table and the claim statements, on hand-written result files (no training): every finished
 run of the suite is tabled whatever seeds or variants the last command named, runs of another budget are
 kept out, the command history is kept, and the S2MoE verdict follows the 95% interval of the paired gap."""
+
 import json
 import math
 
@@ -9,16 +10,36 @@ import pytest
 from s2moe_ds.experiment import aggregate, record_command, run_spec
 from s2moe_ds.report import claims, gap_interval
 
-SUITE = {"name": "toy", "description": "toy suite", "base": "configs/tiny.yaml", "overrides": ["train.steps=10"],
-         "seeds": [0, 1, 2], "nproc": 1, "variants": [{"name": "smoe-top2", "overrides": ["model.moe.k=2"]},
-                                                       {"name": "s2moe-top1", "overrides": ["model.moe.k=1"]}]}
+SUITE = {
+    "name": "toy",
+    "description": "toy suite",
+    "base": "configs/tiny.yaml",
+    "overrides": ["train.steps=10"],
+    "seeds": [0, 1, 2],
+    "nproc": 1,
+    "variants": [
+        {"name": "smoe-top2", "overrides": ["model.moe.k=2"]},
+        {"name": "s2moe-top1", "overrides": ["model.moe.k=1"]},
+    ],
+}
 
 
 def _row(variant, seed, bpc, k):
-    return {"inference": "train_k", "k": k, "pathways": "clean" if variant.startswith("s2moe") else "",
-            "loss": bpc * math.log(2), "bpc": bpc, "metric": "bpc", "tokens": 1000,
-            "inference_mflops_per_token": 1.0 * k, "train_mflops_per_token": 3.0, "tokens_per_sec": 100.0,
-            "params_total": 10, "params_active": 5, "step": 10}
+    return {
+        "inference": "train_k",
+        "k": k,
+        "pathways": "clean" if variant.startswith("s2moe") else "",
+        "loss": bpc * math.log(2),
+        "bpc": bpc,
+        "metric": "bpc",
+        "tokens": 1000,
+        "inference_mflops_per_token": 1.0 * k,
+        "train_mflops_per_token": 3.0,
+        "tokens_per_sec": 100.0,
+        "params_total": 10,
+        "params_active": 5,
+        "step": 10,
+    }
 
 
 def _write_run(out, suite, variant, seed, bpc, steps=None, code=None):
@@ -27,8 +48,18 @@ def _write_run(out, suite, variant, seed, bpc, steps=None, code=None):
     d.mkdir(parents=True)
     k = 1 if variant["name"].startswith("s2moe") else 2
     extra = {"code": code} if code else {}
-    (d / "result.json").write_text(json.dumps({**spec, **extra, "train_wall_s": 1.0, "resumed": False,
-                                               "rows": [_row(variant["name"], seed, bpc, k)], "analysis": []}))
+    (d / "result.json").write_text(
+        json.dumps(
+            {
+                **spec,
+                **extra,
+                "train_wall_s": 1.0,
+                "resumed": False,
+                "rows": [_row(variant["name"], seed, bpc, k)],
+                "analysis": [],
+            }
+        )
+    )
 
 
 def test_runs_of_two_code_versions_never_share_a_table(tmp_path, capsys):
@@ -71,8 +102,12 @@ def test_table_holds_every_finished_seed_and_variant_not_only_the_last_commands(
     # a command that named only seed 2 of one variant must still table all four runs
     partial = {**SUITE, "seeds": [2]}
     rows = aggregate(tmp_path, partial)
-    assert [(r["variant"], r["seed"]) for r in rows] == [("smoe-top2", 0), ("smoe-top2", 1), ("smoe-top2", 2),
-                                                         ("s2moe-top1", 2)]
+    assert [(r["variant"], r["seed"]) for r in rows] == [
+        ("smoe-top2", 0),
+        ("smoe-top2", 1),
+        ("smoe-top2", 2),
+        ("s2moe-top1", 2),
+    ]
     md = (tmp_path / "results.md").read_text()
     assert "| smoe-top2 | train_k (k=2) | 2.5200 ± 0.0200 | 3 |" in md
     assert "| s2moe-top1 | train_k (k=1, clean) | 2.6000 | 1 |" in md
@@ -112,12 +147,15 @@ def _claim_rows(s2_bpcs, smoe_bpcs):
     return rows
 
 
-@pytest.mark.parametrize("s2, verdict", [
-    ([2.501, 2.5015, 2.502], "within 1%, the whole 95% interval too"),         # +0.04..0.08%: tight
-    ([2.51, 2.48, 2.54], "within 1% on the mean, not established"),            # +0.4% ± 1.2%
-    ([2.60, 2.601, 2.602], "outside 1%, the whole 95% interval too"),          # +4%: tight
-    ([2.45, 2.45, 2.46], "better than SMoE top-2, the whole 95% interval too"),  # -2%: tight
-])
+@pytest.mark.parametrize(
+    "s2, verdict",
+    [
+        ([2.501, 2.5015, 2.502], "within 1%, the whole 95% interval too"),  # +0.04..0.08%: tight
+        ([2.51, 2.48, 2.54], "within 1% on the mean, not established"),  # +0.4% ± 1.2%
+        ([2.60, 2.601, 2.602], "outside 1%, the whole 95% interval too"),  # +4%: tight
+        ([2.45, 2.45, 2.46], "better than SMoE top-2, the whole 95% interval too"),  # -2%: tight
+    ],
+)
 def test_claim_verdict_follows_the_interval(s2, verdict):
     text = claims(_claim_rows(s2, [2.5, 2.5, 2.5]))[0]
     assert f"Verdict on this run: **{verdict}" in text and "95% interval of the mean gap" in text

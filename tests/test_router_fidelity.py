@@ -35,6 +35,7 @@ def _assert_same_routing(ours, ids, weights):
 
 # --- giangdip2410/VQMoE @ b76ad7e, custom_gate.py (the same gates: giangdip2410/CompeteSMoE custom_gates.py) ---
 
+
 def ref_fastmoe_balance(scores_TE, idx_TK, temperature):
     """``set_load_balance`` (custom_gate.py L27-43): p = softmax(scores / T); f and P both over N*k slots."""
     N, k = idx_TK.shape
@@ -130,6 +131,7 @@ def test_stablemoe_matches_the_authors_gate(k):
 
 # --- microsoft/torchscale @ 4d1e0e8, torchscale/component/xmoe/routing.py (X-MoE's release) ---
 
+
 def ref_torchscale_top2(logits, keep_rand=None):
     """top2gating (L258-445) with use_xmoe's forced settings, no capacity: softmax, argmax and the true
     second, the pair normalised before dropping; policy 'random' keeps the second where 2 g2 > U(0,1)."""
@@ -188,6 +190,7 @@ def test_xmoe_torchscale_variant_matches_xmoe_release():
 
 # --- Hunter-DDM/stablemoe @ 73ea6ef, fairseq/modules/moe_layer.py (BaseLayer) ---
 
+
 def ref_stablemoe_two_stage(x, token_ids, C, emb50, D50, stage2, training=True):
     """BaseLayer.forward with GA assignment, one device, no overflow: greedy top-1 on x C^T (no grad) in
     stage 1, on the distilled router emb50(ids) D50^T in stage 2 and at inference; alpha = sigmoid(x . C_e);
@@ -215,28 +218,42 @@ def ref_stablemoe_two_stage(x, token_ids, C, emb50, D50, stage2, training=True):
 def test_stablemoe_two_stage_matches_the_release(stage2):
     torch.manual_seed(0)
     V, T = 11, 24
-    r = build_router("stablemoe", {"variant": "two_stage", "stage2_step": 5, "stage1_balance_coef": 1.0,
-                                   "distill_coef": 1.0}, D, E, vocab_size=V)
+    r = build_router(
+        "stablemoe",
+        {"variant": "two_stage", "stage2_step": 5, "stage1_balance_coef": 1.0, "distill_coef": 1.0},
+        D,
+        E,
+        vocab_size=V,
+    )
     r.train()
     r.set_step(7 if stage2 else 2)
     ids = torch.randint(0, V, (T,))
     r.token_ids_T = ids
     x = torch.randn(T, D) * 4
     out = r(x, 1)
-    a, alpha, losses = ref_stablemoe_two_stage(x, ids, r.embeddings.detach(), r.distill_emb.weight.detach(),
-                                               r.distill_centroids.detach(), stage2)
+    a, alpha, losses = ref_stablemoe_two_stage(
+        x, ids, r.embeddings.detach(), r.distill_emb.weight.detach(), r.distill_centroids.detach(), stage2
+    )
     assert torch.equal(out.expert_ids_TK, a)
     torch.testing.assert_close(out.weights_TK, alpha)
     assert set(out.aux_losses) == set(losses)
     for name in losses:
         torch.testing.assert_close(out.aux_losses[name], losses[name])
     r.eval()  # inference routes by the distilled router even in stage 1
-    a_eval, _, _ = ref_stablemoe_two_stage(x, ids, r.embeddings.detach(), r.distill_emb.weight.detach(),
-                                           r.distill_centroids.detach(), False, training=False)
+    a_eval, _, _ = ref_stablemoe_two_stage(
+        x,
+        ids,
+        r.embeddings.detach(),
+        r.distill_emb.weight.detach(),
+        r.distill_centroids.detach(),
+        False,
+        training=False,
+    )
     assert torch.equal(r(x, 1).expert_ids_TK, a_eval)
 
 
 # --- Fsoft-AIC/CompeteSMoE @ 0be1cb7, moe_model/model/moe/competesmoe.py + moe.py (2025) ---
+
 
 def ref_balance_top1(P, sel):
     """moe.py ``balanceloss`` (L105-108), one sequence: mean_e(f * mean P) * E^2 on the first column."""
@@ -265,8 +282,18 @@ def ref_compete_2025(logits, outs_TED, k):
 def test_competesmoe_2025_competition_matches_the_release():
     torch.manual_seed(0)
     experts = build_backend("local", ExpertSpec(E, D, 16), impl="reference")
-    r = build_router("competesmoe", {"compete_prob": 1.0, "warmup_fraction": 0.0, "router_loss_coef": 1.0,
-                                     "diversity_coef": 1.0, "competition_balance_coef": 1.0}, D, E)
+    r = build_router(
+        "competesmoe",
+        {
+            "compete_prob": 1.0,
+            "warmup_fraction": 0.0,
+            "router_loss_coef": 1.0,
+            "diversity_coef": 1.0,
+            "competition_balance_coef": 1.0,
+        },
+        D,
+        E,
+    )
     r.train()
     x = torch.randn(12, D)
     out = r(x, 2, experts=experts)
@@ -342,6 +369,7 @@ def test_competition_schedule_caps_layers_per_step_as_the_release():
 
 # --- giangdip2410/CompeteSMoE @ cacb77e, custom_layers_opt.py (FMoEOpt, 2024) ---
 
+
 def ref_compete_2024(logits, outs_TED, k):
     """Competition (L262-404, act_experts 'linear', opt_blance on): L2-norm responses; winners weighted by
     the softmax of their norms; target = that softmax at the winners, 0 elsewhere (not detached); MSE to
@@ -375,19 +403,21 @@ def test_competesmoe_2024_competition_matches_the_release():
 
 # --- giangdip2410/VQMoE @ b76ad7e, vqmoe.py (VQMoE.forward L347-373, VectorQuantizer L215-261) ---
 
+
 def ref_vqmoe_layer(x, codebook, emb, mix_W, mix_b, ln, expert_fn, k, c=0.05, commitment=0.25, beta=0.08):
     """Sparse branch: the StableMoE gate at top-k; discrete branch: nearest code (squared L2), expert input
     LN(x (1 - c) + sg(q - x) c), output LN again; y = softmax(mix(x))[0] sparse + [1] discrete; VQ loss
     mse(q, sg x) + 0.25 mse(sg q, x), times beta_vq."""
-    dist = (x ** 2).sum(1, keepdim=True) + (codebook ** 2).sum(1) - 2 * x @ codebook.t()
+    dist = (x**2).sum(1, keepdim=True) + (codebook**2).sum(1) - 2 * x @ codebook.t()
     code = dist.argmin(1)
     q = codebook[code]
     loss = beta * (F.mse_loss(q, x.detach()) + commitment * F.mse_loss(q.detach(), x))
     quantized = x * (1 - c) + (q - x).detach() * c
-    y_vq = ln(torch.stack([expert_fn(ln(quantized)[t:t + 1], int(code[t])) for t in range(len(x))])[:, 0])
+    y_vq = ln(torch.stack([expert_fn(ln(quantized)[t : t + 1], int(code[t])) for t in range(len(x))])[:, 0])
     idx, w, _ = ref_stablemoe_gate(x, emb, k)
-    y_sparse = torch.stack([sum(w[t, j] * expert_fn(x[t:t + 1], int(idx[t, j]))[0] for j in range(k))
-                            for t in range(len(x))])
+    y_sparse = torch.stack(
+        [sum(w[t, j] * expert_fn(x[t : t + 1], int(idx[t, j]))[0] for j in range(k)) for t in range(len(x))]
+    )
     g = (x @ mix_W.t() + mix_b).softmax(-1)
     return g[:, :1] * y_sparse + g[:, 1:] * y_vq, loss
 
@@ -405,8 +435,16 @@ def test_vqmoe_layer_matches_the_release():
     x = torch.randn(20, D)
     out = layer(x)
     w1, w2 = layer.experts.w1.detach(), layer.experts.w2.detach()
-    y, loss = ref_vqmoe_layer(x, r.codebook.detach(), r.embeddings.detach(), r.mix.weight.detach(), r.mix.bias.detach(),
-                              r.norm, lambda v, e: F.gelu(v @ w1[e]) @ w2[e], k=1)
+    y, loss = ref_vqmoe_layer(
+        x,
+        r.codebook.detach(),
+        r.embeddings.detach(),
+        r.mix.weight.detach(),
+        r.mix.bias.detach(),
+        r.norm,
+        lambda v, e: F.gelu(v @ w1[e]) @ w2[e],
+        k=1,
+    )
     torch.testing.assert_close(out.y, y, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.aux_losses["vq"], loss)
     # gradients through our layer equal the transcription's: (1 - c) through the quantiser's output, and
@@ -415,8 +453,16 @@ def test_vqmoe_layer_matches_the_release():
     probe = torch.randn_like(x)
     out = layer(xa)
     (gx,) = torch.autograd.grad((out.y * probe).sum() + out.aux_losses["vq"], xa)
-    y, loss = ref_vqmoe_layer(xb, r.codebook, r.embeddings.detach(), r.mix.weight.detach(), r.mix.bias.detach(),
-                              r.norm, lambda v, e: F.gelu(v @ w1[e]) @ w2[e], k=1)
+    y, loss = ref_vqmoe_layer(
+        xb,
+        r.codebook,
+        r.embeddings.detach(),
+        r.mix.weight.detach(),
+        r.mix.bias.detach(),
+        r.norm,
+        lambda v, e: F.gelu(v @ w1[e]) @ w2[e],
+        k=1,
+    )
     gref, gcode = torch.autograd.grad((y * probe).sum() + loss, [xb, r.codebook])
     torch.testing.assert_close(gx, gref, rtol=1e-4, atol=1e-6)
     layer.zero_grad()
@@ -428,13 +474,14 @@ def test_vqmoe_layer_matches_the_release():
 
 
 def test_vqmoe_top1_costs_two_experts_per_token():
-    from s2moe_ds.moe.routers.vqmoe import VQMoERouter, VQMoEConfig
+    from s2moe_ds.moe.routers.vqmoe import VQMoEConfig, VQMoERouter
 
     assert VQMoERouter.expected_slots(VQMoEConfig(), 1, E, True) == 2
     assert VQMoERouter.expected_slots(VQMoEConfig(), 1, E, False) == 2
 
 
 # --- inside a language model: the model's init and schedule must not undo the releases' ---
+
 
 def _model(router, args=None, n_layer=2, **moe):
     from s2moe_ds.config import ModelConfig
@@ -485,7 +532,9 @@ def test_stablemoe_two_stage_routes_by_a_frozen_copy_in_stage_two():
     with torch.no_grad():  # an optimizer still moving the live parameters (momentum, weight decay)
         r.distill_emb.weight.mul_(-1.0)
     assert torch.equal(r(x, 1).expert_ids_TK, first) and r.frozen.item() == 1
-    without = _model("stablemoe", {"variant": "two_stage", "stage2_step": 2, "distill_coef": 0.0}, k=1).blocks[0].ffn.router
+    without = (
+        _model("stablemoe", {"variant": "two_stage", "stage2_step": 2, "distill_coef": 0.0}, k=1).blocks[0].ffn.router
+    )
     without.eval()
     without.token_ids_T = r.token_ids_T
     with torch.no_grad():

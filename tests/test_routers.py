@@ -1,13 +1,14 @@
 """Router math against hand-computed values, and where gradients flow."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from s2moe_ds.moe.backends import ExpertSpec, build_backend
 from s2moe_ds.moe.routers import build_router
 from s2moe_ds.moe.routers.base import switch_balance_loss
-from s2moe_ds.moe.backends import ExpertSpec, build_backend
 
 
 def test_switch_balance_loss_hand_values():
@@ -85,8 +86,12 @@ def _experts(E=4, D=8):
 def test_competesmoe_competition_by_hand_and_stop_gradient():
     E, D, k = 4, 8, 2
     experts = _experts(E, D)
-    r = build_router("competesmoe", {"compete_prob": 1.0, "router_loss_coef": 0.5, "diversity_coef": 0.0,
-                                     "competition_balance_coef": 0.0}, D, E)
+    r = build_router(
+        "competesmoe",
+        {"compete_prob": 1.0, "router_loss_coef": 0.5, "diversity_coef": 0.0, "competition_balance_coef": 0.0},
+        D,
+        E,
+    )
     r.train()
     x = torch.randn(6, D)
     out = r(x, k, experts=experts)

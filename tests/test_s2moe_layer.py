@@ -1,4 +1,5 @@
 """S2MoE layer: fused dispatch, train/eval behaviour, InfoNCE, determinism, gradient flow."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,8 +95,14 @@ def test_determinism_under_seed():
 @pytest.mark.parametrize("s2", [False, True])
 def test_gradients_reach_every_learnable_parameter(router, s2):
     args = {"compete_prob": 1.0} if router == "competesmoe" else {}
-    cfg = MoEConfig(num_experts=4, k=2, d_ff=32, router=router, router_args=args,
-                    s2moe=S2MoEConfig(enabled=s2, noise="learnable", uncertainty_on="inputs"))
+    cfg = MoEConfig(
+        num_experts=4,
+        k=2,
+        d_ff=32,
+        router=router,
+        router_args=args,
+        s2moe=S2MoEConfig(enabled=s2, noise="learnable", uncertainty_on="inputs"),
+    )
     torch.manual_seed(0)
     layer = build_moe_layer(cfg, 16).train()
     out = layer(torch.randn(64, 16))

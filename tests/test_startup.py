@@ -1,10 +1,10 @@
 """Process start-up on CPU: DeepSpeed's shared-memory all-reduce segments must not pile up in /dev/shm (RAM)
 run after run, and local ranks share the cores instead of each taking all of them."""
+
 import os
 from pathlib import Path
 
 import pytest
-
 from dist_harness import run_distributed
 
 

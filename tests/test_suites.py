@@ -1,4 +1,5 @@
 """Every suite file loads, and every run it describes is a valid config (no training)."""
+
 from pathlib import Path
 
 import pytest
@@ -46,16 +47,29 @@ def test_cpu_suite_is_the_issue_recipe():
     m, t = cfgs["s2moe-top1"].model, cfgs["s2moe-top1"].train
     assert (m.n_layer, m.n_head, m.d_model, m.context, m.moe.num_experts) == (4, 4, 128, 64, 8)
     assert (t.micro_batch_size, t.steps, cfgs["s2moe-top1"].data.dataset) == (12, 2000, "shakespeare")
-    assert {"dense", "dense-wide", "smoe-top2", "xmoe-top2", "stablemoe-top2", "competesmoe-top2", "vqmoe-top1",
-            "smoe-top2-auxfree", "s2moe-top1", "s2moe-nonoise", "s2moe-noinfonce", "s2moe-gate05",
-            "s2moe-learnable"} == set(by_name)
+    assert {
+        "dense",
+        "dense-wide",
+        "smoe-top2",
+        "xmoe-top2",
+        "stablemoe-top2",
+        "competesmoe-top2",
+        "vqmoe-top1",
+        "smoe-top2-auxfree",
+        "s2moe-top1",
+        "s2moe-nonoise",
+        "s2moe-noinfonce",
+        "s2moe-gate05",
+        "s2moe-learnable",
+    } == set(by_name)
     # the headline pair has 10 paired seeds, every other variant at least 3
     assert variant_seeds(suite, by_name["s2moe-top1"]) == variant_seeds(suite, by_name["smoe-top2"]) == list(range(10))
     assert all(len(variant_seeds(suite, v)) >= 3 for v in suite["variants"])
     # VQMoE at the same expert FLOPs per training token as SMoE top-2 (it had a third expert before)
     bt = 12 * 64
     assert flops_per_token(cfgs["vqmoe-top1"].model, True, batch_tokens=bt) == pytest.approx(
-        flops_per_token(cfgs["smoe-top2"].model, True, batch_tokens=bt), rel=0.02)
+        flops_per_token(cfgs["smoe-top2"].model, True, batch_tokens=bt), rel=0.02
+    )
     # the wide dense model has the MoE models' total parameters (within 1%)
     wide = MoELanguageModel(cfgs["dense-wide"].model).param_counts()["total"]
     moe = MoELanguageModel(cfgs["smoe-top2"].model).param_counts()["total"]

@@ -4,9 +4,10 @@ No iterator state: resuming at step s draws exactly the windows an uninterrupted
 data-parallel rank and accumulation micro-step draws its own windows, and the same global batch comes
 out of 2 processes x 1 micro-step as of 1 process x 2 micro-steps. Evaluation walks a split in consecutive, non-overlapping windows.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -24,8 +25,10 @@ def stream_seed(*parts: int) -> int:
 class WindowSampler:
     def __init__(self, tokens: np.ndarray, context: int):
         if len(tokens) <= context + 1:
-            raise ValueError(f"split has {len(tokens)} tokens, fewer than context + 2 ({context + 2}); "
-                             f"use a smaller model.context or more data")
+            raise ValueError(
+                f"split has {len(tokens)} tokens, fewer than context + 2 ({context + 2}); "
+                f"use a smaller model.context or more data"
+            )
         self.tokens = tokens
         self.context = context
 
@@ -40,10 +43,12 @@ class WindowSampler:
         w = torch.from_numpy(self.tokens[idx].astype(np.int64))
         return w[:, :-1], w[:, 1:]
 
-    def sequential(self, batch_size: int, max_batches: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def sequential(
+        self, batch_size: int, max_batches: int = 0, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping windows covering the split, batched; rank r takes every world-th batch."""
         starts = np.arange(0, len(self.tokens) - self.context - 1, self.context)
-        batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
+        batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
         if max_batches:
             batches = batches[:max_batches]
         for b in batches[rank::world]:

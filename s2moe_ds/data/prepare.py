@@ -18,6 +18,7 @@ split, or for ``corpus`` on a bounded sample of the stream); or a file: an exist
 ``.model`` or a Hugging Face ``tokenizer.json``, copied into the data folder. Tokens are stored as
 uint16 while the vocabulary is at most 65,535, else uint32.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,17 +36,35 @@ import urllib.request
 import zipfile
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 
-from .tokenizers import (CharTokenizer, DataError, SentencePieceTokenizer, Tokenizer, is_tokenizer_path,
-                         load_tokenizer, token_dtype, user_tokenizer)
+from .tokenizers import (
+    CharTokenizer,
+    DataError,
+    SentencePieceTokenizer,
+    Tokenizer,
+    is_tokenizer_path,
+    load_tokenizer,
+    token_dtype,
+    user_tokenizer,
+)
 
-__all__ = ["DataError", "Decoder", "prepare", "prepare_config", "prepare_corpus", "read_meta", "load_split",
-           "load_tokenizer", "token_dtype", "resolve_sources"]
+__all__ = [
+    "DataError",
+    "Decoder",
+    "prepare",
+    "prepare_config",
+    "prepare_corpus",
+    "read_meta",
+    "load_split",
+    "load_tokenizer",
+    "token_dtype",
+    "resolve_sources",
+]
 
 DATASETS = ("pydoc", "shakespeare", "text8", "enwik8", "wikitext103", "text", "corpus")
 SPLITS = ("train", "val", "test")
@@ -53,12 +72,16 @@ BLOCK_BYTES = 1 << 20  # the unit of streaming work: about this many bytes of in
 
 # where a dataset's raw file is looked for when data.source is empty, and where it can be downloaded from
 DEFAULT_SOURCES = {
-    "shakespeare": ("data_cache/raw/tinyshakespeare.txt",
-                    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"),
+    "shakespeare": (
+        "data_cache/raw/tinyshakespeare.txt",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    ),
     "text8": ("data_cache/raw/text8.zip", "http://mattmahoney.net/dc/text8.zip"),
     "enwik8": ("data_cache/raw/enwik8.zip", "http://mattmahoney.net/dc/enwik8.zip"),
-    "wikitext103": ("data_cache/raw/wikitext-103-v1.zip",
-                    "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"),
+    "wikitext103": (
+        "data_cache/raw/wikitext-103-v1.zip",
+        "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
+    ),
 }
 
 
@@ -100,9 +123,11 @@ def fetch_source(dataset: str, source: str) -> Path:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{dataset}: no local copy at {path} and downloading {url} failed ({e}). "
-                        f"Download it on a machine with internet access and put it at {path}, "
-                        f"or pass data.source=PATH") from None
+        raise DataError(
+            f"{dataset}: no local copy at {path} and downloading {url} failed ({e}). "
+            f"Download it on a machine with internet access and put it at {path}, "
+            f"or pass data.source=PATH"
+        ) from None
     return path
 
 
@@ -125,7 +150,9 @@ def read_zip_member(path: Path, member: str) -> bytes:
                 raise DataError(f"{path} has no member {member!r} (it holds {names[:5]}); is it the right archive?")
             return z.read(match[0])
     except zipfile.BadZipFile:
-        raise DataError(f"{path} is not a valid zip archive (truncated download?); delete it and fetch it again") from None
+        raise DataError(
+            f"{path} is not a valid zip archive (truncated download?); delete it and fetch it again"
+        ) from None
 
 
 def load_corpus(dataset: str, source: str = "") -> Corpus:
@@ -133,8 +160,7 @@ def load_corpus(dataset: str, source: str = "") -> Corpus:
         from pydoc_data import topics
 
         text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-        return Corpus(proportional_split(text), "char", "pydoc_data.topics",
-                      hashlib.sha256(text.encode()).hexdigest())
+        return Corpus(proportional_split(text), "char", "pydoc_data.topics", hashlib.sha256(text.encode()).hexdigest())
     if dataset == "text" and not source:
         raise DataError("data.dataset=text needs data.source=PATH to a UTF-8 text file")
     path = fetch_source(dataset, source) if dataset != "text" else Path(source)
@@ -186,11 +212,23 @@ def train_sentencepiece(text_file: Path, vocab_size: int, eos: bool = False) -> 
     with tempfile.TemporaryDirectory() as tmp:
         try:
             spm.SentencePieceTrainer.train(
-                input=str(text_file), model_prefix=str(Path(tmp) / "spm"), vocab_size=vocab_size,
-                model_type="unigram", character_coverage=1.0, input_sentence_size=2_000_000,
-                shuffle_input_sentence=True, bos_id=-1, eos_id=1 if eos else -1, unk_id=0, pad_id=-1, minloglevel=2)
+                input=str(text_file),
+                model_prefix=str(Path(tmp) / "spm"),
+                vocab_size=vocab_size,
+                model_type="unigram",
+                character_coverage=1.0,
+                input_sentence_size=2_000_000,
+                shuffle_input_sentence=True,
+                bos_id=-1,
+                eos_id=1 if eos else -1,
+                unk_id=0,
+                pad_id=-1,
+                minloglevel=2,
+            )
         except RuntimeError as e:
-            raise DataError(f"SentencePiece training failed ({e}); a smaller data.vocab_size usually fixes it") from None
+            raise DataError(
+                f"SentencePiece training failed ({e}); a smaller data.vocab_size usually fixes it"
+            ) from None
         tok = SentencePieceTokenizer((Path(tmp) / "spm.model").read_bytes())
     tok.eod_id = tok.find_eod()
     return tok
@@ -201,16 +239,20 @@ def tokenize_sentencepiece(corpus: Corpus, vocab_size: int) -> tuple[Tokenizer, 
     with tempfile.TemporaryDirectory() as tmp:
         train_txt = Path(tmp) / "train.txt"
         part = corpus.splits["train"]
-        train_txt.write_text(part.decode("utf-8", errors="replace") if isinstance(part, bytes) else part,
-                             encoding="utf-8")
+        train_txt.write_text(
+            part.decode("utf-8", errors="replace") if isinstance(part, bytes) else part, encoding="utf-8"
+        )
         tok = train_sentencepiece(train_txt, vocab_size)
     return tok, {"tokenizer": "sentencepiece", "unit": "piece", "vocab_size": tok.vocab_size, "spm_model": "spm.model"}
 
 
 def tokenizer_meta(tok: Tokenizer, source: str = "") -> dict:
     """meta.json fields describing a tokenizer kept in the data folder."""
-    meta = {"tokenizer": tok.kind, "unit": {"char": None, "sentencepiece": "piece", "huggingface": "token"}[tok.kind],
-            "vocab_size": tok.vocab_size}
+    meta = {
+        "tokenizer": tok.kind,
+        "unit": {"char": None, "sentencepiece": "piece", "huggingface": "token"}[tok.kind],
+        "vocab_size": tok.vocab_size,
+    }
     if tok.kind == "char":
         meta.update(unit=tok.unit, symbols=tok.symbols)
     else:
@@ -282,25 +324,31 @@ def _writing(out: Path) -> Iterator[_Staging]:
     except OSError as e:
         staging.abort()
         free = shutil.disk_usage(out).free
-        raise DataError(f"writing the prepared data into {out} failed ({e.strerror or e}; {free:,} bytes free there); "
-                        f"nothing half-written was left behind: free space or choose another data.data_dir, then "
-                        f"run `s2moe prepare` again") from None
+        raise DataError(
+            f"writing the prepared data into {out} failed ({e.strerror or e}; {free:,} bytes free there); "
+            f"nothing half-written was left behind: free space or choose another data.data_dir, then "
+            f"run `s2moe prepare` again"
+        ) from None
     except BaseException:
         staging.abort()
         raise
 
 
-def _tokenizer_from_spec(tokenizer: str, eod_token: str) -> Optional[Tokenizer]:
+def _tokenizer_from_spec(tokenizer: str, eod_token: str) -> Tokenizer | None:
     """A user's tokenizer file (data.tokenizer=PATH), or None for 'char' / 'sentencepiece'."""
     if tokenizer in ("char", "sentencepiece"):
         return None
     if not is_tokenizer_path(tokenizer):
-        raise DataError(f"data.tokenizer {tokenizer!r} is not valid; use 'char', 'sentencepiece', or the path of "
-                        f"a SentencePiece .model file or a Hugging Face tokenizer.json")
+        raise DataError(
+            f"data.tokenizer {tokenizer!r} is not valid; use 'char', 'sentencepiece', or the path of "
+            f"a SentencePiece .model file or a Hugging Face tokenizer.json"
+        )
     path = Path(tokenizer).expanduser()
     if not path.is_file():
-        raise DataError(f"data.tokenizer {tokenizer!r} does not exist; give the path of an existing SentencePiece "
-                        f".model file or Hugging Face tokenizer.json (relative paths start at {Path.cwd()})")
+        raise DataError(
+            f"data.tokenizer {tokenizer!r} does not exist; give the path of an existing SentencePiece "
+            f".model file or Hugging Face tokenizer.json (relative paths start at {Path.cwd()})"
+        )
     tok = user_tokenizer(path, eod_token)
     tok.source = str(tokenizer)
     return tok
@@ -308,14 +356,32 @@ def _tokenizer_from_spec(tokenizer: str, eod_token: str) -> Optional[Tokenizer]:
 
 def _needs_corpus(source: str) -> bool:
     """Whether ``data.source`` is more than one plain text file (a list, glob, folder, .jsonl or .gz)."""
-    return ("," in source or any(c in source for c in "*?[") or Path(source).is_dir()
-            or source.lower().endswith((".gz", ".jsonl")))
+    return (
+        "," in source
+        or any(c in source for c in "*?[")
+        or Path(source).is_dir()
+        or source.lower().endswith((".gz", ".jsonl"))
+    )
 
 
-def prepare(dataset: str, out_dir: str | Path, source: str = "", tokenizer: str = "char",
-            vocab_size: int = 8000, *, text_field: str = "text", txt_document: str = "file", eod: bool = True,
-            eod_token: str = "", val_fraction: float = 0.05, test_fraction: float = 0.05, workers: int = 0,
-            tokenizer_sample_mb: int = 100, progress: bool = True, block_bytes: int = BLOCK_BYTES) -> dict:
+def prepare(
+    dataset: str,
+    out_dir: str | Path,
+    source: str = "",
+    tokenizer: str = "char",
+    vocab_size: int = 8000,
+    *,
+    text_field: str = "text",
+    txt_document: str = "file",
+    eod: bool = True,
+    eod_token: str = "",
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    workers: int = 0,
+    tokenizer_sample_mb: int = 100,
+    progress: bool = True,
+    block_bytes: int = BLOCK_BYTES,
+) -> dict:
     """Build ``out_dir`` and return its metadata. Files are written to a temporary name and renamed,
     so an interrupted run never leaves a half-written token file behind a valid meta.json.
 
@@ -328,13 +394,26 @@ def prepare(dataset: str, out_dir: str | Path, source: str = "", tokenizer: str 
     out.mkdir(parents=True, exist_ok=True)
     user_tok = _tokenizer_from_spec(tokenizer, eod_token)
     if dataset == "corpus":
-        return prepare_corpus(out, source, tokenizer=user_tok or tokenizer, vocab_size=vocab_size,
-                              text_field=text_field, txt_document=txt_document, eod=eod,
-                              val_fraction=val_fraction, test_fraction=test_fraction, workers=workers,
-                              tokenizer_sample_mb=tokenizer_sample_mb, progress=progress, block_bytes=block_bytes)
+        return prepare_corpus(
+            out,
+            source,
+            tokenizer=user_tok or tokenizer,
+            vocab_size=vocab_size,
+            text_field=text_field,
+            txt_document=txt_document,
+            eod=eod,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            workers=workers,
+            tokenizer_sample_mb=tokenizer_sample_mb,
+            progress=progress,
+            block_bytes=block_bytes,
+        )
     if dataset == "text" and source and _needs_corpus(source):
-        raise DataError(f"data.dataset=text reads one plain UTF-8 file, but data.source is {source!r}; for folders, "
-                        f"globs, several files, .jsonl or .gz use data.dataset=corpus")
+        raise DataError(
+            f"data.dataset=text reads one plain UTF-8 file, but data.source is {source!r}; for folders, "
+            f"globs, several files, .jsonl or .gz use data.dataset=corpus"
+        )
     if dataset == "wikitext103" and user_tok is None:
         tokenizer = "sentencepiece"
     corpus = load_corpus(dataset, source)
@@ -347,8 +426,13 @@ def prepare(dataset: str, out_dir: str | Path, source: str = "", tokenizer: str 
     dtype = token_dtype(tok.vocab_size)
     ids = {s: tok.encode_array(p if tok.kind == "char" else _text_of(p), dtype=dtype) for s, p in corpus.splits.items()}
     meta = {**tokenizer_meta(tok, tokenizer if user_tok is not None else ""), **meta}
-    meta.update(dataset=dataset, source=corpus.source, source_sha256=corpus.sha256,
-                dtype=np.dtype(dtype).name, splits={s: int(len(a)) for s, a in ids.items()})
+    meta.update(
+        dataset=dataset,
+        source=corpus.source,
+        source_sha256=corpus.sha256,
+        dtype=np.dtype(dtype).name,
+        splits={s: int(len(a)) for s, a in ids.items()},
+    )
     with _writing(out) as staging:
         for split, arr in ids.items():
             arr.tofile(staging.path(f"{split}.bin"))
@@ -360,10 +444,22 @@ def prepare(dataset: str, out_dir: str | Path, source: str = "", tokenizer: str 
 
 def prepare_config(cfg, progress: bool = True) -> dict:
     """``prepare`` with every option of a ``DataConfig`` (the ``data`` section of a config)."""
-    return prepare(cfg.dataset, cfg.data_dir, cfg.source, cfg.tokenizer, cfg.vocab_size, text_field=cfg.text_field,
-                   txt_document=cfg.txt_document, eod=cfg.eod, eod_token=cfg.eod_token,
-                   val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, workers=cfg.workers,
-                   tokenizer_sample_mb=cfg.tokenizer_sample_mb, progress=progress)
+    return prepare(
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.source,
+        cfg.tokenizer,
+        cfg.vocab_size,
+        text_field=cfg.text_field,
+        txt_document=cfg.txt_document,
+        eod=cfg.eod,
+        eod_token=cfg.eod_token,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        workers=cfg.workers,
+        tokenizer_sample_mb=cfg.tokenizer_sample_mb,
+        progress=progress,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,27 +492,40 @@ def resolve_sources(source: str) -> list[SourceFile]:
     recurses; sorted). A file named twice is read once."""
     items = [s.strip() for s in source.split(",") if s.strip()]
     if not items:
-        raise DataError("data.dataset=corpus needs data.source: a file, a folder, a glob (quote it, e.g. "
-                        "'data/**/*.jsonl.gz') or several of these separated by commas")
+        raise DataError(
+            "data.dataset=corpus needs data.source: a file, a folder, a glob (quote it, e.g. "
+            "'data/**/*.jsonl.gz') or several of these separated by commas"
+        )
     files, seen = [], set()
     for item in items:
         p = Path(item).expanduser()
         if any(c in item for c in "*?["):
             found = sorted(m for m in glob.glob(str(p), recursive=True) if os.path.isfile(m))
             if not found:
-                raise DataError(f"data.source pattern {item!r} matches no file; check the pattern (relative paths "
-                                f"start at {Path.cwd()})")
+                raise DataError(
+                    f"data.source pattern {item!r} matches no file; check the pattern (relative paths "
+                    f"start at {Path.cwd()})"
+                )
         elif p.is_dir():
-            found = sorted(str(q) for q in p.rglob("*") if q.is_file() and q.name.lower().endswith(FOLDER_SUFFIXES)
-                           and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            found = sorted(
+                str(q)
+                for q in p.rglob("*")
+                if q.is_file()
+                and q.name.lower().endswith(FOLDER_SUFFIXES)
+                and not any(part.startswith(".") for part in q.relative_to(p).parts)
+            )
             if not found:
-                raise DataError(f"data.source folder {item!r} holds no {', '.join(FOLDER_SUFFIXES)} file (searched "
-                                f"recursively); name the files or a glob instead")
+                raise DataError(
+                    f"data.source folder {item!r} holds no {', '.join(FOLDER_SUFFIXES)} file (searched "
+                    f"recursively); name the files or a glob instead"
+                )
         elif p.is_file():
             found = [str(p)]
         else:
-            raise DataError(f"data.source {item!r} does not exist; give a file, a folder or a glob (relative paths "
-                            f"start at {Path.cwd()})")
+            raise DataError(
+                f"data.source {item!r} does not exist; give a file, a folder or a glob (relative paths "
+                f"start at {Path.cwd()})"
+            )
         for m in found:
             real = os.path.realpath(m)
             if real not in seen:
@@ -459,8 +568,16 @@ class Progress:
             self.bar.update(n)
         elif self.enabled and time.time() - self.last >= PROGRESS_LOG_INTERVAL_S:
             self.last = time.time()
-            line = self.format_meter(self.n, self.total, self.last - self.start, unit="B", unit_scale=True,
-                                     prefix=self.desc, ascii=True, ncols=100)
+            line = self.format_meter(
+                self.n,
+                self.total,
+                self.last - self.start,
+                unit="B",
+                unit_scale=True,
+                prefix=self.desc,
+                ascii=True,
+                ncols=100,
+            )
             print(f"[s2moe prepare] {line}", file=sys.stderr, flush=True)
 
     def close(self) -> float:
@@ -481,16 +598,18 @@ def _utf8_cut(buf: bytes) -> int:
     return j if j > 0 else len(buf)
 
 
-def _file_blocks(f: SourceFile, block_bytes: int, whole_lines: bool, progress: Optional[Progress],
-                 hasher=None) -> Iterator[tuple]:
+def _file_blocks(
+    f: SourceFile, block_bytes: int, whole_lines: bool, progress: Progress | None, hasher=None
+) -> Iterator[tuple]:
     """Tasks ``(path, kind, data, first, last, line)`` of about ``block_bytes`` each, cut after a newline
     (``whole_lines``: always; else at a character boundary when a line is longer than a block). The
     last task of a file has ``last=True`` (possibly empty data); an empty file yields nothing."""
     try:
         raw = open(f.path, "rb")
     except OSError as e:
-        raise DataError(f"cannot read {f.path} ({e.strerror or e}); fix its permissions or leave it out of "
-                        f"data.source") from None
+        raise DataError(
+            f"cannot read {f.path} ({e.strerror or e}); fix its permissions or leave it out of data.source"
+        ) from None
     with raw:
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if f.gz else raw
         carry, first, line, done = b"", True, 1, 0
@@ -498,8 +617,10 @@ def _file_blocks(f: SourceFile, block_bytes: int, whole_lines: bool, progress: O
             try:
                 data = stream.read(block_bytes)
             except (OSError, EOFError, zlib.error) as e:
-                raise DataError(f"{f.path} cannot be read as {'gzip' if f.gz else 'a file'} ({e}): truncated or "
-                                f"damaged; fetch it again or leave it out of data.source") from None
+                raise DataError(
+                    f"{f.path} cannot be read as {'gzip' if f.gz else 'a file'} ({e}): truncated or "
+                    f"damaged; fetch it again or leave it out of data.source"
+                ) from None
             if hasher is not None and data:
                 hasher.update(data)
             if progress is not None:
@@ -535,9 +656,11 @@ def _documents(task: tuple, text_field: str, txt_document: str) -> tuple[list[st
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = line0 + data[:e.start].count(b"\n")
-        raise DataError(f"{path}, line {line}: not UTF-8 ({e.reason} at byte {e.start} of the line's block); "
-                        f"convert the file to UTF-8 or leave it out of data.source") from None
+        line = line0 + data[: e.start].count(b"\n")
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 ({e.reason} at byte {e.start} of the line's block); "
+            f"convert the file to UTF-8 or leave it out of data.source"
+        ) from None
     if first and text.startswith("\ufeff"):
         text = text[1:]
     if kind == "txt" and txt_document == "file":
@@ -552,16 +675,22 @@ def _documents(task: tuple, text_field: str, txt_document: str) -> tuple[list[st
         try:
             obj = json.loads(ln)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {line0 + i}: not valid JSON ({e.msg}); each .jsonl line must be one JSON "
-                            f"object with a {text_field!r} string (data.text_field)") from None
+            raise DataError(
+                f"{path}, line {line0 + i}: not valid JSON ({e.msg}); each .jsonl line must be one JSON "
+                f"object with a {text_field!r} string (data.text_field)"
+            ) from None
         if not isinstance(obj, dict) or text_field not in obj:
             keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-            raise DataError(f"{path}, line {line0 + i}: no {text_field!r} field (it has {keys}); set data.text_field "
-                            f"to the field that holds the text")
+            raise DataError(
+                f"{path}, line {line0 + i}: no {text_field!r} field (it has {keys}); set data.text_field "
+                f"to the field that holds the text"
+            )
         value = obj[text_field]
         if not isinstance(value, str):
-            raise DataError(f"{path}, line {line0 + i}: field {text_field!r} is a {type(value).__name__}, not a "
-                            f"string; set data.text_field to the field that holds the text")
+            raise DataError(
+                f"{path}, line {line0 + i}: field {text_field!r} is a {type(value).__name__}, not a "
+                f"string; set data.text_field to the field that holds the text"
+            )
         if value:
             docs.append(value)
     return docs, False, True
@@ -603,7 +732,7 @@ def _tokenize_block(task: tuple) -> tuple[np.ndarray, np.ndarray, bool, bool]:
             ends = ends[:-1]  # the last document goes on in the next task
         tokens = np.insert(tokens, ends, np.asarray(tok.eod_id, dtype=dtype))
         lengths = lengths.copy()
-        lengths[:len(ends)] += 1
+        lengths[: len(ends)] += 1
     return tokens, lengths, continues, closes
 
 
@@ -646,7 +775,9 @@ def split_of_documents(first_index: int, n: int, val_fraction: float, test_fract
     """Split codes (0 train, 1 val, 2 test) of documents ``first_index .. first_index + n - 1`` by a hash of
     the index alone: u = SplitMix64(index ^ SPLIT_SALT) / 2**64; val if u < val_fraction, test if
     u < val_fraction + test_fraction, else train."""
-    x = (np.arange(first_index, first_index + n, dtype=np.uint64) ^ np.uint64(SPLIT_SALT)) + np.uint64(0x9E3779B97F4A7C15)
+    x = (np.arange(first_index, first_index + n, dtype=np.uint64) ^ np.uint64(SPLIT_SALT)) + np.uint64(
+        0x9E3779B97F4A7C15
+    )
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     x ^= x >> np.uint64(31)
@@ -662,7 +793,7 @@ class _SplitWriter:
         self.fractions = (val_fraction, test_fraction)
         self.docs = [0, 0, 0]
         self.tokens = [0, 0, 0]
-        self.open_split: Optional[int] = None  # split of a document continued in the next task
+        self.open_split: int | None = None  # split of a document continued in the next task
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray, continues: bool, closes: bool) -> None:
         n = len(lengths)
@@ -690,7 +821,7 @@ class _SplitWriter:
                 self.docs[c] += 1
                 if all(self.docs[s] or not (s == 0 or self.fractions[s - 1] > 0) for s in range(3)):
                     # nothing left to fill: count the rest at once
-                    rest = codes[i + 1:]
+                    rest = codes[i + 1 :]
                     for s in range(3):
                         self.docs[s] += int((rest == s).sum())
                     break
@@ -750,8 +881,7 @@ def _sample_lines(text: str, max_chars: int = 2000) -> Iterator[str]:
             yield line
 
 
-def _sample_for_sentencepiece(files, block_bytes, txt_document, text_field, sample_bytes, path: Path,
-                              progress) -> int:
+def _sample_for_sentencepiece(files, block_bytes, txt_document, text_field, sample_bytes, path: Path, progress) -> int:
     """Write about ``sample_bytes`` of document text, every k-th block of the stream (k spreads the sample
     over the whole corpus), one line per line of text; returns the bytes written."""
     estimate = sum(_gz_size_estimate(f) for f in files)
@@ -773,10 +903,22 @@ def _sample_for_sentencepiece(files, block_bytes, txt_document, text_field, samp
     return written
 
 
-def prepare_corpus(out_dir: str | Path, source: str, tokenizer: str | Tokenizer = "char", vocab_size: int = 8000,
-                   *, text_field: str = "text", txt_document: str = "file", eod: bool = True,
-                   val_fraction: float = 0.05, test_fraction: float = 0.05, workers: int = 0,
-                   tokenizer_sample_mb: int = 100, progress: bool = True, block_bytes: int = BLOCK_BYTES) -> dict:
+def prepare_corpus(
+    out_dir: str | Path,
+    source: str,
+    tokenizer: str | Tokenizer = "char",
+    vocab_size: int = 8000,
+    *,
+    text_field: str = "text",
+    txt_document: str = "file",
+    eod: bool = True,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    workers: int = 0,
+    tokenizer_sample_mb: int = 100,
+    progress: bool = True,
+    block_bytes: int = BLOCK_BYTES,
+) -> dict:
     """Stream ``source`` (see ``resolve_sources``) into ``out_dir`` in bounded memory.
 
     Documents: each ``.txt`` file (``txt_document='file'``) or each non-blank line of it ('line'); each
@@ -803,8 +945,10 @@ def prepare_corpus(out_dir: str | Path, source: str, tokenizer: str | Tokenizer 
     if txt_document not in ("file", "line"):
         raise DataError(f"data.txt_document must be 'file' or 'line', got {txt_document!r}")
     if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-        raise DataError(f"data.val_fraction ({val_fraction}) must be > 0, data.test_fraction ({test_fraction}) >= 0, "
-                        f"and together below 1 (train takes the rest)")
+        raise DataError(
+            f"data.val_fraction ({val_fraction}) must be > 0, data.test_fraction ({test_fraction}) >= 0, "
+            f"and together below 1 (train takes the rest)"
+        )
     files = resolve_sources(source)
     workers = resolve_workers(workers)
     use_eod = bool(eod) and (len(files) > 1 or any(f.kind == "jsonl" for f in files) or txt_document == "line")
@@ -812,14 +956,17 @@ def prepare_corpus(out_dir: str | Path, source: str, tokenizer: str | Tokenizer 
     if isinstance(tokenizer, Tokenizer):
         tok, tok_source = tokenizer, getattr(tokenizer, "source", "")
         if use_eod and tok.eod_id is None:
-            raise DataError("the tokenizer file in data.tokenizer has no end-of-document token (looked for an eos "
-                            "piece / one of <|endoftext|>, </s>, <eos>): name one of its tokens with "
-                            "data.eod_token=TOKEN, or set data.eod=false")
+            raise DataError(
+                "the tokenizer file in data.tokenizer has no end-of-document token (looked for an eos "
+                "piece / one of <|endoftext|>, </s>, <eos>): name one of its tokens with "
+                "data.eod_token=TOKEN, or set data.eod=false"
+            )
     elif tokenizer == "sentencepiece":
         with tempfile.TemporaryDirectory() as tmp:
             sample = Path(tmp) / "sample.txt"
-            n = _sample_for_sentencepiece(files, block_bytes, txt_document, text_field,
-                                          int(tokenizer_sample_mb * 1e6), sample, progress)
+            n = _sample_for_sentencepiece(
+                files, block_bytes, txt_document, text_field, int(tokenizer_sample_mb * 1e6), sample, progress
+            )
             if n == 0:
                 raise DataError(f"data.source {source!r} holds no text to train SentencePiece on")
             tok = train_sentencepiece(sample, vocab_size, eos=use_eod)
@@ -830,13 +977,18 @@ def prepare_corpus(out_dir: str | Path, source: str, tokenizer: str | Tokenizer 
             raise DataError(f"data.source {source!r} holds no text (every file or document is empty)")
         tok, tok_source = CharTokenizer(symbols, "char", len(symbols) if use_eod else None), ""
     else:
-        raise DataError(f"data.tokenizer {tokenizer!r} is not valid; use 'char', 'sentencepiece', or the path of a "
-                        f"SentencePiece .model file or a Hugging Face tokenizer.json")
+        raise DataError(
+            f"data.tokenizer {tokenizer!r} is not valid; use 'char', 'sentencepiece', or the path of a "
+            f"SentencePiece .model file or a Hugging Face tokenizer.json"
+        )
     dtype = token_dtype(tok.vocab_size)
     names = ["train", "val"] + (["test"] if test_fraction > 0 else [])
     hasher = _CountingHash()
-    bar = Progress(sum(f.size for f in files), "pass 2/2: tokenize" if tokenizer in ("char", "sentencepiece")
-                   else "tokenize", progress)
+    bar = Progress(
+        sum(f.size for f in files),
+        "pass 2/2: tokenize" if tokenizer in ("char", "sentencepiece") else "tokenize",
+        progress,
+    )
     state = {"tokenizer": tok, "dtype": dtype, "eod": use_eod, "text_field": text_field, "txt_document": txt_document}
     with _writing(out) as staging:
         writer = _SplitWriter({i: staging.open(f"{s}.bin") for i, s in enumerate(names)}, val_fraction, test_fraction)
@@ -847,22 +999,35 @@ def prepare_corpus(out_dir: str | Path, source: str, tokenizer: str | Tokenizer 
         bar.close()
         empty = [s for i, s in enumerate(names) if not writer.docs[i]]
         if empty:
-            raise DataError(f"data.source {source!r} gave {sum(writer.docs)} document(s) and none went to "
-                            f"{' and '.join(empty)}: each .txt file is one document (data.txt_document=line makes "
-                            f"each line one) and each .jsonl line one; give at least one document per split (3 are "
-                            f"enough), or for a single text file use data.dataset=text (split by position)")
+            raise DataError(
+                f"data.source {source!r} gave {sum(writer.docs)} document(s) and none went to "
+                f"{' and '.join(empty)}: each .txt file is one document (data.txt_document=line makes "
+                f"each line one) and each .jsonl line one; give at least one document per split (3 are "
+                f"enough), or for a single text file use data.dataset=text (split by position)"
+            )
         for name, data in tok.model_files().items():
             staging.write_bytes(name, data)
         meta = tokenizer_meta(tok, tok_source)
-        meta.update(dataset="corpus", source=source, source_files=len(files),
-                    source_bytes=hasher.n, source_sha256=hasher.hexdigest(),
-                    dtype=np.dtype(dtype).name, splits={s: writer.tokens[i] for i, s in enumerate(names)},
-                    documents={s: writer.docs[i] for i, s in enumerate(names)}, eod=use_eod,
-                    split_rule=f"document i -> val if u(i) < {val_fraction}, test if u(i) < "
-                               f"{round(val_fraction + test_fraction, 12)}, else train; u = SplitMix64(i ^ {SPLIT_SALT:#x}) / 2**64 "
-                               f"(s2moe_ds.data.prepare.split_of_documents)",
-                    val_fraction=val_fraction, test_fraction=test_fraction, text_field=text_field,
-                    txt_document=txt_document, workers=workers, prepare_seconds=round(time.time() - t0, 1))
+        meta.update(
+            dataset="corpus",
+            source=source,
+            source_files=len(files),
+            source_bytes=hasher.n,
+            source_sha256=hasher.hexdigest(),
+            dtype=np.dtype(dtype).name,
+            splits={s: writer.tokens[i] for i, s in enumerate(names)},
+            documents={s: writer.docs[i] for i, s in enumerate(names)},
+            eod=use_eod,
+            split_rule=f"document i -> val if u(i) < {val_fraction}, test if u(i) < "
+            f"{round(val_fraction + test_fraction, 12)}, else train; u = SplitMix64(i ^ {SPLIT_SALT:#x}) / 2**64 "
+            f"(s2moe_ds.data.prepare.split_of_documents)",
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            text_field=text_field,
+            txt_document=txt_document,
+            workers=workers,
+            prepare_seconds=round(time.time() - t0, 1),
+        )
         staging.commit(meta)
     return meta
 
@@ -873,20 +1038,23 @@ META_FIELDS = ("tokenizer", "vocab_size", "dataset", "dtype", "splits")
 def read_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.exists():
-        raise DataError(f"no prepared data at {data_dir} (missing meta.json): run "
-                        f"`s2moe prepare --config CONFIG` (or `python -m s2moe_ds.cli prepare ...`) first")
+        raise DataError(
+            f"no prepared data at {data_dir} (missing meta.json): run "
+            f"`s2moe prepare --config CONFIG` (or `python -m s2moe_ds.cli prepare ...`) first"
+        )
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is corrupt ({e}); re-run `s2moe prepare`") from None
     missing = [k for k in META_FIELDS if not isinstance(meta, dict) or k not in meta]
     if missing:
-        raise DataError(f"{path} lacks {', '.join(missing)} (written by another tool or damaged); re-run "
-                        f"`s2moe prepare`")
+        raise DataError(
+            f"{path} lacks {', '.join(missing)} (written by another tool or damaged); re-run `s2moe prepare`"
+        )
     return meta
 
 
-def load_split(data_dir: str | Path, split: str, meta: Optional[dict] = None) -> np.ndarray:
+def load_split(data_dir: str | Path, split: str, meta: dict | None = None) -> np.ndarray:
     """Memory-map one split, checking it against meta.json (size and token range)."""
     meta = meta or read_meta(data_dir)
     if split not in meta["splits"]:
@@ -897,12 +1065,16 @@ def load_split(data_dir: str | Path, split: str, meta: Optional[dict] = None) ->
     dtype = np.dtype(meta["dtype"])
     expected = meta["splits"][split] * dtype.itemsize
     if path.stat().st_size != expected:
-        raise DataError(f"{path} is {path.stat().st_size} bytes but meta.json says {expected} "
-                        f"(truncated or from another preparation); re-run `s2moe prepare`")
+        raise DataError(
+            f"{path} is {path.stat().st_size} bytes but meta.json says {expected} "
+            f"(truncated or from another preparation); re-run `s2moe prepare`"
+        )
     arr = np.memmap(path, dtype=dtype, mode="r")
     if len(arr) and int(arr.max()) >= meta["vocab_size"]:
-        raise DataError(f"{path} holds token ids >= the vocabulary size {meta['vocab_size']} in meta.json; "
-                        f"the token file and meta.json do not match: re-run `s2moe prepare`")
+        raise DataError(
+            f"{path} holds token ids >= the vocabulary size {meta['vocab_size']} in meta.json; "
+            f"the token file and meta.json do not match: re-run `s2moe prepare`"
+        )
     return arr
 
 
@@ -910,7 +1082,7 @@ class Decoder:
     """Token ids <-> text for a prepared data folder (kept for existing callers; a thin wrapper over
     ``load_tokenizer``)."""
 
-    def __init__(self, data_dir: str | Path, meta: Optional[dict] = None):
+    def __init__(self, data_dir: str | Path, meta: dict | None = None):
         self.meta = meta or read_meta(data_dir)
         self.tokenizer = load_tokenizer(data_dir, self.meta)
 

@@ -14,14 +14,15 @@ Kinds (``Tokenizer.kind``, the ``tokenizer`` field of meta.json):
 the model file); ``Tokenizer.from_pretrained(dir)`` rebuilds it from those files alone.
 ``load_tokenizer(data_dir, meta)`` gives the tokenizer of a prepared data folder.
 """
+
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class Tokenizer:
 
     kind: str = ""
     vocab_size: int = 0
-    eod_id: Optional[int] = None
+    eod_id: int | None = None
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -115,7 +116,7 @@ class Tokenizer:
         return [SPEC_FILE] + written
 
     @staticmethod
-    def from_pretrained(directory: str | Path) -> "Tokenizer":
+    def from_pretrained(directory: str | Path) -> Tokenizer:
         """Rebuild a tokenizer from the files ``save_pretrained`` wrote (a folder holding only a
         ``tokenizer.json`` or ``spm.model`` works too)."""
         d = Path(directory)
@@ -125,8 +126,10 @@ class Tokenizer:
                 return HFTokenizer.from_file(d / HF_FILE)
             if (d / SPM_FILE).exists():
                 return SentencePieceTokenizer.from_file(d / SPM_FILE)
-            raise DataError(f"no tokenizer in {d}: expected {SPEC_FILE} (written by Tokenizer.save_pretrained), "
-                            f"{HF_FILE} or {SPM_FILE}")
+            raise DataError(
+                f"no tokenizer in {d}: expected {SPEC_FILE} (written by Tokenizer.save_pretrained), "
+                f"{HF_FILE} or {SPM_FILE}"
+            )
         try:
             spec = json.loads(spec_path.read_text())
             kind = spec["kind"]
@@ -149,14 +152,16 @@ class CharTokenizer(Tokenizer):
 
     kind = "char"
 
-    def __init__(self, symbols: Sequence[int], unit: str = "char", eod_id: Optional[int] = None):
+    def __init__(self, symbols: Sequence[int], unit: str = "char", eod_id: int | None = None):
         if unit not in ("char", "byte"):
             raise DataError(f"character tokenizer unit must be 'char' or 'byte', got {unit!r}")
         self.symbols = [int(s) for s in symbols]
         self.unit = unit
         if eod_id is not None and int(eod_id) != len(self.symbols):
-            raise DataError(f"character tokenizer: the end-of-document id must be {len(self.symbols)} "
-                            f"(after the {len(self.symbols)} symbols), got {eod_id}")
+            raise DataError(
+                f"character tokenizer: the end-of-document id must be {len(self.symbols)} "
+                f"(after the {len(self.symbols)} symbols), got {eod_id}"
+            )
         self.eod_id = None if eod_id is None else int(eod_id)
         self.vocab_size = len(self.symbols) + (self.eod_id is not None)
         self.index = {s: i for i, s in enumerate(self.symbols)}
@@ -215,8 +220,13 @@ class CharTokenizer(Tokenizer):
         return hashlib.sha256(json.dumps([self.unit, self.symbols, self.eod_id]).encode()).hexdigest()
 
     def spec(self) -> dict:
-        return {"kind": "char", "unit": self.unit, "symbols": self.symbols, "eod_id": self.eod_id,
-                "vocab_size": self.vocab_size}
+        return {
+            "kind": "char",
+            "unit": self.unit,
+            "symbols": self.symbols,
+            "eod_id": self.eod_id,
+            "vocab_size": self.vocab_size,
+        }
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -225,38 +235,42 @@ class SentencePieceTokenizer(Tokenizer):
 
     kind = "sentencepiece"
 
-    def __init__(self, model: bytes, eod_id: Optional[int] = None):
+    def __init__(self, model: bytes, eod_id: int | None = None):
         import sentencepiece as spm
 
         self.model = bytes(model)
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=self.model)
         except (RuntimeError, OSError, TypeError) as e:
-            raise DataError(f"not a valid SentencePiece model ({e}); give a .model file written by "
-                            f"SentencePiece training") from None
+            raise DataError(
+                f"not a valid SentencePiece model ({e}); give a .model file written by SentencePiece training"
+            ) from None
         self.vocab_size = int(self.sp.get_piece_size())
         if eod_id is not None and not 0 <= int(eod_id) < self.vocab_size:
             raise DataError(f"SentencePiece end-of-document id {eod_id} is outside the vocabulary ({self.vocab_size})")
         self.eod_id = None if eod_id is None else int(eod_id)
 
     @classmethod
-    def from_file(cls, path: str | Path, eod_token: str = "") -> "SentencePieceTokenizer":
+    def from_file(cls, path: str | Path, eod_token: str = "") -> SentencePieceTokenizer:
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"SentencePiece model {str(path)!r} does not exist; data.tokenizer must name an "
-                            f"existing .model file")
+            raise DataError(
+                f"SentencePiece model {str(path)!r} does not exist; data.tokenizer must name an existing .model file"
+            )
         tok = cls(path.read_bytes())
         tok.eod_id = tok.find_eod(eod_token)
         return tok
 
-    def find_eod(self, eod_token: str = "") -> Optional[int]:
+    def find_eod(self, eod_token: str = "") -> int | None:
         """The id of piece ``eod_token``, or (``''``) the model's eos piece; None if it has none."""
         if eod_token:
             i = self.sp.piece_to_id(eod_token)
             if i == self.sp.unk_id() and eod_token != self.sp.id_to_piece(i):
-                raise DataError(f"data.eod_token {eod_token!r} is not a piece of the SentencePiece model; name one "
-                                f"of its pieces (e.g. {self.sp.id_to_piece(min(2, self.vocab_size - 1))!r}), or "
-                                f"set data.eod=false")
+                raise DataError(
+                    f"data.eod_token {eod_token!r} is not a piece of the SentencePiece model; name one "
+                    f"of its pieces (e.g. {self.sp.id_to_piece(min(2, self.vocab_size - 1))!r}), or "
+                    f"set data.eod=false"
+                )
             return int(i)
         eos = self.sp.eos_id()
         return int(eos) if eos >= 0 else None
@@ -272,8 +286,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_array(self, text: str, dtype=np.int64) -> np.ndarray:
         """Line by line (line ends kept), as SentencePiece was trained."""
-        out = [np.array(list(itertools.chain.from_iterable(self.sp.encode(piece.splitlines(keepends=True)))),
-                        dtype=dtype) for piece in split_pieces(text)]
+        out = [
+            np.array(list(itertools.chain.from_iterable(self.sp.encode(piece.splitlines(keepends=True)))), dtype=dtype)
+            for piece in split_pieces(text)
+        ]
         return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
 
     def decode(self, ids) -> str:
@@ -294,8 +310,9 @@ def _hf():
     try:
         import tokenizers
     except ImportError:
-        raise DataError(f"a Hugging Face tokenizer.json needs the `tokenizers` package: pip install "
-                        f"{TOKENIZERS_PIN}") from None
+        raise DataError(
+            f"a Hugging Face tokenizer.json needs the `tokenizers` package: pip install {TOKENIZERS_PIN}"
+        ) from None
     return tokenizers
 
 
@@ -306,34 +323,40 @@ class HFTokenizer(Tokenizer):
 
     kind = "huggingface"
 
-    def __init__(self, data: bytes | str, eod_id: Optional[int] = None):
+    def __init__(self, data: bytes | str, eod_id: int | None = None):
         self.data = data.encode("utf-8") if isinstance(data, str) else bytes(data)
         try:
             self.tok = _hf().Tokenizer.from_str(self.data.decode("utf-8"))
         except Exception as e:  # the Rust side raises plain Exception subclasses
-            raise DataError(f"not a valid Hugging Face tokenizer.json ({e}); give the tokenizer.json a "
-                            f"`tokenizers` tokenizer was saved to") from None
+            raise DataError(
+                f"not a valid Hugging Face tokenizer.json ({e}); give the tokenizer.json a "
+                f"`tokenizers` tokenizer was saved to"
+            ) from None
         self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
         if eod_id is not None and not 0 <= int(eod_id) < self.vocab_size:
             raise DataError(f"tokenizer.json end-of-document id {eod_id} is outside the vocabulary ({self.vocab_size})")
         self.eod_id = None if eod_id is None else int(eod_id)
 
     @classmethod
-    def from_file(cls, path: str | Path, eod_token: str = "") -> "HFTokenizer":
+    def from_file(cls, path: str | Path, eod_token: str = "") -> HFTokenizer:
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"tokenizer file {str(path)!r} does not exist; data.tokenizer must name an existing "
-                            f"Hugging Face tokenizer.json")
+            raise DataError(
+                f"tokenizer file {str(path)!r} does not exist; data.tokenizer must name an existing "
+                f"Hugging Face tokenizer.json"
+            )
         tok = cls(path.read_bytes())
         tok.eod_id = tok.find_eod(eod_token)
         return tok
 
-    def find_eod(self, eod_token: str = "") -> Optional[int]:
+    def find_eod(self, eod_token: str = "") -> int | None:
         if eod_token:
             i = self.tok.token_to_id(eod_token)
             if i is None:
-                raise DataError(f"data.eod_token {eod_token!r} is not in the tokenizer.json vocabulary; name one of "
-                                f"its tokens, or set data.eod=false")
+                raise DataError(
+                    f"data.eod_token {eod_token!r} is not in the tokenizer.json vocabulary; name one of "
+                    f"its tokens, or set data.eod=false"
+                )
             return int(i)
         for name in HF_EOD_CANDIDATES:
             i = self.tok.token_to_id(name)
@@ -353,7 +376,9 @@ class HFTokenizer(Tokenizer):
     def encode_documents(self, texts: Sequence[str], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
         encodings = self.tok.encode_batch(list(texts), add_special_tokens=False)
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype, count=int(lengths.sum()))
+        ids = np.fromiter(
+            itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype, count=int(lengths.sum())
+        )
         return ids, lengths
 
     def decode(self, ids) -> str:
@@ -382,11 +407,12 @@ def user_tokenizer(path: str | Path, eod_token: str = "") -> Tokenizer:
         return SentencePieceTokenizer.from_file(p, eod_token)
     if p.endswith("tokenizer.json"):
         return HFTokenizer.from_file(p, eod_token)
-    raise DataError(f"data.tokenizer {p!r}: a tokenizer file must be a SentencePiece .model or a Hugging Face "
-                    f"tokenizer.json")
+    raise DataError(
+        f"data.tokenizer {p!r}: a tokenizer file must be a SentencePiece .model or a Hugging Face tokenizer.json"
+    )
 
 
-def load_tokenizer(data_dir: str | Path, meta: Optional[dict] = None) -> Tokenizer:
+def load_tokenizer(data_dir: str | Path, meta: dict | None = None) -> Tokenizer:
     """The tokenizer of a prepared data folder, from its meta.json (and the model file kept beside it)."""
     d = Path(data_dir)
     if meta is None:
@@ -402,9 +428,12 @@ def load_tokenizer(data_dir: str | Path, meta: Optional[dict] = None) -> Tokeniz
         name = meta.get("tokenizer_file") or meta.get("spm_model") or (SPM_FILE if kind == "sentencepiece" else HF_FILE)
         path = d / name
         if not path.is_file():
-            raise DataError(f"{path} (the {kind} tokenizer named in {d / 'meta.json'}) is missing; re-run "
-                            f"`s2moe prepare` or copy the file back")
+            raise DataError(
+                f"{path} (the {kind} tokenizer named in {d / 'meta.json'}) is missing; re-run "
+                f"`s2moe prepare` or copy the file back"
+            )
         cls = SentencePieceTokenizer if kind == "sentencepiece" else HFTokenizer
         return cls(path.read_bytes(), eod_id=meta.get("eod_id"))
-    raise DataError(f"{d / 'meta.json'} has unknown tokenizer {kind!r} (valid: {', '.join(KINDS)}); re-run "
-                    f"`s2moe prepare`")
+    raise DataError(
+        f"{d / 'meta.json'} has unknown tokenizer {kind!r} (valid: {', '.join(KINDS)}); re-run `s2moe prepare`"
+    )

@@ -9,10 +9,10 @@ forward(x):
   3. the backend runs the routed slots (or the router already did: CompeteSMoE competition);
   4. return the output with the router's losses and metrics.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -130,8 +130,10 @@ class MoEConfig:
         for name in ("k", "eval_k"):
             value = getattr(self, name)
             if value < (1 if name == "k" else 0) or value > self.num_experts:
-                fail(f"{prefix}.{name}", f"must be between {1 if name == 'k' else 0} and num_experts "
-                     f"({self.num_experts}), got {value}")
+                fail(
+                    f"{prefix}.{name}",
+                    f"must be between {1 if name == 'k' else 0} and num_experts ({self.num_experts}), got {value}",
+                )
         check_positive(f"{prefix}.d_ff", self.d_ff, allow_zero=True)
         check_choice(f"{prefix}.eval_weights", self.eval_weights, EVAL_WEIGHTS)
         check_choice(f"{prefix}.router", self.router, ROUTERS)
@@ -142,15 +144,27 @@ class MoEConfig:
         if self.num_experts % self.ep_size:
             fail(f"{prefix}.ep_size", f"must divide num_experts ({self.num_experts}), got {self.ep_size}")
         if self.ep_size > 1 and self.backend == "local":
-            fail(f"{prefix}.ep_size", f"is {self.ep_size} but backend 'local' keeps every expert in one process; "
-                 f"use backend 'deepspeed' (or 'megablocks' on CUDA) for expert parallelism")
+            fail(
+                f"{prefix}.ep_size",
+                f"is {self.ep_size} but backend 'local' keeps every expert in one process; "
+                f"use backend 'deepspeed' (or 'megablocks' on CUDA) for expert parallelism",
+            )
         check_choice(f"{prefix}.ep_mode", self.ep_mode, ("dropless", "capacity", "ragged"))
-        if self.ep_mode == "ragged" and self.backend == "deepspeed" and self.backend_impl not in ("auto", "loop", "grouped_mm"):
-            fail(f"{prefix}.backend_impl", f"is {self.backend_impl!r} but ep_mode 'ragged' computes its experts with "
-                 f"auto, loop or grouped_mm")
+        if (
+            self.ep_mode == "ragged"
+            and self.backend == "deepspeed"
+            and self.backend_impl not in ("auto", "loop", "grouped_mm")
+        ):
+            fail(
+                f"{prefix}.backend_impl",
+                f"is {self.backend_impl!r} but ep_mode 'ragged' computes its experts with auto, loop or grouped_mm",
+            )
         if self.ep_mode == "capacity" and self.backend == "megablocks":
-            fail(f"{prefix}.ep_mode", "is 'capacity' but backend 'megablocks' is dropless (ragged) only; use "
-                 "backend 'deepspeed' for capacity mode")
+            fail(
+                f"{prefix}.ep_mode",
+                "is 'capacity' but backend 'megablocks' is dropless (ragged) only; use "
+                "backend 'deepspeed' for capacity mode",
+            )
         check_positive(f"{prefix}.capacity_factor", self.capacity_factor)
         check_positive(f"{prefix}.min_capacity", self.min_capacity, allow_zero=True)
         check_choice(f"{prefix}.activation", self.activation, ("gelu", "swiglu"))
@@ -165,8 +179,15 @@ class MoEOutput:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0, out_init_std: float = 0.02,
-                 vocab_size: int = 0):
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        d_model: int,
+        layer_id: int = 0,
+        seed: int = 0,
+        out_init_std: float = 0.02,
+        vocab_size: int = 0,
+    ):
         """``out_init_std``: std of the experts' output matrices at initialisation (the model passes the
         dense FFN's GPT-2 residual scaling, 0.02 / sqrt(2 n_layer); input matrices use 0.02).
         ``vocab_size``: for routers that route by token id (StableMoE 'two_stage')."""
@@ -174,17 +195,32 @@ class MoELayer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.layer_id = layer_id
-        self.router = build_router(cfg.router, cfg.router_args, d_model, cfg.num_experts, layer_id=layer_id, seed=seed,
-                                   train_k=cfg.k, eval_weights=cfg.eval_weights, vocab_size=vocab_size)
+        self.router = build_router(
+            cfg.router,
+            cfg.router_args,
+            d_model,
+            cfg.num_experts,
+            layer_id=layer_id,
+            seed=seed,
+            train_k=cfg.k,
+            eval_weights=cfg.eval_weights,
+            vocab_size=vocab_size,
+        )
         spec = ExpertSpec(cfg.num_experts, d_model, cfg.d_ff or 4 * d_model, cfg.activation, out_init_std=out_init_std)
-        self.experts = build_backend(cfg.backend, spec, impl=cfg.backend_impl, ep_size=cfg.ep_size,
-                                     ep_mode=cfg.ep_mode, capacity_factor=cfg.capacity_factor,
-                                     min_capacity=cfg.min_capacity)
+        self.experts = build_backend(
+            cfg.backend,
+            spec,
+            impl=cfg.backend_impl,
+            ep_size=cfg.ep_size,
+            ep_mode=cfg.ep_mode,
+            capacity_factor=cfg.capacity_factor,
+            min_capacity=cfg.min_capacity,
+        )
 
     def current_k(self) -> int:
         return self.cfg.k if self.training else self.cfg.inference_k
 
-    def route(self, x_TD: Tensor, k: Optional[int] = None) -> RouterOutput:
+    def route(self, x_TD: Tensor, k: int | None = None) -> RouterOutput:
         return self.router(x_TD, k or self.current_k(), experts=self.experts)
 
     def dispatch(self, x_TD: Tensor, route: RouterOutput) -> Tensor:

@@ -30,6 +30,7 @@ InfoNCE alone would shrink the noise to nothing (an unperturbed copy is the easi
 level term holds its overall size at a target similarity, and InfoNCE decides where it goes: more noise
 on the features that identify a token least. The ablations in docs/results.md measure both.
 """
+
 from __future__ import annotations
 
 import math
@@ -116,8 +117,15 @@ def merge_metrics(a: dict, b: dict) -> dict:
 
 
 class S2MoELayer(MoELayer):
-    def __init__(self, cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0, out_init_std: float = 0.02,
-                 vocab_size: int = 0):
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        d_model: int,
+        layer_id: int = 0,
+        seed: int = 0,
+        out_init_std: float = 0.02,
+        vocab_size: int = 0,
+    ):
         super().__init__(cfg, d_model, layer_id=layer_id, seed=seed, out_init_std=out_init_std, vocab_size=vocab_size)
         s = cfg.s2moe
         self.noise = GaussianNoise(s.sigma1, s.sigma2, d_model, learnable=s.noise == "learnable")
@@ -135,7 +143,7 @@ class S2MoELayer(MoELayer):
             xx = torch.cat([x_TD, x_hat_TD])
             route = self.route(xx)
             yy = self.dispatch(xx, route)
-            return yy[: len(x_TD)], yy[len(x_TD):], dict(route.aux_losses), route.metrics
+            return yy[: len(x_TD)], yy[len(x_TD) :], dict(route.aux_losses), route.metrics
         r1, r2 = self.route(x_TD), self.route(x_hat_TD)
         losses = {n: (r1.aux_losses[n] + r2.aux_losses[n]) / 2 for n in r1.aux_losses}
         return self.dispatch(x_TD, r1), self.dispatch(x_hat_TD, r2), losses, merge_metrics(r1.metrics, r2.metrics)
@@ -152,13 +160,13 @@ class S2MoELayer(MoELayer):
         route = self.route(xx)
         if route.precomputed_TD is not None or route.expert_ids_TK.shape[1] == 0:
             yy = self.dispatch(xx, route)
-            y_clean, y_noisy = yy[: len(x_TD)], yy[len(x_TD):]
+            y_clean, y_noisy = yy[: len(x_TD)], yy[len(x_TD) :]
             return g_T1 * y_clean + (1 - g_T1) * y_noisy, dict(route.aux_losses), route.metrics
         gate_2T = torch.cat([g_T1, 1 - g_T1]).to(route.weights_TK.dtype)
         y_TD = self.experts(xx, route.expert_ids_TK, route.weights_TK * gate_2T, num_out=len(x_TD))
         if route.extra_TD is not None:  # the router's own term (VQMoE's discrete branch), gated alike
             e = route.extra_TD
-            y_TD = y_TD + g_T1.to(e.dtype) * e[: len(x_TD)] + (1 - g_T1.to(e.dtype)) * e[len(x_TD):]
+            y_TD = y_TD + g_T1.to(e.dtype) * e[: len(x_TD)] + (1 - g_T1.to(e.dtype)) * e[len(x_TD) :]
         return y_TD, dict(route.aux_losses), route.metrics
 
     def forward(self, x: Tensor) -> MoEOutput:
@@ -182,12 +190,19 @@ class S2MoELayer(MoELayer):
                 l_u = l_u + s.noise_target_coef * level
             losses["uncertainty"] = s.uncertainty_coef * l_u
         s1, s2 = self.noise.sigmas()
-        metrics = dict(metrics, gate_mean=g_T1.detach().mean(), sigma1=s1.detach().mean(), sigma2=s2.detach().mean(),
-                       noise_cos=cos, **self.backend_metrics())
+        metrics = dict(
+            metrics,
+            gate_mean=g_T1.detach().mean(),
+            sigma1=s1.detach().mean(),
+            sigma2=s2.detach().mean(),
+            noise_cos=cos,
+            **self.backend_metrics(),
+        )
         return MoEOutput(y_TD.view_as(x), losses, metrics)
 
 
-def build_moe_layer(cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0,
-                    out_init_std: float = 0.02, vocab_size: int = 0) -> MoELayer:
+def build_moe_layer(
+    cfg: MoEConfig, d_model: int, layer_id: int = 0, seed: int = 0, out_init_std: float = 0.02, vocab_size: int = 0
+) -> MoELayer:
     cls = S2MoELayer if cfg.s2moe.enabled else MoELayer
     return cls(cfg, d_model, layer_id=layer_id, seed=seed, out_init_std=out_init_std, vocab_size=vocab_size)

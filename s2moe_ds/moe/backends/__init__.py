@@ -7,9 +7,10 @@ Every backend implements ``forward(x_TD, ids_TK, weights_TK, num_out=None)``, ``
 ``params_per_expert()``. Distributed backends import their frameworks lazily, so choosing ``local``
 never imports DeepSpeed.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -22,12 +23,25 @@ def _local(spec: ExpertSpec, impl: str = "auto", **_) -> nn.Module:
     return LocalDroplessBackend(spec, impl=impl)
 
 
-def _deepspeed(spec: ExpertSpec, ep_size: int = 1, ep_mode: str = "dropless", capacity_factor: float = 1.25,
-               min_capacity: int = 4, impl: str = "auto", **_) -> nn.Module:
+def _deepspeed(
+    spec: ExpertSpec,
+    ep_size: int = 1,
+    ep_mode: str = "dropless",
+    capacity_factor: float = 1.25,
+    min_capacity: int = 4,
+    impl: str = "auto",
+    **_,
+) -> nn.Module:
     from .deepspeed_ep import DeepSpeedEPBackend
 
-    return DeepSpeedEPBackend(spec, ep_size=ep_size, mode=ep_mode, capacity_factor=capacity_factor,
-                              min_capacity=min_capacity, kernel=impl if ep_mode == "ragged" else "auto")
+    return DeepSpeedEPBackend(
+        spec,
+        ep_size=ep_size,
+        mode=ep_mode,
+        capacity_factor=capacity_factor,
+        min_capacity=min_capacity,
+        kernel=impl if ep_mode == "ragged" else "auto",
+    )
 
 
 def _megablocks(spec: ExpertSpec, ep_size: int = 1, **_) -> nn.Module:

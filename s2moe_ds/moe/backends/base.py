@@ -6,10 +6,10 @@ A backend owns the expert weights and computes ``y_TD = sum_k weights_TK[:, k] *
 Where the experts live (this process, other expert-parallel ranks) and how tokens get there (local
 grouping, all-to-all) is the backend's business; routers and the S2MoE layer only see this interface.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,10 @@ def init_expert(spec: ExpertSpec, base_seed: int, expert: int) -> dict:
     MoE output ~25x the dense FFN's at step 0)."""
     g = torch.Generator().manual_seed((base_seed * 1_000_003 + expert) % (1 << 63))
     D, Fh = spec.d_model, spec.d_ff
-    w = {"w1": torch.randn(D, Fh, generator=g) * spec.init_std, "w2": torch.randn(Fh, D, generator=g) * spec.out_init_std}
+    w = {
+        "w1": torch.randn(D, Fh, generator=g) * spec.init_std,
+        "w2": torch.randn(Fh, D, generator=g) * spec.out_init_std,
+    }
     if spec.activation == "swiglu":
         w["w3"] = torch.randn(D, Fh, generator=g) * spec.init_std
     return w
@@ -88,7 +91,7 @@ class ExpertBackend(nn.Module):
             h_TEF = F.silu(h_TEF) * torch.einsum("td,edf->tef", x_TD, self.w3)
         return torch.einsum("tef,efd->ted", h_TEF, self.w2)
 
-    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, num_out: Optional[int] = None) -> Tensor:
+    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, num_out: int | None = None) -> Tensor:
         """Weighted sum of the routed experts' outputs per token.
 
         ``num_out`` (a divisor of T, default T) folds row ``t`` of the result into row ``t % num_out``:

@@ -23,10 +23,10 @@ so ranks that see different token counts exchange equal-sized buffers instead of
   ``kernel`` picks the local expert computation: ``loop`` (CPU default), ``grouped_mm`` (CUDA default,
   ``torch._grouped_mm``) or ``megablocks`` (MegaBlocks' grouped GEMM, the ``megablocks`` backend).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -58,7 +58,7 @@ class ExpertFFN(nn.Module):
         return h @ self.w2
 
 
-def slot_locations(ids_KT: Tensor, num_experts: int, num_out: Optional[int] = None) -> tuple[Tensor, Tensor]:
+def slot_locations(ids_KT: Tensor, num_experts: int, num_out: int | None = None) -> tuple[Tensor, Tensor]:
     """Position of each slot in its expert's buffer, filling first choices (k=0) first; and the counts.
 
     With ``num_out`` < T, rows ``t`` and ``t + num_out`` are pathways of one token (S2MoE's ``[x; x_hat]``):
@@ -90,13 +90,13 @@ class RoutedGate(nn.Module):
         self.capacity_factor = capacity_factor
         self.min_capacity = min_capacity
         self.ep_group = None
-        self._routing: Optional[tuple[Tensor, Tensor, Optional[int]]] = None
+        self._routing: tuple[Tensor, Tensor, int | None] | None = None
         self.dropped = 0
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
 
-    def set_routing(self, ids_TK: Tensor, weights_TK: Tensor, num_out: Optional[int] = None) -> None:
+    def set_routing(self, ids_TK: Tensor, weights_TK: Tensor, num_out: int | None = None) -> None:
         self._routing = (ids_TK, weights_TK, num_out)
 
     def _group_max(self, value: int, device) -> int:
@@ -137,20 +137,37 @@ def _moe_base():
 class DeepSpeedEPBackend(_moe_base()):
     """A ``deepspeed.moe.layer.MoE`` whose gate is driven by our router (see the module docstring)."""
 
-    def __init__(self, spec: ExpertSpec, ep_size: int = 1, mode: str = "dropless", capacity_factor: float = 1.25,
-                 min_capacity: int = 4, kernel: str = "auto"):
+    def __init__(
+        self,
+        spec: ExpertSpec,
+        ep_size: int = 1,
+        mode: str = "dropless",
+        capacity_factor: float = 1.25,
+        min_capacity: int = 4,
+        kernel: str = "auto",
+    ):
         spec.validate()
         if mode not in MODES:
             raise ValueError(f"config field 'model.moe.ep_mode': must be one of {', '.join(MODES)}, got {mode!r}")
         if kernel not in KERNELS:
-            raise ValueError(f"config field 'model.moe.backend_impl': with ep_mode 'ragged' must be one of "
-                             f"{', '.join(KERNELS[:3])}, got {kernel!r}")
+            raise ValueError(
+                f"config field 'model.moe.backend_impl': with ep_mode 'ragged' must be one of "
+                f"{', '.join(KERNELS[:3])}, got {kernel!r}"
+            )
         if spec.num_experts % ep_size:
-            raise ValueError(f"config field 'model.moe.ep_size': must divide num_experts ({spec.num_experts}), got {ep_size}")
+            raise ValueError(
+                f"config field 'model.moe.ep_size': must divide num_experts ({spec.num_experts}), got {ep_size}"
+            )
         base = draw_base_seed()
         rng = torch.get_rng_state()  # DeepSpeed builds a TopKGate we replace: keep the global stream as local's
-        super().__init__(hidden_size=spec.d_model, expert=ExpertFFN(spec), num_experts=spec.num_experts,
-                         ep_size=ep_size, k=1, drop_tokens=mode == "capacity")
+        super().__init__(
+            hidden_size=spec.d_model,
+            expert=ExpertFFN(spec),
+            num_experts=spec.num_experts,
+            ep_size=ep_size,
+            k=1,
+            drop_tokens=mode == "capacity",
+        )
         torch.set_rng_state(rng)
         self.spec = spec
         self.mode = mode
@@ -167,22 +184,29 @@ class DeepSpeedEPBackend(_moe_base()):
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         if dist.is_initialized() and dist.get_world_size() % self.ep_size:
-            raise ValueError(f"config field 'model.moe.ep_size': the world size ({dist.get_world_size()}) must be "
-                             f"a multiple of ep_size ({self.ep_size})")
+            raise ValueError(
+                f"config field 'model.moe.ep_size': the world size ({dist.get_world_size()}) must be "
+                f"a multiple of ep_size ({self.ep_size})"
+            )
         super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
         actual = dist.get_rank(self.deepspeed_moe.ep_group) if dist.is_initialized() else 0
         if actual != self._assumed_ep_rank:
-            raise RuntimeError(f"expert-parallel rank {actual} differs from the {self._assumed_ep_rank} assumed when "
-                               f"initialising the experts (use_data_before_expert_parallel is not supported)")
+            raise RuntimeError(
+                f"expert-parallel rank {actual} differs from the {self._assumed_ep_rank} assumed when "
+                f"initialising the experts (use_data_before_expert_parallel is not supported)"
+            )
 
-    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, num_out: Optional[int] = None) -> Tensor:
+    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, num_out: int | None = None) -> Tensor:
         if self.ep_size > 1 and self.deepspeed_moe.ep_group is None:
-            raise RuntimeError("expert-parallel groups are not set up: wrap the model with deepspeed.initialize "
-                               "(or call set_deepspeed_parallelism()) before the first forward")
+            raise RuntimeError(
+                "expert-parallel groups are not set up: wrap the model with deepspeed.initialize "
+                "(or call set_deepspeed_parallelism()) before the first forward"
+            )
         if self.mode == "ragged":
             group = self.deepspeed_moe.ep_group if self.ep_size > 1 else None
-            return ragged_moe(x_TD, ids_TK, weights_TK, num_out or x_TD.shape[0], self.num_experts, group,
-                              self.local_experts_compute)
+            return ragged_moe(
+                x_TD, ids_TK, weights_TK, num_out or x_TD.shape[0], self.num_experts, group, self.local_experts_compute
+            )
         self.deepspeed_moe.gate.set_routing(ids_TK, weights_TK, num_out)
         y_TD = self.deepspeed_moe(x_TD, None)
         return fold_rows(y_TD, num_out or x_TD.shape[0])
@@ -218,7 +242,7 @@ class DeepSpeedEPBackend(_moe_base()):
     def params_per_expert(self) -> int:
         return sum(p.numel() for p in self.deepspeed_moe.experts.deepspeed_experts[0].parameters())
 
-    def dropped_slots(self) -> Optional[int]:
+    def dropped_slots(self) -> int | None:
         """Routed slots the last dispatch dropped (capacity mode, this rank); None in dropless modes."""
         return self.deepspeed_moe.gate.dropped if self.mode == "capacity" else None
 

@@ -7,9 +7,8 @@ Implementations (all numerically the same; ``benchmarks/bench_expert_impls.py`` 
 - ``padded_bmm``: sorted slots scattered into an ``[E, C_max, D]`` buffer and batched matmul.
 ``auto`` picks ``loop`` on CPU and ``grouped_mm`` on CUDA.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +47,7 @@ def ffn_loop(xs_ND: Tensor, counts_E: Tensor, w1, w2, w3=None) -> Tensor:
     return y
 
 
-def ffn_grouped_mm(xs_ND: Tensor, counts_E: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor] = None) -> Tensor:
+def ffn_grouped_mm(xs_ND: Tensor, counts_E: Tensor, w1: Tensor, w2: Tensor, w3: Tensor | None = None) -> Tensor:
     """Expert FFNs on expert-sorted rows through ``torch._grouped_mm`` (stacked ``[E, in, out]`` weights)."""
     offs = counts_E.cumsum(0).to(torch.int32)
     h = torch._grouped_mm(xs_ND, w1, offs=offs)
@@ -77,7 +76,7 @@ class LocalDroplessBackend(ExpertBackend):
             return self.impl
         return "grouped_mm" if device.type == "cuda" else "loop"
 
-    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, num_out: Optional[int] = None) -> Tensor:
+    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, num_out: int | None = None) -> Tensor:
         impl = self.resolved_impl(x_TD.device)
         weights_TK = weights_TK.to(x_TD.dtype)
         num_out = num_out or x_TD.shape[0]
@@ -117,14 +116,14 @@ class LocalDroplessBackend(ExpertBackend):
         for e, n in enumerate(counts_E.tolist()):
             if n == 0:
                 continue
-            c, h = xs_ND[start:start + n], hidden[:n]
+            c, h = xs_ND[start : start + n], hidden[:n]
             torch.mm(c, self.w1[e], out=h)
             if gate is None:
                 torch.ops.aten.gelu_(h)
             else:
                 torch.mm(c, self.w3[e], out=gate[:n])
                 F.silu(h, inplace=True).mul_(gate[:n])
-            torch.mm(h, self.w2[e], out=ys_ND[start:start + n])
+            torch.mm(h, self.w2[e], out=ys_ND[start : start + n])
             start += n
         ys_ND.mul_(w_N1)
         if one_slot and num_out == len(xs_ND):

@@ -24,6 +24,7 @@ So this backend **is** a ``deepspeed.moe.layer.MoE`` (as ``backend=deepspeed``):
 checkpoints are interchangeable with the ``deepspeed`` backend's (same parameter names), so a run trained
 here evaluates, reshards and exports on a CPU machine.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,14 +36,18 @@ from .deepspeed_ep import DeepSpeedEPBackend
 
 def check_available() -> None:
     if not torch.cuda.is_available():
-        raise ConfigError("config field 'model.moe.backend': 'megablocks' needs a CUDA GPU (its kernels have no "
-                          "CPU implementation); use backend 'local' or 'deepspeed' on this machine")
+        raise ConfigError(
+            "config field 'model.moe.backend': 'megablocks' needs a CUDA GPU (its kernels have no "
+            "CPU implementation); use backend 'local' or 'deepspeed' on this machine"
+        )
     try:
         import grouped_gemm.ops  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"backend 'megablocks' needs MegaBlocks' grouped_gemm ({e}); install it with "
-                          f"`pip install --no-build-isolation --no-deps -r requirements-megablocks.txt` "
-                          f"(see README)") from None
+        raise ConfigError(
+            f"backend 'megablocks' needs MegaBlocks' grouped_gemm ({e}); install it with "
+            f"`pip install --no-build-isolation --no-deps -r requirements-megablocks.txt` "
+            f"(see README)"
+        ) from None
 
 
 class MegaBlocksBackend(DeepSpeedEPBackend):

@@ -18,9 +18,10 @@ Nothing is dropped whatever the load, and ranks with different token counts (or 
 receive different amounts. Autograd runs the same exchanges backwards. The price against DeepSpeed's
 padded ``dropless`` mode is the count exchange, a host synchronisation before the row exchange.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -64,8 +65,15 @@ def exchange_counts(counts_E: Tensor, group, ep_size: int) -> Tensor:
     return received.view(ep_size, -1)
 
 
-def ragged_moe(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, num_out: int, num_experts: int, group,
-               compute: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def ragged_moe(
+    x_TD: Tensor,
+    ids_TK: Tensor,
+    weights_TK: Tensor,
+    num_out: int,
+    num_experts: int,
+    group,
+    compute: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
     """``sum_k weights[t, k] * expert[ids[t, k]](x[t])``, folded into ``num_out`` rows (see
     ``ExpertBackend.forward``), with the experts sharded over ``group`` (None: all local)."""
     P = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
@@ -91,8 +99,7 @@ def ragged_moe(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, num_out: int, n
     return x_TD.new_zeros(num_out, x_TD.shape[1]).index_add(0, dest_N, ys_ND)
 
 
-def ffn_megablocks_gmm(xs_ND: Tensor, counts_E: Tensor, w1: Tensor, w2: Tensor,
-                       w3: Optional[Tensor] = None) -> Tensor:
+def ffn_megablocks_gmm(xs_ND: Tensor, counts_E: Tensor, w1: Tensor, w2: Tensor, w3: Tensor | None = None) -> Tensor:
     """Expert FFNs on expert-sorted rows with ``grouped_gemm.ops.gmm``, the grouped GEMM MegaBlocks'
     dropless MLP runs in ``mlp_impl='grouped'`` (CUDA, bf16). Stacked ``[E, in, out]`` weights."""
     from grouped_gemm import ops as gg

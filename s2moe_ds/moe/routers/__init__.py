@@ -2,6 +2,7 @@
 
 Adding a router is one new module and one line here.
 """
+
 from __future__ import annotations
 
 from ...configtools import ConfigError, from_dict
@@ -33,11 +34,28 @@ def router_config(name: str, args: dict | None, prefix: str = "moe.router_args")
     return cfg
 
 
-def build_router(name: str, args: dict | None, d_model: int, num_experts: int, layer_id: int = 0, seed: int = 0,
-                 train_k: int | None = None, eval_weights: str = "train", vocab_size: int = 0) -> Router:
+def build_router(
+    name: str,
+    args: dict | None,
+    d_model: int,
+    num_experts: int,
+    layer_id: int = 0,
+    seed: int = 0,
+    train_k: int | None = None,
+    eval_weights: str = "train",
+    vocab_size: int = 0,
+) -> Router:
     cls = router_class(name)
-    return cls(router_config(name, args), d_model, num_experts, layer_id=layer_id, seed=seed, train_k=train_k,
-               eval_weights=eval_weights, vocab_size=vocab_size)
+    return cls(
+        router_config(name, args),
+        d_model,
+        num_experts,
+        layer_id=layer_id,
+        seed=seed,
+        train_k=train_k,
+        eval_weights=eval_weights,
+        vocab_size=vocab_size,
+    )
 
 
 __all__ = ["ROUTERS", "Router", "RouterConfig", "RouterOutput", "build_router", "router_class", "router_config"]

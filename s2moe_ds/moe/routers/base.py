@@ -8,10 +8,11 @@ auxiliary losses **already multiplied by their coefficients** (so the layer just
 of metrics. Routers keep no state between steps except ``step`` (set by the trainer through
 ``set_step``), which schedules such as CompeteSMoE's competition and StableMoE's freeze read.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -62,18 +63,18 @@ class RouterOutput:
     """Named auxiliary losses, each already scaled by its coefficient."""
     metrics: dict = field(default_factory=dict)
     """Named diagnostics (detached tensors)."""
-    precomputed_TD: Optional[Tensor] = None
+    precomputed_TD: Tensor | None = None
     """Set when the router already ran the experts (CompeteSMoE competition): the layer output."""
-    extra_value_TD: Optional[Tensor] = None
+    extra_value_TD: Tensor | None = None
     """An output the router computed itself with the experts on other inputs (VQMoE's discrete branch);
     ``extra_weight_T1 * extra_value_TD`` is added to the routed slots' output."""
-    extra_weight_T1: Optional[Tensor] = None
+    extra_weight_T1: Tensor | None = None
     """The weight of ``extra_value_TD`` (None: 1)."""
-    extra_ids_TK: Optional[Tensor] = None
+    extra_ids_TK: Tensor | None = None
     """The experts ``extra_value_TD`` used (counted in the routing metrics)."""
 
     @property
-    def extra_TD(self) -> Optional[Tensor]:
+    def extra_TD(self) -> Tensor | None:
         if self.extra_value_TD is None or self.extra_weight_T1 is None:
             return self.extra_value_TD
         return self.extra_weight_T1.to(self.extra_value_TD.dtype) * self.extra_value_TD
@@ -97,8 +98,17 @@ class Router(nn.Module):
 
     config_cls: type = RouterConfig
 
-    def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int, layer_id: int = 0, seed: int = 0,
-                 train_k: Optional[int] = None, eval_weights: str = "train", vocab_size: int = 0):
+    def __init__(
+        self,
+        cfg: RouterConfig,
+        d_model: int,
+        num_experts: int,
+        layer_id: int = 0,
+        seed: int = 0,
+        train_k: int | None = None,
+        eval_weights: str = "train",
+        vocab_size: int = 0,
+    ):
         super().__init__()
         self.cfg = cfg
         self.d_model = d_model
@@ -111,7 +121,7 @@ class Router(nn.Module):
         self.eval_weights = eval_weights
         """'train' (evaluation uses the training rule) or 'per_k' (the old convention, at evaluation only)."""
         self.vocab_size = vocab_size
-        self.token_ids_T: Optional[Tensor] = None
+        self.token_ids_T: Tensor | None = None
         """The input token ids of the current forward, set by the language model (routers that route by
         token id read them: StableMoE 'two_stage')."""
         # aux-loss-free balancing's per-expert selection bias (only when on: other checkpoints keep their keys)
@@ -136,15 +146,15 @@ class Router(nn.Module):
     def set_step(self, step: int) -> None:
         self.step = int(step)
 
-    def forward(self, x_TD: Tensor, k: int, experts: Optional[AllExperts] = None) -> RouterOutput:
+    def forward(self, x_TD: Tensor, k: int, experts: AllExperts | None = None) -> RouterOutput:
         out = self.route(x_TD, k, experts)
         out.metrics.update(routing_metrics(out.probs_TE, out.all_ids(), self.num_experts))
         return out
 
-    def route(self, x_TD: Tensor, k: int, experts: Optional[AllExperts]) -> RouterOutput:
+    def route(self, x_TD: Tensor, k: int, experts: AllExperts | None) -> RouterOutput:
         raise NotImplementedError
 
-    def input_space_vectors(self) -> Optional[Tensor]:
+    def input_space_vectors(self) -> Tensor | None:
         """One vector per expert (or code) in the d_model input space, the direction the router scores a
         token along (collapse diagnostics): a linear router's rows, or expert embeddings of width D."""
         proj = getattr(self, "proj", None)

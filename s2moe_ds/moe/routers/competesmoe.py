@@ -35,12 +35,12 @@ with ``compete_prob`` < 1) ours adds the balance loss every router here trains w
 theirs has none; their unsorted top-k that may permute the router distribution in the loss, and a stale
 competition loss carried into a following ordinary step, are not reproduced.
 """
+
 from __future__ import annotations
 
 import itertools
 import random
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,13 +65,13 @@ class CompeteSMoEConfig(RouterConfig):
     """Ordinary steps as both releases: softmax over the selected logits at every k (1 at k=1)."""
     variant: str = "v2025"
     """'v2025' (Fsoft-AIC/CompeteSMoE, default) or 'v2024' (giangdip2410/CompeteSMoE)."""
-    compete_prob: Optional[float] = None
+    compete_prob: float | None = None
     """Probability that a layer competes on a training step (unset: v2025 0.05; v2024 1.0, as its scripts)."""
-    warmup_fraction: Optional[float] = None
+    warmup_fraction: float | None = None
     """No competition in this fraction of training (of ``train.steps``) (unset: v2025 0.05; v2024 0)."""
-    max_compete_layers: Optional[int] = None
+    max_compete_layers: int | None = None
     """At most this many layers compete on one step, 0 = no cap (unset: v2025 3; v2024 0)."""
-    router_loss_coef: Optional[float] = None
+    router_loss_coef: float | None = None
     """Weight of the router loss (unset: v2025 0.01; v2024 alpha x load_balance = 5 x 0.01 = 0.05, which
     also scales its competition balance)."""
     diversity_coef: float = 0.01
@@ -145,7 +145,7 @@ class CompeteSMoERouter(Router):
     def __init__(self, cfg: CompeteSMoEConfig, d_model: int, num_experts: int, **kw):
         super().__init__(cfg, d_model, num_experts, **kw)
         self.proj = nn.Linear(d_model, num_experts, bias=cfg.variant == "v2024")
-        self.schedule: Optional[CompetitionSchedule] = None
+        self.schedule: CompetitionSchedule | None = None
         self.schedule_index = 0
         """This layer's position among the model's CompeteSMoE layers (set with the schedule)."""
 
@@ -176,7 +176,9 @@ class CompeteSMoERouter(Router):
             losses: dict = {}
             if self.cfg.variant == "v2025":
                 if self.cfg.balance_coef > 0:
-                    losses["balance"] = self.cfg.balance_coef * switch_balance_loss(probs_TE, ids_TK[:, :1], self.num_experts)
+                    losses["balance"] = self.cfg.balance_coef * switch_balance_loss(
+                        probs_TE, ids_TK[:, :1], self.num_experts
+                    )
                 if self.cfg.z_loss_coef > 0:
                     losses["z"] = self.cfg.z_loss_coef * router_z_loss(logits_TE)
             else:
@@ -185,7 +187,11 @@ class CompeteSMoERouter(Router):
         if experts is None:
             raise RuntimeError("CompeteSMoE competition needs the experts: call the router through an MoE layer")
         out_TED = experts.forward_all(x_TD)
-        out = self._compete_2025(out_TED, probs_TE, k) if self.cfg.variant == "v2025" else self._compete_2024(out_TED, probs_TE, k)
+        out = (
+            self._compete_2025(out_TED, probs_TE, k)
+            if self.cfg.variant == "v2025"
+            else self._compete_2024(out_TED, probs_TE, k)
+        )
         out.metrics["competed"] = torch.ones(())
         return out
 
@@ -206,7 +212,9 @@ class CompeteSMoERouter(Router):
         if c.diversity_coef > 0 and k > 1:
             losses["diversity"] = c.diversity_coef * diversity_loss(winners_TKD)
         if c.competition_balance_coef > 0:
-            losses["balance"] = c.competition_balance_coef * switch_balance_loss(affinity_TE, ids_TK[:, :1], self.num_experts)
+            losses["balance"] = c.competition_balance_coef * switch_balance_loss(
+                affinity_TE, ids_TK[:, :1], self.num_experts
+            )
         return RouterOutput(weights_TK, ids_TK, probs_TE, losses, precomputed_TD=output_TD)
 
     def _compete_2024(self, out_TED: Tensor, probs_TE: Tensor, k: int) -> RouterOutput:
@@ -218,5 +226,10 @@ class CompeteSMoERouter(Router):
         loss = F.mse_loss(probs_TE, target_TE)
         # E * sum_e f_e P_e with f and P both over T*K (theirs): switch_balance_loss / K
         loss = loss + switch_balance_loss(norms_TE.softmax(-1), ids_TK, self.num_experts) / k
-        return RouterOutput(weights_TK.to(out_TED.dtype), ids_TK, probs_TE, {"compete_router": self.cfg.router_loss_coef * loss},
-                            precomputed_TD=output_TD)
+        return RouterOutput(
+            weights_TK.to(out_TED.dtype),
+            ids_TK,
+            probs_TE,
+            {"compete_router": self.cfg.router_loss_coef * loss},
+            precomputed_TD=output_TD,
+        )

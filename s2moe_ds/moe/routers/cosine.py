@@ -57,9 +57,11 @@ capacity and dropping are not reproduced (this project is dropless unless ``ep_m
   their coefficients (0.3 and 0.3) are this variant's ``stage1_balance_coef`` and ``distill_coef``
   defaults (``balance_coef`` is not used by it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -67,9 +69,9 @@ from torch import Tensor, nn
 from ...configtools import check_choice, check_positive, fail
 from .base import Router, RouterConfig, RouterOutput, switch_balance_loss
 
-EMBED_GAIN = 0.32      # orthogonal init gain of the authors' (and torchscale's) expert embeddings
-EMBED_NORM = 1.5       # XMoE rescales its expert embeddings to this norm before every forward
-NORM_EPS = 1e-4        # F.normalize eps in both codes
+EMBED_GAIN = 0.32  # orthogonal init gain of the authors' (and torchscale's) expert embeddings
+EMBED_NORM = 1.5  # XMoE rescales its expert embeddings to this norm before every forward
+NORM_EPS = 1e-4  # F.normalize eps in both codes
 
 
 def unit_rows(e_ER: Tensor) -> Tensor:
@@ -116,8 +118,11 @@ class XMoEConfig(RouterConfig):
         check_positive(f"{prefix}.balance_temperature", self.balance_temperature)
         check_choice(f"{prefix}.second_expert_policy", self.second_expert_policy, ("random", "all"))
         if self.variant == "torchscale" and self.bias_update_rate > 0:
-            fail(f"{prefix}.bias_update_rate", "is for the shared top-k selection; variant 'torchscale' has its own "
-                 "gating: use variant 'authors' or set it to 0")
+            fail(
+                f"{prefix}.bias_update_rate",
+                "is for the shared top-k selection; variant 'torchscale' has its own "
+                "gating: use variant 'authors' or set it to 0",
+            )
 
     def routing_dim(self) -> int:
         return self.proj_dim or (8 if self.variant == "authors" else 16)
@@ -145,14 +150,20 @@ class StableMoEConfig(RouterConfig):
         check_choice(f"{prefix}.variant", self.variant, ("authors", "two_stage"))
         check_positive(f"{prefix}.balance_temperature", self.balance_temperature)
         if self.variant == "two_stage" and self.stage2_step < 0:
-            fail(f"{prefix}.stage2_step", "variant 'two_stage' needs the first step of stage 2 (e.g. 10% of "
-                 "train.steps, as StableMoE's released command), got -1")
+            fail(
+                f"{prefix}.stage2_step",
+                "variant 'two_stage' needs the first step of stage 2 (e.g. 10% of "
+                "train.steps, as StableMoE's released command), got -1",
+            )
         check_positive(f"{prefix}.distill_coef", self.distill_coef, allow_zero=True)
         check_positive(f"{prefix}.distill_dim", self.distill_dim)
         check_positive(f"{prefix}.stage1_balance_coef", self.stage1_balance_coef, allow_zero=True)
         if self.variant == "two_stage" and self.bias_update_rate > 0:
-            fail(f"{prefix}.bias_update_rate", "is for the shared top-k selection; variant 'two_stage' routes by its "
-                 "own greedy assignment: use variant 'authors' or set it to 0")
+            fail(
+                f"{prefix}.bias_update_rate",
+                "is for the shared top-k selection; variant 'two_stage' routes by its "
+                "own greedy assignment: use variant 'authors' or set it to 0",
+            )
 
 
 class XMoERouter(Router):
@@ -193,7 +204,9 @@ class XMoERouter(Router):
     def _torchscale(self, scores_TE: Tensor, k: int) -> RouterOutput:
         probs_TE = scores_TE.float().softmax(-1)
         top_TK, ids_TK = probs_TE.topk(k, dim=-1)
-        weights_TK = top_TK if k == 1 else top_TK / top_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(top_TK.dtype).eps)
+        weights_TK = (
+            top_TK if k == 1 else top_TK / top_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(top_TK.dtype).eps)
+        )
         if k == 2 and self.training and self.cfg.second_expert_policy == "random":
             keep_T = 2 * weights_TK[:, 1].detach() > torch.rand_like(weights_TK[:, 1])
             weights_TK = torch.stack([weights_TK[:, 0], weights_TK[:, 1] * keep_T], dim=-1)
@@ -217,8 +230,10 @@ class StableMoERouter(Router):
             self.embeddings = nn.Parameter(orthogonal_embeddings(num_experts, d_model, EMBED_GAIN))
             return
         if vocab_size <= 0:
-            raise ValueError("StableMoE 'two_stage' routes by token ids: build it inside the language model "
-                             "(it passes the vocabulary size)")
+            raise ValueError(
+                "StableMoE 'two_stage' routes by token ids: build it inside the language model "
+                "(it passes the vocabulary size)"
+            )
         self.embeddings = nn.Parameter(orthogonal_embeddings(num_experts, d_model, 0.1))  # centroids C
         self.distill_emb = nn.Embedding(vocab_size, cfg.distill_dim)
         self.distill_centroids = nn.Parameter(orthogonal_embeddings(num_experts, cfg.distill_dim, 0.1))
@@ -247,8 +262,10 @@ class StableMoERouter(Router):
     def distilled_logits(self, T: int) -> Tensor:
         ids_T = self.token_ids_T
         if ids_T is None:
-            raise RuntimeError("StableMoE 'two_stage' needs the input token ids: the language model sets them "
-                               "(router.token_ids_T) before its forward")
+            raise RuntimeError(
+                "StableMoE 'two_stage' needs the input token ids: the language model sets them "
+                "(router.token_ids_T) before its forward"
+            )
         ids_T = ids_T.reshape(-1)
         if T != ids_T.numel():  # S2MoE routes [x; x_hat]: the same ids twice
             ids_T = ids_T.repeat(T // ids_T.numel())
@@ -273,7 +290,9 @@ class StableMoERouter(Router):
             mean = T / E
             n_E = torch.bincount(ids_T1.reshape(-1), minlength=E).to(s_TE.dtype)
             # per-token sigmoid of the chosen score, times its expert's (constant) relative overload
-            losses["balance"] = self.cfg.stage1_balance_coef * (((n_E - mean) / mean)[ids_T1[:, 0]] * weights_TK[:, 0]).sum() / T
+            losses["balance"] = (
+                self.cfg.stage1_balance_coef * (((n_E - mean) / mean)[ids_T1[:, 0]] * weights_TK[:, 0]).sum() / T
+            )
             if self.cfg.distill_coef > 0:
                 losses["distill"] = self.cfg.distill_coef * F.cross_entropy(distill_TE.float(), ids_T1[:, 0])
         probs_TE = s_TE.detach().float().softmax(-1)

@@ -8,6 +8,7 @@ probability, where the authors' gate gives weight 1 (``weights: renorm`` for the
 divides P by N*k, not N (ours = k x theirs), and their table-1 scripts never switch it on (``g_balance`` is
 not passed), where every router here trains with ``balance_coef`` 0.01.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

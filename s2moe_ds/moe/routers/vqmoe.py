@@ -24,6 +24,7 @@ is never enabled in their scripts (we keep ``balance_coef`` 0.01 as for every ro
 (ours = k x theirs; equal at the scripts' k = 1). ``vq_only`` routes
 by the codebook alone (the paper revision's second stage): ``y`` = the discrete branch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -110,14 +111,22 @@ class VQMoERouter(Router):
             losses["vq"] = c.beta_vq * vq_losses(x_TD, q_TD, c.commitment)
         if c.vq_only:
             empty_T0 = vq_ids_T1[:, :0]
-            return RouterOutput(empty_T0.to(x_TD.dtype), empty_T0, probs_TE, losses, extra_value_TD=discrete_TD,
-                                extra_ids_TK=vq_ids_T1)
+            return RouterOutput(
+                empty_T0.to(x_TD.dtype), empty_T0, probs_TE, losses, extra_value_TD=discrete_TD, extra_ids_TK=vq_ids_T1
+            )
         sparse_w_TK, sparse_ids_TK = self.select(scores_TE, k)
         mix_T2 = self.mix(x_TD).softmax(-1)
         if c.balance_coef > 0:
             losses["balance"] = c.balance_coef * switch_balance_loss(probs_TE, sparse_ids_TK, self.num_experts)
-        out = RouterOutput(mix_T2[:, :1] * sparse_w_TK, sparse_ids_TK, probs_TE, losses,
-                           extra_value_TD=discrete_TD, extra_weight_T1=mix_T2[:, 1:], extra_ids_TK=vq_ids_T1)
+        out = RouterOutput(
+            mix_T2[:, :1] * sparse_w_TK,
+            sparse_ids_TK,
+            probs_TE,
+            losses,
+            extra_value_TD=discrete_TD,
+            extra_weight_T1=mix_T2[:, 1:],
+            extra_ids_TK=vq_ids_T1,
+        )
         out.metrics["vq_mix_weight"] = mix_T2[:, 1].detach().mean()
         return out
 
