@@ -1,17 +1,23 @@
 """Side-by-side timing helpers: candidates are run in interleaved rounds and the median is reported,
 so slow drifts of a shared machine hit every candidate alike. Compare ratios, not absolute times."""
+
 from __future__ import annotations
 
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def init_single_process_dist(port: int = 29631) -> None:
     """DeepSpeed's MoE layer needs a process group even for one process; gloo on loopback."""
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
-                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+    for key, value in (
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(port)),
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+    ):
         os.environ.setdefault(key, value)
     import deepspeed
 

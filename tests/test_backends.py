@@ -1,4 +1,5 @@
 """Every local dropless implementation equals the reference, forward and backward, no token dropped."""
+
 import pytest
 import torch
 
