@@ -9,8 +9,9 @@ import time
 from collections.abc import Callable
 
 
-def init_single_process_dist(port: int = 29631) -> None:
-    """DeepSpeed's MoE layer needs a process group even for one process; gloo on loopback."""
+def init_single_process_dist(port: int = 29631, backend: str = "gloo") -> None:
+    """DeepSpeed's MoE layer needs a process group even for one process: gloo on loopback (``nccl`` for a
+    layer on a GPU, whose collectives gloo cannot run on CUDA tensors)."""
     for key, value in (
         ("MASTER_ADDR", "127.0.0.1"),
         ("MASTER_PORT", str(port)),
@@ -23,7 +24,7 @@ def init_single_process_dist(port: int = 29631) -> None:
 
     from s2moe_ds.distributed import release_shm_name
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
     release_shm_name()
 
 

@@ -89,3 +89,42 @@ def test_inference_loop_matches_reference(activation, k):
     with torch.no_grad():
         torch.testing.assert_close(fast(x, ids, w), ref(x, ids, w), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fast(x, ids, w, num_out=20), ref(x, ids, w, num_out=20), rtol=1e-5, atol=1e-5)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_grouped_mm_on_cuda_matches_the_fp32_reference(activation, dtype):
+    """`backend_impl=auto` on CUDA is torch._grouped_mm (bf16: torch's CUTLASS kernel on sm90; fp32, which
+    evaluation uses: its fallback). Against the reference in fp32, forward and backward, uneven loads and
+    two empty experts; errors relative to each tensor's norm (bf16 has ~3 significant digits)."""
+    E, D, Fh, T, K = 8, 256, 512, 1000, 2
+    torch.manual_seed(0)
+    ref = build_backend("local", ExpertSpec(E, D, Fh, activation), impl="reference").cuda()
+    fast = build_backend("local", ExpertSpec(E, D, Fh, activation), impl="auto").cuda()
+    fast.load_state_dict(ref.state_dict())
+    fast.to(dtype)
+    assert fast.resolved_impl(torch.device("cuda")) == "grouped_mm"
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(T, D, device="cuda", generator=g)
+    ids = torch.randint(0, E - 2, (T, K), device="cuda", generator=g)  # experts 6 and 7 receive nothing
+    w = torch.rand(T, K, device="cuda", generator=g)
+    up = torch.randn(T, D, device="cuda", generator=g)
+    results = []
+    for backend, dt in ((ref, torch.float32), (fast, dtype)):
+        xi = x.detach().to(dt).requires_grad_()
+        y = backend(xi, ids, w)
+        assert y.dtype == dt
+        (y.float() * up).sum().backward()
+        results.append((y, xi.grad, {n: p.grad for n, p in backend.named_parameters()}))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    (y_ref, gx_ref, gp_ref), (y, gx, gp) = results
+    assert _rel_err(y, y_ref) < tol
+    assert _rel_err(gx, gx_ref) < tol
+    for name, g_ref in gp_ref.items():
+        assert _rel_err(gp[name][: E - 2], g_ref[: E - 2]) < tol, name
+        assert gp[name][E - 2 :].abs().sum() == 0, f"{name}: an expert that received nothing got a gradient"
