@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import init_single_process_dist, interleaved_medians, table  # noqa: E402
+from benchmarks.common import deepspeed_moe_peer, init_single_process_dist, interleaved_medians, table  # noqa: E402
 from s2moe_ds.moe import MoEConfig, S2MoEConfig, build_moe_layer  # noqa: E402
 from s2moe_ds.moe.backends import ExpertSpec, build_backend  # noqa: E402
 
@@ -36,7 +36,6 @@ def main(argv=None):
     torch.manual_seed(0)
     D, Fh, E, T = args.d_model, args.d_ff, args.experts, args.tokens
     init_single_process_dist()
-    from deepspeed.moe.layer import MoE
 
     x = torch.randn(T, D)
     grad_out = torch.randn(T, D)  # non-uniform upstream gradient, as in training
@@ -56,18 +55,7 @@ def main(argv=None):
 
     s2 = ours(True, 1)
     smoe2 = ours(False, 2)
-    expert = torch.nn.Sequential(torch.nn.Linear(D, Fh), torch.nn.GELU(), torch.nn.Linear(Fh, D))
-    ds = MoE(
-        hidden_size=D,
-        expert=expert,
-        num_experts=E,
-        ep_size=1,
-        k=2,
-        capacity_factor=1.25,
-        eval_capacity_factor=1.25,
-        min_capacity=4,
-        drop_tokens=True,
-    )
+    ds = deepspeed_moe_peer(D, Fh, E)
 
     def ours_fn(layer):
         def f(xi):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import init_single_process_dist, table  # noqa: E402
+from benchmarks.common import deepspeed_moe_peer, init_single_process_dist, table  # noqa: E402
 from s2moe_ds.moe import MoEConfig, S2MoEConfig, build_moe_layer  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -151,20 +151,7 @@ def build_candidates(E: int, args, device: torch.device, dtype: torch.dtype) -> 
         return Candidate(name, *step(layer, forward), 2, 1 if s2 else 2, layer)
 
     def deepspeed_moe(name: str) -> Candidate:
-        from deepspeed.moe.layer import MoE
-
-        expert = torch.nn.Sequential(torch.nn.Linear(D, Fh), torch.nn.GELU(), torch.nn.Linear(Fh, D))
-        ds = MoE(
-            hidden_size=D,
-            expert=expert,
-            num_experts=E,
-            ep_size=1,
-            k=2,
-            capacity_factor=1.25,
-            eval_capacity_factor=1.25,
-            min_capacity=4,
-            drop_tokens=True,
-        ).to(device=device, dtype=dtype)
+        ds = deepspeed_moe_peer(D, Fh, E).to(device=device, dtype=dtype)
 
         def forward(xi):
             y, l_aux, _ = ds(xi.unsqueeze(0))

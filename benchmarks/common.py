@@ -45,3 +45,23 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows])
+
+
+def deepspeed_moe_peer(d_model: int, d_ff: int, num_experts: int):
+    """DeepSpeed's own MoE top-2 as the benchmarks' peer: GELU experts, capacity factor 1.25, tokens dropped
+    above capacity (its defaults for training), one process (ep_size 1)."""
+    import torch
+    from deepspeed.moe.layer import MoE
+
+    expert = torch.nn.Sequential(torch.nn.Linear(d_model, d_ff), torch.nn.GELU(), torch.nn.Linear(d_ff, d_model))
+    return MoE(
+        hidden_size=d_model,
+        expert=expert,
+        num_experts=num_experts,
+        ep_size=1,
+        k=2,
+        capacity_factor=1.25,
+        eval_capacity_factor=1.25,
+        min_capacity=4,
+        drop_tokens=True,
+    )
