@@ -38,19 +38,14 @@ def run(
     return proc
 
 
+def deepspeed_cmd(nproc: int, overrides: list[str], config: str = "configs/tiny.yaml") -> list[str]:
+    """The ``deepspeed`` launcher command for ``s2moe_ds.train`` on a free port."""
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+            "--module", "s2moe_ds.train", "--config", config, *overrides]  # fmt: skip
+
+
 def deepspeed_train(nproc: int, overrides: list[str], config: str = "configs/tiny.yaml", timeout: int = 300):
-    cmd = [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "s2moe_ds.train",
-        "--config",
-        config,
-        *overrides,
-    ]
+    cmd = deepspeed_cmd(nproc, overrides, config)
     return run(cmd, timeout=timeout)
 
 

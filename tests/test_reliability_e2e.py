@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from e2e import BIN, REPO, assert_ok, cli, deepspeed_train, env, free_port, train_losses
+from e2e import REPO, assert_ok, cli, deepspeed_cmd, deepspeed_train, env, free_port, run, train_losses
 
 pytestmark = pytest.mark.slow
 COMMON = ["train.log_interval=1", "train.eval_iters=2", "train.progress=false", "train.eval_interval=100"]
@@ -33,22 +33,7 @@ def reference(tmp_path_factory, data_dir):
 
 
 def start(out, data_dir, extra):
-    cmd = [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "s2moe_ds.train",
-        "--config",
-        "configs/tiny.yaml",
-        f"data.data_dir={data_dir}",
-        f"train.out_dir={out}",
-        "train.steps=12",
-        *COMMON,
-        *extra,
-    ]
+    cmd = deepspeed_cmd(2, [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=12", *COMMON, *extra])
     return subprocess.Popen(
         cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -164,25 +149,9 @@ def test_nonfinite_steps_are_skipped_counted_and_training_continues(tmp_path, da
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    cmd = [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "s2moe_ds.train",
-        "--config",
-        "configs/tiny.yaml",
-        f"data.data_dir={data_dir}",
-        f"train.out_dir={out}",
-        "train.steps=8",
-        "train.save_interval=0",
-        *COMMON,
-    ]
-    e = env()
-    e["S2MOE_INJECT_NONFINITE_AT"] = "3,4"  # NaN losses on two steps (0-based), injected on every rank
-    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    overrides = [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=8", "train.save_interval=0", *COMMON]
+    # NaN losses on two steps (0-based), injected on every rank
+    proc = run(deepspeed_cmd(2, overrides), extra_env={"S2MOE_INJECT_NONFINITE_AT": "3,4"})
     assert_ok(proc)
     assert "step 4: non-finite loss/gradient, step skipped (1 in a row" in proc.stdout
     assert "step 5: non-finite loss/gradient, step skipped (2 in a row, 2 in total)" in proc.stdout
