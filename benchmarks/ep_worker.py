@@ -12,14 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from s2moe_ds.config import load_config  # noqa: E402
-from s2moe_ds.data.loader import WindowSampler  # noqa: E402
-from s2moe_ds.data.prepare import load_split, read_meta  # noqa: E402
-from s2moe_ds.distributed import build_engine, deepspeed_config, init_distributed  # noqa: E402
-from s2moe_ds.model import MoELanguageModel  # noqa: E402
+from s2moe_ds.train import Trainer  # noqa: E402
 
 
 def main():
@@ -44,25 +39,13 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml", args.overrides)
-    rank, world = init_distributed(120)
-    meta = read_meta(cfg.data.data_dir)
-    cfg.model.vocab_size = meta["vocab_size"]
-    windows = WindowSampler(load_split(cfg.data.data_dir, "train", meta), cfg.model.context)
-    torch.manual_seed(0)
-    model = MoELanguageModel(cfg.model)
+    # the production trainer's step, with DeepSpeed's comms logger on; no run directory is opened
+    comms = {"comms_logger": {"enabled": True, "verbose": False, "prof_all": True}}
+    trainer = Trainer.build(cfg, run_dir=False, ds_overrides=comms)
+    rank, world, engine, model = trainer.rank, trainer.world, trainer.engine, trainer.model
     import deepspeed.comm as dcomm
-    import deepspeed.runtime.engine  # noqa: F401
 
-    ds = deepspeed_config(cfg, world)
-    ds["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True}
-    import s2moe_ds.distributed as sd
-
-    orig = sd.deepspeed_config
-    sd.deepspeed_config = lambda c, w: ds
-    engine, _ = build_engine(model, cfg, world)
-    sd.deepspeed_config = orig
     times, a2a = [], []
-    t = cfg.train
 
     def a2a_totals():
         # the comms logger records each op's *cumulative* elapsed time (its timer is never reset), so the
@@ -76,13 +59,7 @@ def main():
 
     for step in range(args.warmup + args.steps):
         before = a2a_totals()
-        t0 = time.perf_counter()
-        for micro in range(t.grad_accum):
-            x, y = windows.batch(t.micro_batch_size, t.seed, step, micro * world + rank)
-            out = engine(x, y)
-            engine.backward(out.loss + out.aux_loss)
-            engine.step()
-        dt = time.perf_counter() - t0
+        dt = trainer.train_step(step).seconds
         after = a2a_totals()
         if step >= args.warmup:
             times.append(dt)
@@ -94,7 +71,6 @@ def main():
         from s2moe_ds.reshard import save_portable
 
         root = Path(args.ckpt_dir)
-        layout = {"world": world, "ep_size": cfg.model.moe.ep_size}
         ds_s, portable_s = [], []
         for r in range(args.ckpt_reps):
             dist.barrier()
@@ -102,7 +78,7 @@ def main():
             engine.save_checkpoint(str(root), tag=f"r{r}", save_latest=False)
             dist.barrier()
             t1 = time.perf_counter()
-            save_portable(engine, model, root / f"r{r}", layout)
+            save_portable(engine, model, root / f"r{r}", trainer.layout)
             dist.barrier()
             ds_s.append(t1 - t0)
             portable_s.append(time.perf_counter() - t1)
@@ -121,11 +97,7 @@ def main():
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for step in range(args.profile):
-                for micro in range(t.grad_accum):
-                    x, y = windows.batch(t.micro_batch_size, t.seed, 10_000 + step, micro * world + rank)
-                    out = engine(x, y)
-                    engine.backward(out.loss + out.aux_loss)
-                    engine.step()
+                trainer.train_step(10_000 + step)
         if rank == 0:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     if rank == 0:

@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from .config import Config, resolve_path
 from .configtools import ConfigError
-from .schedule import lr_at
 
 
 def free_port() -> int:
@@ -86,9 +85,8 @@ def set_cpu_threads():
     Without this every rank starts as many intra-op threads as the machine has cores. Data parallelism
     barely notices (ranks synchronise once per step), but expert parallelism synchronises at every
     all-to-all, and the OpenMP workers of a rank waiting there keep spinning on the cores its peer is
-    computing on: on 2 cores, 2 ranks with ep=2 took 3x the step of data parallelism with 2 threads each
-    and about the same step with 1 each (``benchmarks/bench_expert_parallel.py``). The DeepSpeed launcher
-    only sets ``OMP_NUM_THREADS`` with ``--bind_cores_to_rank``.
+    computing on (measured in docs/benchmarks.md, expert-parallelism table). The DeepSpeed launcher only
+    sets ``OMP_NUM_THREADS`` with ``--bind_cores_to_rank``.
     """
     if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
         return None
@@ -233,29 +231,21 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     return ds
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world: int):
+def build_engine(model: torch.nn.Module, cfg: Config, world: int, optimizer, lr_scheduler, ds_overrides=None):
+    """``deepspeed.initialize`` with ``deepspeed_config`` (``ds_overrides`` merged in: benchmarks); DeepSpeed's
+    own config validation errors become a ConfigError naming ``train.ds_config``."""
     import deepspeed
 
-    t = cfg.train
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    groups = [
-        {"name": "decay", "params": decay, "weight_decay": t.weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
-    # expert-parallel parameters (allreduce=False) need groups of their own for ZeRO
-    groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
-    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, t) / t.lr)
     try:
         engine, _, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world)
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            config={**deepspeed_config(cfg, world), **(ds_overrides or {})},
         )
     except (ValueError, AssertionError) as e:  # DeepSpeed's config validation
         raise ConfigError(
-            f"config field 'train.ds_config': DeepSpeed rejected {resolve_path(t.ds_config)} with our "
+            f"config field 'train.ds_config': DeepSpeed rejected {resolve_path(cfg.train.ds_config)} with our "
             f"settings filled in ({type(e).__name__}: {' '.join(str(e).split())[:400]}); fix that "
             f"entry or start from ds_configs/zero2.json"
         ) from None
@@ -282,18 +272,6 @@ class MasterWeights:
         safe_set_full_fp32_param(p, value)
         with torch.no_grad():
             p.copy_(value.to(p.dtype))
-
-
-def apply_schedule(scheduler, lr: float) -> None:
-    """Set every group's learning rate from the config's ``lr`` and the schedule's position. A restored
-    ``LambdaLR`` keeps the ``base_lrs`` of the run that saved it, so a resume with a new ``train.lr``
-    would apply the new schedule times the old lr; the schedule itself (warm-up, min_lr) is ours, a pure
-    function of the step, and is never restored."""
-    scheduler.base_lrs = [lr for _ in scheduler.optimizer.param_groups]
-    lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, value in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = value
-    scheduler._last_lr = lrs
 
 
 def broadcast_str(value: str) -> str:

@@ -261,17 +261,16 @@ def read_layout(ckpt_dir: Path, client_state: dict | None = None):
 
 
 def resume_resharded(engine, model, scheduler, ckpt_dir: Path) -> dict:
-    """Resume from a checkpoint written under another layout; returns the client state."""
+    """Resume from a checkpoint written under another layout; returns the client state. The scheduler gets
+    the saved position only (the caller recomputes each group's learning rate from the pure schedule)."""
     from .checkpoint import _load, model_state_file
-    from .distributed import apply_schedule
 
     states = _load(model_state_file(ckpt_dir))
     meta = load_portable(engine, model, ckpt_dir)
     if states.get("lr_scheduler") is not None:
         # the number of parameter groups depends on the layout (expert groups), so restore the schedule's
-        # position only and recompute each group's learning rate from the (pure) schedule
+        # position only
         scheduler.last_epoch = states["lr_scheduler"]["last_epoch"]
-        apply_schedule(scheduler, scheduler.base_lrs[0])
     engine.global_steps = states.get("global_steps", meta["adam_step"])
     engine.global_samples = states.get("global_samples", 0)
     return {k: states[k] for k in ("step", "config", "vocab_fingerprint", "run_id", "data") if k in states}

@@ -38,10 +38,18 @@ def run(
     return proc
 
 
-def deepspeed_cmd(nproc: int, overrides: list[str], config: str = "configs/tiny.yaml") -> list[str]:
-    """The ``deepspeed`` launcher command for ``s2moe_ds.train`` on a free port."""
+FAULT_TRAIN = "tests/fault_train.py"
+"""The training entry point with fault-injection hooks (S2MOE_INJECT_* variables) installed."""
+
+
+def deepspeed_cmd(
+    nproc: int, overrides: list[str], config: str = "configs/tiny.yaml", faults: bool = False
+) -> list[str]:
+    """The ``deepspeed`` launcher command for ``s2moe_ds.train`` (or, with ``faults``, the fault-injecting
+    entry point) on a free port."""
+    entry = [FAULT_TRAIN] if faults else ["--module", "s2moe_ds.train"]
     return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-            "--module", "s2moe_ds.train", "--config", config, *overrides]  # fmt: skip
+            *entry, "--config", config, *overrides]  # fmt: skip
 
 
 def deepspeed_train(nproc: int, overrides: list[str], config: str = "configs/tiny.yaml", timeout: int = 300):
@@ -52,9 +60,10 @@ def deepspeed_train(nproc: int, overrides: list[str], config: str = "configs/tin
 def single_train(
     overrides: list[str], config: str = "configs/tiny.yaml", timeout: int = 300, extra_env: dict | None = None
 ):
-    return run(
-        [sys.executable, "-m", "s2moe_ds.train", "--config", config, *overrides], timeout=timeout, extra_env=extra_env
-    )
+    """One plain process; with S2MOE_INJECT_* in ``extra_env``, the fault-injecting entry point."""
+    faults = any(k.startswith("S2MOE_INJECT_") for k in extra_env or {})
+    entry = [FAULT_TRAIN] if faults else ["-m", "s2moe_ds.train"]
+    return run([sys.executable, *entry, "--config", config, *overrides], timeout=timeout, extra_env=extra_env)
 
 
 def cli(*args: str, timeout: int = 300):

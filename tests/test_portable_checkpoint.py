@@ -18,6 +18,7 @@ def _portable_equals_gather(rank, world, out_dir, zero_stage, backend, ep_size):
     from s2moe_ds.distributed import build_engine
     from s2moe_ds.model import MoELanguageModel
     from s2moe_ds.reshard import MOMENTS, portable_keys, read_portable, save_portable
+    from s2moe_ds.train.optim import build_optimizer
 
     cfg = load_config(
         REPO / "configs/tiny.yaml",
@@ -30,7 +31,7 @@ def _portable_equals_gather(rank, world, out_dir, zero_stage, backend, ep_size):
     )
     torch.manual_seed(0)
     model = MoELanguageModel(cfg.model)
-    engine, _ = build_engine(model, cfg, world)
+    engine, _ = build_engine(model, cfg, world, *build_optimizer(model, cfg))
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(40, (2, 64), generator=g)
     out = engine(x, x)

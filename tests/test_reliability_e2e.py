@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from e2e import REPO, assert_ok, cli, deepspeed_cmd, deepspeed_train, env, free_port, run, train_losses
+from e2e import FAULT_TRAIN, REPO, assert_ok, cli, deepspeed_cmd, deepspeed_train, env, free_port, run, train_losses
 
 pytestmark = pytest.mark.slow
 COMMON = ["train.log_interval=1", "train.eval_iters=2", "train.progress=false", "train.eval_interval=100"]
@@ -151,7 +151,7 @@ def test_nonfinite_steps_are_skipped_counted_and_training_continues(tmp_path, da
     out = tmp_path / "run"
     overrides = [f"data.data_dir={data_dir}", f"train.out_dir={out}", "train.steps=8", "train.save_interval=0", *COMMON]
     # NaN losses on two steps (0-based), injected on every rank
-    proc = run(deepspeed_cmd(2, overrides), extra_env={"S2MOE_INJECT_NONFINITE_AT": "3,4"})
+    proc = run(deepspeed_cmd(2, overrides, faults=True), extra_env={"S2MOE_INJECT_NONFINITE_AT": "3,4"})
     assert_ok(proc)
     assert "step 4: non-finite loss/gradient, step skipped (1 in a row" in proc.stdout
     assert "step 5: non-finite loss/gradient, step skipped (2 in a row, 2 in total)" in proc.stdout
@@ -180,8 +180,7 @@ def _two_ranks_without_launcher(tmp_path, data_dir, fault, timeout_s):
         )
         cmd = [
             sys.executable,
-            "-m",
-            "s2moe_ds.train",
+            FAULT_TRAIN,
             "--config",
             "configs/tiny.yaml",
             f"data.data_dir={data_dir}",

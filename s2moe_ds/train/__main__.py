@@ -1,0 +1,7 @@
+"""``python -m s2moe_ds.train`` (and ``deepspeed --module s2moe_ds.train``)."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())
