@@ -28,6 +28,8 @@ def test_every_run_of_every_suite_is_a_valid_config(name):
             assert cfg.model.moe.s2moe.enabled and cfg.model.moe.k == 1 and cfg.model.moe.eval_k == 1
         elif variant["name"].startswith("vqmoe"):  # top-1 plus the codebook's expert: two per token, as top-2
             assert cfg.model.moe.router == "vqmoe" and cfg.model.moe.k == 1 and not cfg.model.moe.s2moe.enabled
+        elif variant["name"] == "smoe-top1":  # the control for S2MoE: SMoE trained top-1, no second pathway
+            assert cfg.model.moe.router == "smoe" and cfg.model.moe.k == 1 and not cfg.model.moe.s2moe.enabled
         elif moe:  # baselines: top-2, the same expert FLOPs per training token as S2MoE's two top-1 pathways
             assert not cfg.model.moe.s2moe.enabled and cfg.model.moe.k == 2
 
@@ -61,6 +63,7 @@ def test_cpu_suite_is_the_issue_recipe():
         "s2moe-noinfonce",
         "s2moe-gate05",
         "s2moe-learnable",
+        "smoe-top1",
     } == set(by_name)
     # the headline pair has 10 paired seeds, every other variant at least 3
     assert variant_seeds(suite, by_name["s2moe-top1"]) == variant_seeds(suite, by_name["smoe-top2"]) == list(range(10))
