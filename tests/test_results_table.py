@@ -228,3 +228,18 @@ def test_claim_verdict_follows_the_interval(s2, verdict):
 def test_one_seed_gives_no_interval_and_says_so():
     text = claims(_claim_rows([2.51], [2.5]), SUITE)[0]
     assert "within 1% on the mean (one seed: no interval)" in text
+
+
+def test_the_suite_file_chooses_what_each_claim_compares():
+    """Nothing in the report names a variant: the suite's claims and labels decide every statement."""
+    swapped = {"kind": "parity", "candidate": "smoe-top2", "baseline": "s2moe-top1", "margin": 2.0}
+    suite = suite_from_dict(
+        {**TOY, "claims": [swapped, {"kind": "rank", "candidate": "smoe-top2", "baselines": ["s2moe-top1"]}]}, "t.yaml"
+    )
+    parity, rank = claims(_claim_rows([2.40, 2.40, 2.401], [2.5, 2.5, 2.5]), suite)
+    assert parity.startswith(
+        "**SMoE top-2 within 2% bpc of S2MoE top-1:** SMoE top-2 2.5000 ± 0.0000 vs S2MoE top-1 2.4003"
+    )
+    assert "Verdict on this run: **outside 2%, the whole 95% interval too**" in parity
+    assert rank.startswith("Where SMoE top-2 does **not** win: s2moe-top1 (2.4003")
+    assert claims(_claim_rows([2.5], [2.5]), suite_from_dict({**TOY, "claims": []}, "t.yaml")) == []

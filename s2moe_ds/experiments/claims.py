@@ -153,8 +153,10 @@ def dense(t: Table, c: Claim) -> list[str]:
     one = [
         (v, s)
         for (v, i), s in t.summ.items()
-        if s["k"] == 1 and (not c.candidates or v in c.candidates) and s["pathways"] != "both"
-        if not i.endswith("-perk")
+        if s["k"] == 1
+        and s["pathways"] != "both"
+        and not i.endswith("-perk")
+        and (not c.candidates or v in c.candidates)
     ]
     beat = [f"{v} ({mean(s['values']):.4f})" for v, s in one if mean(s["values"]) < d]
     lose = [f"{v} ({mean(s['values']):.4f})" for v, s in one if mean(s["values"]) >= d]

@@ -122,11 +122,11 @@ def statements(rows: list[dict], runs: list[Result], suite: Suite | None) -> tup
 def write_report(folder: Path, out: Path, command: str = "", notes: str = "") -> Path:
     runs = load_runs(folder)
     rows = read_json(folder / "results.json")
+    meta = read_json(folder / "suite.json") if (folder / "suite.json").exists() else {}
+    said, collapse = statements(rows, runs, suite_of(folder, meta))  # a bad suite file fails before the plots
     metric = rows[0]["metric"]
     img_dir = out.parent / out.stem
     images = plots(runs, img_dir, metric)
-    meta = read_json(folder / "suite.json") if (folder / "suite.json").exists() else {}
-    said, collapse = statements(rows, runs, suite_of(folder, meta))
     rel = lambda p: Path(p).relative_to(out.parent) if Path(p).is_relative_to(out.parent) else p  # noqa: E731
     text = header(folder, out, runs, meta, command)
     text += [f"## Validation {metric} (mean ± std over seeds) and inference cost", ""]

@@ -8,7 +8,6 @@ sees half a file), and suite.json's read-modify-write holds a lock on ``.suite.l
 from __future__ import annotations
 
 import csv
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -116,9 +115,8 @@ class Result:
         return cls(RunSpec.from_record(r), r.get("code") or {}, *(r.get(k) for k in keys), dir=Path(path).parent)
 
     def to_json(self) -> str:
-        d = {**self.spec.to_dict(), "code": self.code}
-        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)[2:] if f.name != "dir"})
-        return json.dumps(d, indent=1)
+        d = {**self.spec.to_dict(), "code": self.code, "train_wall_s": self.train_wall_s, "resumed": self.resumed}
+        return json.dumps({**d, "rows": self.rows, "analysis": self.analysis}, indent=1)
 
     def table_rows(self) -> list[dict]:
         """This run's rows as results.json rows."""
