@@ -130,8 +130,8 @@ COMMANDS = {"prepare": main_prepare, "train": main_train, "export": main_export,
 
 def main(argv=None) -> int:
     from .evaluate import main_eval, main_sample
-    from .experiment import main_experiment
-    from .report import main_report
+    from .experiments.report import main_report
+    from .experiments.runner import main_experiment
 
     commands = {
         **COMMANDS,

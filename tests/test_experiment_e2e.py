@@ -150,7 +150,8 @@ def test_a_run_stopped_early_is_not_recorded_as_finished(smoke, tmp_path):
     """A SIGTERM-stopped training exits 0 with a checkpoint short of train.steps: not a result."""
     import shutil
 
-    from s2moe_ds.experiment import evaluate_run, find_suite, load_suite
+    from s2moe_ds.experiments.runner import evaluate_run
+    from s2moe_ds.experiments.suite import find_suite, load_suite
 
     path, out, _ = smoke
     run = tmp_path / "dense-seed0"
