@@ -106,8 +106,8 @@ class ModelOutput:
 
 class MoELanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig, seed: int = 0):
+        """``cfg``: checked once, at load (``s2moe_ds.config.validate``)."""
         super().__init__()
-        cfg.validate()
         if cfg.vocab_size <= 0:
             raise ValueError(
                 "config field 'model.vocab_size': must be set (> 0) before building the model; "

@@ -39,7 +39,7 @@ from .checkpoint import (
     write_config,
     write_run_id,
 )
-from .config import Config, load_config
+from .config import Config, load_config, validate
 from .configtools import ConfigError
 from .data.loader import WindowSampler, stream_seed
 from .data.prepare import DataError, load_split, read_meta
@@ -238,12 +238,7 @@ def evaluate(engine, sampler: WindowSampler, cfg: Config, rank: int, dev) -> flo
 def train(cfg: Config) -> dict:
     t = cfg.train
     rank, world = init_distributed(t.dist_timeout_s)
-    ep = cfg.model.moe.ep_size
-    if world % ep:
-        raise ConfigError(
-            f"config field 'model.moe.ep_size': the world size ({world}) must be a multiple of "
-            f"ep_size ({ep}); launch {ep} x N processes or lower ep_size"
-        )
+    validate(cfg, world_size=world)  # the rules that need the world size (model.moe.ep_size)
     dev = device()
     meta = read_meta(cfg.data.data_dir)
     if cfg.model.vocab_size == 0:
@@ -277,7 +272,7 @@ def train(cfg: Config) -> dict:
     engine, scheduler = build_engine(model, cfg, world)
     layout = {
         "world": world,
-        "ep_size": ep,
+        "ep_size": cfg.model.moe.ep_size,
         "backend": cfg.model.moe.backend,
         "zero_stage": engine.zero_optimization_stage(),
     }

@@ -2,7 +2,7 @@
 
 import pytest
 
-from s2moe_ds.config import REPO_ROOT, Config, load_config
+from s2moe_ds.config import REPO_ROOT, Config, load_config, validate
 from s2moe_ds.configtools import ConfigError
 from s2moe_ds.distributed import deepspeed_config
 
@@ -63,6 +63,31 @@ def test_bad_config_names_field_and_valid_values(overrides, needles):
         load_config(None, overrides)
     for needle in needles:
         assert needle in str(e.value)
+
+
+def test_world_size_rule_is_checked_by_the_one_validator():
+    """ep_size must divide the world size: refused by ``validate`` once the world size is known (the
+    trainer calls it right after the process group starts), with the field, both values and the fix."""
+    cfg = load_config(None, ["model.moe.backend=deepspeed", "model.moe.ep_size=2"])  # no world size yet
+    assert validate(cfg, world_size=4) is cfg
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=3)
+    assert str(e.value) == (
+        "config field 'model.moe.ep_size': the world size (3) must be a multiple of ep_size (2); "
+        "launch 2 x N processes or lower ep_size"
+    )
+
+
+def test_config_is_validated_once_at_load_not_per_model_or_layer(monkeypatch):
+    from s2moe_ds.model import MoELanguageModel
+    from s2moe_ds.moe.layer import MoEConfig
+
+    calls = []
+    original = MoEConfig.validate
+    monkeypatch.setattr(MoEConfig, "validate", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    cfg = load_config(None, ["model.vocab_size=32", "model.n_layer=4", "model.d_model=16", "model.n_head=2"])
+    MoELanguageModel(cfg.model)
+    assert len(calls) == 1
 
 
 def test_missing_and_malformed_config_files(tmp_path):

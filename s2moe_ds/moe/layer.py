@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from ..configtools import check_choice, check_positive, check_range, fail
-from .backends import BACKENDS, ExpertSpec, build_backend
-from .backends.local import IMPLS
-from .routers import ROUTERS, RouterOutput, build_router, router_config
+from .backends import BACKENDS, BackendConfig, ExpertSpec, backend_entry, build_backend
+from .backends.base import ACTIVATIONS
+from .routers import ROUTERS, RouterConfig, RouterOutput, build_router, parse_router_config
 from .routers.base import EVAL_WEIGHTS
 
 
@@ -110,7 +110,7 @@ class MoEConfig:
     auto, loop, grouped_mm (backend 'deepspeed' with ep_mode 'ragged')."""
     ep_size: int = 1
     """Expert-parallel size for the 'deepspeed'/'megablocks' backends: ranks sharing one layer's experts.
-    Must divide num_experts and the world size."""
+    Must divide num_experts and the world size (checked where the world size is known)."""
     ep_mode: str = "dropless"
     """Backend 'deepspeed': 'dropless' (capacity = the largest expert load in the group, nothing dropped,
     buffers padded to it), 'capacity' (capacity_factor x K x tokens / E per expert, overflow dropped) or
@@ -125,7 +125,23 @@ class MoEConfig:
     def inference_k(self) -> int:
         return self.eval_k or self.k
 
-    def validate(self, prefix: str = "moe") -> None:
+    def router_config(self, prefix: str = "moe.router_args") -> RouterConfig:
+        """The router's typed config from ``router_args`` (its rules are checked by ``validate``)."""
+        return parse_router_config(self.router, self.router_args, prefix)
+
+    def backend_config(self) -> BackendConfig:
+        """The backend's typed config from this section's fields (its rules are checked by ``validate``)."""
+        return backend_entry(self.backend).config_cls(
+            impl=self.backend_impl,
+            ep_size=self.ep_size,
+            ep_mode=self.ep_mode,
+            capacity_factor=self.capacity_factor,
+            min_capacity=self.min_capacity,
+        )
+
+    def validate(self, prefix: str = "moe", world_size: int | None = None) -> None:
+        """This section's rules, its router's and its backend's; with ``world_size`` the rule that needs it.
+        Runs at load (``s2moe_ds.config.validate``), not when layers are built."""
         check_positive(f"{prefix}.num_experts", self.num_experts)
         for name in ("k", "eval_k"):
             value = getattr(self, name)
@@ -137,37 +153,10 @@ class MoEConfig:
         check_positive(f"{prefix}.d_ff", self.d_ff, allow_zero=True)
         check_choice(f"{prefix}.eval_weights", self.eval_weights, EVAL_WEIGHTS)
         check_choice(f"{prefix}.router", self.router, ROUTERS)
-        router_config(self.router, self.router_args, prefix=f"{prefix}.router_args")
+        self.router_config(f"{prefix}.router_args").validate(f"{prefix}.router_args")
         check_choice(f"{prefix}.backend", self.backend, BACKENDS)
-        check_choice(f"{prefix}.backend_impl", self.backend_impl, IMPLS)
-        check_positive(f"{prefix}.ep_size", self.ep_size)
-        if self.num_experts % self.ep_size:
-            fail(f"{prefix}.ep_size", f"must divide num_experts ({self.num_experts}), got {self.ep_size}")
-        if self.ep_size > 1 and self.backend == "local":
-            fail(
-                f"{prefix}.ep_size",
-                f"is {self.ep_size} but backend 'local' keeps every expert in one process; "
-                f"use backend 'deepspeed' (or 'megablocks' on CUDA) for expert parallelism",
-            )
-        check_choice(f"{prefix}.ep_mode", self.ep_mode, ("dropless", "capacity", "ragged"))
-        if (
-            self.ep_mode == "ragged"
-            and self.backend == "deepspeed"
-            and self.backend_impl not in ("auto", "loop", "grouped_mm")
-        ):
-            fail(
-                f"{prefix}.backend_impl",
-                f"is {self.backend_impl!r} but ep_mode 'ragged' computes its experts with auto, loop or grouped_mm",
-            )
-        if self.ep_mode == "capacity" and self.backend == "megablocks":
-            fail(
-                f"{prefix}.ep_mode",
-                "is 'capacity' but backend 'megablocks' is dropless (ragged) only; use "
-                "backend 'deepspeed' for capacity mode",
-            )
-        check_positive(f"{prefix}.capacity_factor", self.capacity_factor)
-        check_positive(f"{prefix}.min_capacity", self.min_capacity, allow_zero=True)
-        check_choice(f"{prefix}.activation", self.activation, ("gelu", "swiglu"))
+        self.backend_config().validate(prefix, self.num_experts, world_size)
+        check_choice(f"{prefix}.activation", self.activation, ACTIVATIONS)
         self.s2moe.validate(f"{prefix}.s2moe")
 
 
@@ -188,16 +177,16 @@ class MoELayer(nn.Module):
         out_init_std: float = 0.02,
         vocab_size: int = 0,
     ):
-        """``out_init_std``: std of the experts' output matrices at initialisation (the model passes the
+        """``cfg``: checked once, at load (``s2moe_ds.config.validate``).
+        ``out_init_std``: std of the experts' output matrices at initialisation (the model passes the
         dense FFN's GPT-2 residual scaling, 0.02 / sqrt(2 n_layer); input matrices use 0.02).
         ``vocab_size``: for routers that route by token id (StableMoE 'two_stage')."""
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         self.layer_id = layer_id
         self.router = build_router(
             cfg.router,
-            cfg.router_args,
+            cfg.router_config(),
             d_model,
             cfg.num_experts,
             layer_id=layer_id,
@@ -207,15 +196,7 @@ class MoELayer(nn.Module):
             vocab_size=vocab_size,
         )
         spec = ExpertSpec(cfg.num_experts, d_model, cfg.d_ff or 4 * d_model, cfg.activation, out_init_std=out_init_std)
-        self.experts = build_backend(
-            cfg.backend,
-            spec,
-            impl=cfg.backend_impl,
-            ep_size=cfg.ep_size,
-            ep_mode=cfg.ep_mode,
-            capacity_factor=cfg.capacity_factor,
-            min_capacity=cfg.min_capacity,
-        )
+        self.experts = build_backend(cfg.backend, spec, cfg.backend_config())
 
     def current_k(self) -> int:
         return self.cfg.k if self.training else self.cfg.inference_k

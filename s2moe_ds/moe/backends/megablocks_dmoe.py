@@ -51,6 +51,6 @@ def check_available() -> None:
 
 
 class MegaBlocksBackend(DeepSpeedEPBackend):
-    def __init__(self, spec: ExpertSpec, ep_size: int = 1, **_):
+    def __init__(self, spec: ExpertSpec, ep_size: int = 1):
         check_available()
         super().__init__(spec, ep_size=ep_size, mode="ragged", kernel="megablocks")
