@@ -3,7 +3,8 @@ overridden from the command line with dotted keys (``train.steps=100``), validat
 
 Validation is one function, ``validate``: run at load (``load_config``, ``config_from_dict``,
 ``model_config_from_dict``) and once more by the trainer when the world size is known, which adds the
-rules that need it. Nothing built from a config (model, layers, routers, backends) checks it again."""
+rules that need it. Nothing built from a config (model, layers, routers, backends) checks it again, and
+nothing built from it writes to it (evaluation settings live on the modules: ``set_inference``)."""
 
 from __future__ import annotations
 

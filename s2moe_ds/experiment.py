@@ -215,7 +215,9 @@ def evaluate_run(run_dir: Path, suite: dict) -> tuple[list[dict], list[dict]]:
                 "tokens": res.tokens,
                 "inference_mflops_per_token": res.inference_gflops_per_token * 1e3,
                 "inference_moe_mflops_per_token": (
-                    moe_layer_flops(cfg.model, training=False, k=k) * len(cfg.model.moe_layer_ids()) / 1e6
+                    moe_layer_flops(cfg.model, training=False, k=k, pathways=res.pathways)
+                    * len(cfg.model.moe_layer_ids())
+                    / 1e6
                 )
                 if is_moe
                 else 0.0,

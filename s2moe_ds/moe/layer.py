@@ -4,8 +4,9 @@ Shape suffixes: T tokens, D model width, K routed slots per token.
 
 forward(x):
   1. flatten ``x`` to tokens ``x_TD``;
-  2. the router picks K (expert, weight) slots per token (k = ``moe.k`` in training, ``moe.eval_k`` in
-     evaluation), returning its auxiliary losses and metrics;
+  2. the router picks K (expert, weight) slots per token (k = ``moe.k`` in training, the layer's
+     ``inference_k`` in evaluation: ``moe.eval_k`` unless ``set_inference`` changed it), returning its
+     auxiliary losses and metrics;
   3. the backend runs the routed slots (or the router already did: CompeteSMoE competition);
   4. return the output with the router's losses and metrics.
 """
@@ -22,6 +23,8 @@ from .backends import BACKENDS, BackendConfig, ExpertSpec, backend_entry, build_
 from .backends.base import ACTIVATIONS
 from .routers import ROUTERS, RouterConfig, RouterOutput, build_router, parse_router_config
 from .routers.base import EVAL_WEIGHTS
+
+PATHWAYS = ("clean", "both")
 
 
 @dataclass
@@ -59,7 +62,8 @@ class S2MoEConfig:
     All pairs of a 4096-token batch cost more than the experts (~545 ms vs ~250 ms fwd+bwd on 2 CPU
     cores); 256 negatives ~27 ms, 64 ~12 ms (``benchmarks/bench_infonce.py``)."""
     inference: str = "clean"
-    """At evaluation: 'clean' runs the clean pathway only; 'both' samples noise and mixes both."""
+    """At evaluation: 'clean' runs the clean pathway only; 'both' samples noise and mixes both (the
+    layer's default; ``set_inference`` changes it on the layer)."""
     fused_dispatch: bool = True
     """Route and dispatch both pathways together (one all-to-all per layer). False dispatches them
     separately; only useful to measure what fusing saves (benchmarks/bench_expert_parallel.py)."""
@@ -77,7 +81,7 @@ class S2MoEConfig:
         check_positive(f"{prefix}.temperature", self.temperature)
         check_choice(f"{prefix}.uncertainty_on", self.uncertainty_on, ("inputs", "outputs"))
         check_positive(f"{prefix}.num_negatives", self.num_negatives, allow_zero=True)
-        check_choice(f"{prefix}.inference", self.inference, ("clean", "both"))
+        check_choice(f"{prefix}.inference", self.inference, PATHWAYS)
 
 
 @dataclass
@@ -87,7 +91,8 @@ class MoEConfig:
     k: int = 2
     """Experts per token in training (per pathway under S2MoE)."""
     eval_k: int = 0
-    """Experts per token at evaluation/inference; 0 means the same as ``k``."""
+    """Experts per token at evaluation/inference; 0 means the same as ``k`` (the layer's default;
+    ``set_inference`` changes it on the layer)."""
     eval_weights: str = "train"
     """Combine weights at evaluation: 'train' applies the router's training rule (``router_args.weights``)
     at any eval_k, so a top-2-trained model at top-1 gives its expert weight 1 and an S2MoE model trained
@@ -177,13 +182,17 @@ class MoELayer(nn.Module):
         out_init_std: float = 0.02,
         vocab_size: int = 0,
     ):
-        """``cfg``: checked once, at load (``s2moe_ds.config.validate``).
+        """``cfg``: checked once, at load (``s2moe_ds.config.validate``); read here, never written.
         ``out_init_std``: std of the experts' output matrices at initialisation (the model passes the
         dense FFN's GPT-2 residual scaling, 0.02 / sqrt(2 n_layer); input matrices use 0.02).
         ``vocab_size``: for routers that route by token id (StableMoE 'two_stage')."""
         super().__init__()
         self.cfg = cfg
         self.layer_id = layer_id
+        self.inference_k = cfg.inference_k
+        """Experts per token at evaluation (training uses ``cfg.k``); ``set_inference`` changes it."""
+        self.inference_pathways = cfg.s2moe.inference
+        """S2MoE layers at evaluation: 'clean' (the clean pathway only) or 'both'."""
         self.router = build_router(
             cfg.router,
             cfg.router_config(),
@@ -198,8 +207,22 @@ class MoELayer(nn.Module):
         spec = ExpertSpec(cfg.num_experts, d_model, cfg.d_ff or 4 * d_model, cfg.activation, out_init_std=out_init_std)
         self.experts = build_backend(cfg.backend, spec, cfg.backend_config())
 
+    def set_inference(self, k: int | None = None, pathways: str | None = None, weights: str | None = None) -> None:
+        """This layer's evaluation top-k, S2MoE pathways ('clean'/'both') and combine-weight convention
+        ('train': the training rule; 'per_k': the old convention); None keeps the current one. The config
+        is shared by every layer and saved with the run: it is not changed."""
+        if k is not None and not 1 <= k <= self.cfg.num_experts:
+            raise ValueError(f"inference top-k must be in [1, {self.cfg.num_experts}], got {k}")
+        if pathways is not None and pathways not in PATHWAYS:
+            raise ValueError(f"inference pathways must be 'clean' or 'both', got {pathways!r}")
+        if weights is not None and weights not in EVAL_WEIGHTS:
+            raise ValueError(f"inference weights must be 'train' or 'per_k', got {weights!r}")
+        self.inference_k = k or self.inference_k
+        self.inference_pathways = pathways or self.inference_pathways
+        self.router.eval_weights = weights or self.router.eval_weights
+
     def current_k(self) -> int:
-        return self.cfg.k if self.training else self.cfg.inference_k
+        return self.cfg.k if self.training else self.inference_k
 
     def route(self, x_TD: Tensor, k: int | None = None) -> RouterOutput:
         return self.router(x_TD, k or self.current_k(), experts=self.experts)
