@@ -193,7 +193,7 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON config (ZeRO stage, offload); batch, clipping and precision are filled in from here."""
     precision: str = "fp32"
-    """fp32, bf16 or fp16 (bf16 matmuls are very slow on these CPUs: use fp32 there)."""
+    """fp32, bf16 or fp16 (on a CPU without bf16 matrix units use fp32: docs/benchmarks.md)."""
     resume: str = ""
     """'' starts fresh (refusing to overwrite a run that has checkpoints); 'auto' resumes the latest
     checkpoint in out_dir; or a checkpoint directory/tag path."""

@@ -58,9 +58,8 @@ class S2MoEConfig:
     uncertainty_on: str = "inputs"
     """Take InfoNCE on the pathway 'inputs' (x, x_hat; default) or on the pathway 'outputs'."""
     num_negatives: int = 64
-    """Negatives per anchor, sampled from the micro-batch's other noisy tokens; 0 uses all tokens.
-    All pairs of a 4096-token batch cost more than the experts (~545 ms vs ~250 ms fwd+bwd on 2 CPU
-    cores); 256 negatives ~27 ms, 64 ~12 ms (``benchmarks/bench_infonce.py``)."""
+    """Negatives per anchor, sampled from the micro-batch's other noisy tokens; 0 uses all tokens (all
+    pairs: O(T^2 D), more than the experts cost at a few thousand tokens; measured in docs/benchmarks.md)."""
     inference: str = "clean"
     """At evaluation: 'clean' runs the clean pathway only; 'both' samples noise and mixes both (the
     layer's default; ``set_inference`` changes it on the layer)."""
