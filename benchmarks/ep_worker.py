@@ -53,13 +53,13 @@ def main():
     import deepspeed.comm as dcomm
     import deepspeed.runtime.engine  # noqa: F401
 
-    ds = deepspeed_config(cfg, world)
+    ds = deepspeed_config(cfg)
     ds["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True}
     import s2moe_ds.distributed as sd
 
     orig = sd.deepspeed_config
-    sd.deepspeed_config = lambda c, w: ds
-    engine, _ = build_engine(model, cfg, world)
+    sd.deepspeed_config = lambda c: ds
+    engine, _ = build_engine(model, cfg)
     sd.deepspeed_config = orig
     times, a2a = [], []
     t = cfg.train

@@ -200,7 +200,7 @@ def device() -> torch.device:
     return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
 
-def deepspeed_config(cfg: Config, world: int) -> dict:
+def deepspeed_config(cfg: Config) -> dict:
     """The DeepSpeed JSON config with batch size, clipping and precision filled in from our config."""
     path = resolve_path(cfg.train.ds_config)
     if not path.exists():
@@ -233,7 +233,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     return ds
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world: int):
+def build_engine(model: torch.nn.Module, cfg: Config):
     import deepspeed
 
     t = cfg.train
@@ -251,7 +251,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: int):
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, t) / t.lr)
     try:
         engine, _, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world)
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
         )
     except (ValueError, AssertionError) as e:  # DeepSpeed's config validation
         raise ConfigError(

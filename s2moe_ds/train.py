@@ -269,7 +269,7 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = MoELanguageModel(cfg.model, seed=t.seed).to(dev)
     model.set_total_steps(t.steps, t.seed)
-    engine, scheduler = build_engine(model, cfg, world)
+    engine, scheduler = build_engine(model, cfg)
     layout = {
         "world": world,
         "ep_size": cfg.model.moe.ep_size,

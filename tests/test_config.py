@@ -104,7 +104,7 @@ def test_zero3_is_rejected_with_a_pointer(tmp_path):
     ds.write_text('{"zero_optimization": {"stage": 3}}')
     cfg = load_config(None, [f"train.ds_config={ds}"])
     with pytest.raises(ConfigError, match="ZeRO stage 3.*zero2.json"):
-        deepspeed_config(cfg, world=1)
+        deepspeed_config(cfg)
 
 
 def test_deepspeed_config_filled_from_ours():
@@ -117,7 +117,7 @@ def test_deepspeed_config_filled_from_ours():
             "train.ds_config=ds_configs/zero2_offload.json",
         ],
     )
-    ds = deepspeed_config(cfg, world=2)
+    ds = deepspeed_config(cfg)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
