@@ -1,5 +1,10 @@
 """The one config tree: model (with its MoE layer), data, training. Loaded from YAML/JSON files,
-overridden from the command line with dotted keys (``train.steps=100``), validated up front."""
+overridden from the command line with dotted keys (``train.steps=100``), validated up front.
+
+Validation is one function, ``validate``: run at load (``load_config``, ``config_from_dict``,
+``model_config_from_dict``) and once more by the trainer when the world size is known, which adds the
+rules that need it. Nothing built from a config (model, layers, routers, backends) checks it again, and
+nothing built from it writes to it (evaluation settings live on the modules: ``set_inference``)."""
 
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ class ModelConfig:
             self.moe_layers
         ]
 
-    def validate(self) -> None:
+    def validate(self, world_size: int | None = None) -> None:
         for name in ("n_layer", "n_head", "d_model", "context"):
             check_positive(f"model.{name}", getattr(self, name))
         check_positive("model.vocab_size", self.vocab_size, allow_zero=True)
@@ -72,7 +77,7 @@ class ModelConfig:
             fail("model.moe_layers", f"layer indices must be in [0, {self.n_layer}), got {self.moe_layers}")
         elif len(set(self.moe_layers)) != len(self.moe_layers):
             fail("model.moe_layers", f"lists a layer twice: {self.moe_layers}; give each MoE layer once")
-        self.moe.validate("model.moe")
+        self.moe.validate("model.moe", world_size)
 
 
 @dataclass
@@ -188,7 +193,7 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON config (ZeRO stage, offload); batch, clipping and precision are filled in from here."""
     precision: str = "fp32"
-    """fp32, bf16 or fp16 (bf16 matmuls are very slow on these CPUs: use fp32 there)."""
+    """fp32, bf16 or fp16 (on a CPU without bf16 matrix units use fp32: docs/benchmarks.md)."""
     resume: str = ""
     """'' starts fresh (refusing to overwrite a run that has checkpoints); 'auto' resumes the latest
     checkpoint in out_dir; or a checkpoint directory/tag path."""
@@ -263,14 +268,19 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> Config:
-        self.model.validate()
-        self.data.validate()
-        self.train.validate()
-        return self
-
     def to_dict(self) -> dict:
         return to_dict(self)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> Config:
+    """Every rule of the config tree, each checked in one place, raising a ``ConfigError`` that names the
+    field, the bad value and what would be right. Called at load; called again with ``world_size`` where
+    the world size becomes known (the trainer), which adds the rules that need it (``model.moe.ep_size``
+    must divide it)."""
+    cfg.model.validate(world_size)
+    cfg.data.validate()
+    cfg.train.validate()
+    return cfg
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -294,11 +304,18 @@ def read_config_file(path: str | Path) -> dict:
 def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     data = read_config_file(path) if path else {}
     data = apply_overrides(data, overrides)
-    return from_dict(Config, data).validate()
+    return validate(from_dict(Config, data))
 
 
 def config_from_dict(data: dict) -> Config:
-    return from_dict(Config, data).validate()
+    return validate(from_dict(Config, data))
+
+
+def model_config_from_dict(data: dict, prefix: str = "model") -> ModelConfig:
+    """The model section alone (an exported folder's ``config.json``), checked as ``validate`` checks it."""
+    cfg = from_dict(ModelConfig, data, prefix=prefix)
+    cfg.validate()
+    return cfg
 
 
 def resolve_path(path: str) -> Path:

@@ -198,7 +198,7 @@ def device() -> torch.device:
     return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
 
-def deepspeed_config(cfg: Config, world: int) -> dict:
+def deepspeed_config(cfg: Config) -> dict:
     """The DeepSpeed JSON config with batch size, clipping and precision filled in from our config."""
     path = resolve_path(cfg.train.ds_config)
     if not path.exists():
@@ -231,7 +231,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     return ds
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world: int, optimizer, lr_scheduler, ds_overrides=None):
+def build_engine(model: torch.nn.Module, cfg: Config, optimizer, lr_scheduler, ds_overrides=None):
     """``deepspeed.initialize`` with ``deepspeed_config`` (``ds_overrides`` merged in: benchmarks); DeepSpeed's
     own config validation errors become a ConfigError naming ``train.ds_config``."""
     import deepspeed
@@ -241,7 +241,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, world: int, optimizer, lr_
             model=model,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
-            config={**deepspeed_config(cfg, world), **(ds_overrides or {})},
+            config={**deepspeed_config(cfg), **(ds_overrides or {})},
         )
     except (ValueError, AssertionError) as e:  # DeepSpeed's config validation
         raise ConfigError(

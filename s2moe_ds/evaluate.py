@@ -129,6 +129,7 @@ def evaluate_model(
     """Loss and bits per character (perplexity for subwords) over a split of prepared data, or over
     ``tokens`` (e.g. a text file encoded with the model's tokenizer)."""
     model.set_inference(k=k, pathways=pathways, weights=weights)
+    eff_k, eff_pathways = model.inference()
     mcfg = model.cfg
     dev = next(model.parameters()).device
     sampler = WindowSampler(load_split(data_dir, split, meta) if tokens is None else tokens, mcfg.context)
@@ -142,7 +143,6 @@ def evaluate_model(
     loss = total / max(count, 1)
     metric, value = quality(loss, tokenizer_kind or meta["tokenizer"])
     counts = model.param_counts()
-    eff_k = mcfg.moe.inference_k
     return EvalResult(
         split,
         count,
@@ -150,8 +150,8 @@ def evaluate_model(
         metric,
         value,
         eff_k,
-        mcfg.moe.s2moe.inference if mcfg.moe.s2moe.enabled else "clean",
-        flops_per_token(mcfg, training=False) / 1e9,
+        eff_pathways if mcfg.moe.s2moe.enabled else "clean",
+        flops_per_token(mcfg, training=False, k=eff_k, pathways=eff_pathways) / 1e9,
         count / max(elapsed, 1e-9),
         counts["total"],
         counts["active_per_token"],

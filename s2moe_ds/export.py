@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, check_compatible, load_for_eval, vocab_fingerprint
-from .config import ModelConfig, config_from_dict
-from .configtools import from_dict
+from .config import config_from_dict, model_config_from_dict
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -191,7 +190,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device | None = None
             f"`s2moe export RUN --out {folder}`"
         )
     config = json.loads((folder / CONFIG).read_text())
-    model_cfg = from_dict(ModelConfig, config["s2moe"], prefix="s2moe")
+    model_cfg = model_config_from_dict(config["s2moe"], prefix="s2moe")
     model_cfg.moe.backend, model_cfg.moe.ep_size = "local", 1
     model = MoELanguageModel(model_cfg)
     state = read_weights(folder)

@@ -15,23 +15,24 @@ Training FLOPs are 3x forward (backward costs twice the forward).
 from __future__ import annotations
 
 from .config import ModelConfig
-from .moe.routers import router_class, router_config
+from .moe.routers import router_class
 
 
 def expert_flops(d_model: int, d_ff: int, activation: str) -> int:
     return 2 * (3 if activation == "swiglu" else 2) * d_model * d_ff
 
 
-def moe_layer_flops(cfg: ModelConfig, training: bool, k: int | None = None, batch_tokens: int | None = None) -> float:
+def moe_layer_flops(cfg: ModelConfig, training: bool, k: int = 0, batch_tokens: int = 0, pathways: str = "") -> float:
     m = cfg.moe
     cls = router_class(m.router)
-    rcfg = router_config(m.router, m.router_args)
+    rcfg = m.router_config()
     d, E = cfg.d_model, m.num_experts
     k = k or (m.k if training else m.inference_k)
+    pathways = pathways or m.s2moe.inference
     per_pass = cls.flops_per_token(rcfg, d, E) + cls.expected_slots(rcfg, k, E, training) * expert_flops(
         d, m.d_ff or 4 * d, m.activation
     )
-    if not m.s2moe.enabled or (not training and m.s2moe.inference == "clean"):
+    if not m.s2moe.enabled or (not training and pathways == "clean"):
         return per_pass
     extra = 2 * d
     if training and m.s2moe.uncertainty_coef > 0:
@@ -47,14 +48,18 @@ def moe_layer_flops(cfg: ModelConfig, training: bool, k: int | None = None, batc
     return 2 * per_pass + extra
 
 
-def flops_per_token(cfg: ModelConfig, training: bool, k: int | None = None, batch_tokens: int | None = None) -> float:
-    """Forward(+backward when ``training``) FLOPs per token; ``k`` overrides the MoE top-k;
-    ``batch_tokens`` (tokens per micro-batch) is needed when InfoNCE uses every token as a negative."""
+def flops_per_token(cfg: ModelConfig, training: bool, k: int = 0, batch_tokens: int = 0, pathways: str = "") -> float:
+    """Forward(+backward when ``training``) FLOPs per token. ``k`` and ``pathways``: the MoE top-k and, at
+    inference, the S2MoE pathways ('clean'/'both') a model runs with (``MoELanguageModel.inference()``);
+    unset (0, '') takes the config's (``k`` in training, else ``eval_k``; ``s2moe.inference``). ``batch_tokens``
+    (tokens per micro-batch) is needed when InfoNCE uses every token as a negative."""
     d, n = cfg.d_model, cfg.context
     moe_ids = set(cfg.moe_layer_ids())
     total = 0.0
     for i in range(cfg.n_layer):
         total += 8 * d * d + 4 * n * d
-        total += moe_layer_flops(cfg, training, k, batch_tokens) if i in moe_ids else 4 * d * (cfg.d_ff or 4 * d)
+        total += (
+            moe_layer_flops(cfg, training, k, batch_tokens, pathways) if i in moe_ids else 4 * d * (cfg.d_ff or 4 * d)
+        )
     total += 2 * d * cfg.vocab_size
     return 3 * total if training else total

@@ -17,8 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from .config import ModelConfig
-from .configtools import from_dict
+from .config import ModelConfig, model_config_from_dict
 
 
 class S2MoEConfig(PretrainedConfig):
@@ -38,7 +37,7 @@ class S2MoEConfig(PretrainedConfig):
         self.max_position_embeddings = m.get("context", 0)
 
     def model_config(self) -> ModelConfig:
-        cfg = from_dict(ModelConfig, self.s2moe, prefix="s2moe")
+        cfg = model_config_from_dict(self.s2moe, prefix="s2moe")
         cfg.moe.backend, cfg.moe.ep_size = "local", 1
         return cfg
 

@@ -106,8 +106,8 @@ class ModelOutput:
 
 class MoELanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig, seed: int = 0):
+        """``cfg``: checked once, at load (``s2moe_ds.config.validate``); read here, never written."""
         super().__init__()
-        cfg.validate()
         if cfg.vocab_size <= 0:
             raise ValueError(
                 "config field 'model.vocab_size': must be set (> 0) before building the model; "
@@ -184,19 +184,17 @@ class MoELanguageModel(nn.Module):
                 layer.router.update_selection_bias(counts)
 
     def set_inference(self, k: int | None = None, pathways: str | None = None, weights: str | None = None) -> None:
-        """Override each MoE layer's evaluation top-k, S2MoE inference pathways ('clean'/'both') and
-        combine-weight convention ('train': the training rule; 'per_k': the old convention)."""
+        """Set every MoE layer's evaluation top-k, S2MoE inference pathways ('clean'/'both') and
+        combine-weight convention ('train': the training rule; 'per_k': the old convention); None keeps
+        the current one. The layers hold them (``MoELayer.set_inference``); the config is not changed."""
         for _, layer in self.moe_layers():
-            if weights is not None:
-                if weights not in ("train", "per_k"):
-                    raise ValueError(f"inference weights must be 'train' or 'per_k', got {weights!r}")
-                layer.cfg.eval_weights = layer.router.eval_weights = weights
-            if k is not None:
-                if not 1 <= k <= layer.cfg.num_experts:
-                    raise ValueError(f"inference top-k must be in [1, {layer.cfg.num_experts}], got {k}")
-                layer.cfg.eval_k = k
-            if pathways is not None:
-                layer.cfg.s2moe.inference = pathways
+            layer.set_inference(k, pathways, weights)
+
+    def inference(self) -> tuple[int, str]:
+        """(top-k, S2MoE pathways) the MoE layers evaluate with now; the config's for a dense model."""
+        for _, layer in self.moe_layers():
+            return layer.inference_k, layer.inference_pathways
+        return self.cfg.moe.inference_k, self.cfg.moe.s2moe.inference
 
     def forward(self, idx_BL: Tensor, targets_BL: Tensor | None = None, cache: list | None = None) -> ModelOutput:
         """``cache`` (generation): a list with one ``[k, v]`` per block (``new_cache()``), holding the tokens
@@ -223,13 +221,13 @@ class MoELanguageModel(nn.Module):
 
     def param_counts(self) -> dict:
         """Parameters of the whole model (all experts, wherever they live) and active per token at
-        inference (only the experts a token is routed to under eval_k)."""
+        inference (only the experts a token is routed to at the layers' inference top-k)."""
         expert_params = {id(p) for _, layer in self.moe_layers() for p in layer.experts.parameters()}
         shared = sum(p.numel() for p in self.parameters() if id(p) not in expert_params)
         total = active = shared
         for _, layer in self.moe_layers():
             per_expert = layer.experts.params_per_expert()
-            slots = layer.router.expected_slots(layer.router.cfg, layer.cfg.inference_k, layer.cfg.num_experts, False)
+            slots = layer.router.expected_slots(layer.router.cfg, layer.inference_k, layer.cfg.num_experts, False)
             total += per_expert * layer.cfg.num_experts
             active += per_expert * min(slots, layer.cfg.num_experts)
         return {"total": total, "active_per_token": int(active)}

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from s2moe_ds.configtools import ConfigError
 from s2moe_ds.moe.backends import ExpertSpec, build_backend
 from s2moe_ds.moe.backends.local import IMPLS
 
@@ -128,3 +129,12 @@ def test_grouped_mm_on_cuda_matches_the_fp32_reference(activation, dtype):
     for name, g_ref in gp_ref.items():
         assert _rel_err(gp[name][: E - 2], g_ref[: E - 2]) < tol, name
         assert gp[name][E - 2 :].abs().sum() == 0, f"{name}: an expert that received nothing got a gradient"
+
+
+def test_a_misspelt_backend_option_is_refused_with_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        build_backend("local", ExpertSpec(4, 16, 32), imp="reference")
+    assert "'moe.imp'" in str(e.value) and "did you mean 'impl'" in str(e.value)
+    assert "valid keys: impl, ep_size, ep_mode, capacity_factor, min_capacity" in str(e.value)
+    with pytest.raises(ConfigError, match="'moe.backend_impl': got 'fastest'"):
+        build_backend("local", ExpertSpec(4, 16, 32), impl="fastest")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from s2moe_ds.config import REPO_ROOT, Config, load_config
+from s2moe_ds.config import REPO_ROOT, Config, load_config, validate
 from s2moe_ds.configtools import ConfigError
 from s2moe_ds.distributed import deepspeed_config
 
@@ -65,6 +65,31 @@ def test_bad_config_names_field_and_valid_values(overrides, needles):
         assert needle in str(e.value)
 
 
+def test_world_size_rule_is_checked_by_the_one_validator():
+    """ep_size must divide the world size: refused by ``validate`` once the world size is known (the
+    trainer calls it right after the process group starts), with the field, both values and the fix."""
+    cfg = load_config(None, ["model.moe.backend=deepspeed", "model.moe.ep_size=2"])  # no world size yet
+    assert validate(cfg, world_size=4) is cfg
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=3)
+    assert str(e.value) == (
+        "config field 'model.moe.ep_size': the world size (3) must be a multiple of ep_size (2); "
+        "launch 2 x N processes or lower ep_size"
+    )
+
+
+def test_config_is_validated_once_at_load_not_per_model_or_layer(monkeypatch):
+    from s2moe_ds.model import MoELanguageModel
+    from s2moe_ds.moe.layer import MoEConfig
+
+    calls = []
+    original = MoEConfig.validate
+    monkeypatch.setattr(MoEConfig, "validate", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    cfg = load_config(None, ["model.vocab_size=32", "model.n_layer=4", "model.d_model=16", "model.n_head=2"])
+    MoELanguageModel(cfg.model)
+    assert len(calls) == 1
+
+
 def test_missing_and_malformed_config_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
@@ -79,7 +104,7 @@ def test_zero3_is_rejected_with_a_pointer(tmp_path):
     ds.write_text('{"zero_optimization": {"stage": 3}}')
     cfg = load_config(None, [f"train.ds_config={ds}"])
     with pytest.raises(ConfigError, match="ZeRO stage 3.*zero2.json"):
-        deepspeed_config(cfg, world=1)
+        deepspeed_config(cfg)
 
 
 def test_deepspeed_config_filled_from_ours():
@@ -92,7 +117,7 @@ def test_deepspeed_config_filled_from_ours():
             "train.ds_config=ds_configs/zero2_offload.json",
         ],
     )
-    ds = deepspeed_config(cfg, world=2)
+    ds = deepspeed_config(cfg)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from s2moe_ds.config import ModelConfig
+from s2moe_ds.configtools import to_dict
 from s2moe_ds.flops import flops_per_token
 from s2moe_ds.model import MoELanguageModel
 from s2moe_ds.moe.backends.deepspeed_ep import slot_locations
@@ -69,6 +70,24 @@ def test_model_set_inference_switches_the_convention_on_every_layer():
     assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="'train' or 'per_k'"):
         model.set_inference(weights="renorm")
+
+
+def test_set_inference_lives_on_the_layers_and_leaves_the_config_alone():
+    """Evaluation settings are the modules' (the config is shared by every layer and saved with the run);
+    the FLOPs figure takes them as arguments."""
+    cfg = ModelConfig(vocab_size=16, n_layer=2, n_head=2, d_model=8, context=8)
+    cfg.moe.num_experts, cfg.moe.k, cfg.moe.eval_k = 4, 1, 1
+    cfg.moe.s2moe.enabled = True
+    before = to_dict(cfg)
+    model = MoELanguageModel(cfg).eval()
+    model.set_inference(k=2, pathways="both", weights="per_k")
+    assert to_dict(cfg) == before
+    assert model.inference() == (2, "both")
+    assert all(layer.router.eval_weights == "per_k" for _, layer in model.moe_layers())
+    both_k2 = flops_per_token(cfg, training=False, k=2, pathways="both")
+    assert both_k2 > flops_per_token(cfg, training=False, k=2) > flops_per_token(cfg, training=False)
+    with pytest.raises(ValueError, match="'clean' or 'both'"):
+        model.set_inference(pathways="noisy")
 
 
 # --- 5. experts start like the dense FFN ---

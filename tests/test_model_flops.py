@@ -46,6 +46,8 @@ def test_s2moe_flops_hand_count_train_and_inference():
     infer_moe = router + expert  # clean pathway, top-1
     assert flops_per_token(m, training=True) == 3 * (2 * attn + dense + train_moe + 2 * d * V)
     assert flops_per_token(m, training=False) == 2 * attn + dense + infer_moe + 2 * d * V
+    both = 2 * infer_moe + 2 * d  # both pathways at inference: twice the routed work, plus the gate
+    assert flops_per_token(m, training=False, pathways="both") == 2 * attn + dense + both + 2 * d * V
     # same expert FLOPs in training as SMoE top-2; half of them at inference
     top2 = cfg_with("model.moe.k=2", "model.moe_layers=[1]", "model.d_ff=64")
     assert flops_per_token(top2, training=False) - flops_per_token(m, training=False) == expert

@@ -31,7 +31,7 @@ def _portable_equals_gather(rank, world, out_dir, zero_stage, backend, ep_size):
     )
     torch.manual_seed(0)
     model = MoELanguageModel(cfg.model)
-    engine, _ = build_engine(model, cfg, world, *build_optimizer(model, cfg))
+    engine, _ = build_engine(model, cfg, *build_optimizer(model, cfg))
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(40, (2, 64), generator=g)
     out = engine(x, x)

@@ -70,7 +70,7 @@ def test_training_routes_both_pathways_and_eval_k_override():
     out = layer(torch.randn(15, 16))
     assert out.metrics["tokens_per_expert"].sum() == 30  # top-1 on each of the two pathways
     assert 0 < out.metrics["gate_mean"] < 1 and "uncertainty" in out.aux_losses
-    layer.cfg.eval_k = 2
+    layer.set_inference(k=2)
     layer.eval()
     assert layer(torch.randn(15, 16)).metrics["tokens_per_expert"].sum() == 30
 

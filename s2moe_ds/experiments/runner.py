@@ -98,7 +98,9 @@ def eval_row(res, cfg, k: int | None, label: str, weights: str, step: int) -> di
         "metric": res.metric,
         "tokens": res.tokens,
         "inference_mflops_per_token": res.inference_gflops_per_token * 1e3,
-        "inference_moe_mflops_per_token": moe_layer_flops(cfg.model, training=False, k=k) * n_moe / 1e6
+        "inference_moe_mflops_per_token": moe_layer_flops(cfg.model, training=False, k=k, pathways=res.pathways)
+        * n_moe
+        / 1e6
         if is_moe
         else 0.0,
         "train_mflops_per_token": flops_per_token(cfg.model, training=True, batch_tokens=batch_tokens) / 1e6,

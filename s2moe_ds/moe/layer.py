@@ -4,8 +4,9 @@ Shape suffixes: T tokens, D model width, K routed slots per token.
 
 forward(x):
   1. flatten ``x`` to tokens ``x_TD``;
-  2. the router picks K (expert, weight) slots per token (k = ``moe.k`` in training, ``moe.eval_k`` in
-     evaluation), returning its auxiliary losses and metrics;
+  2. the router picks K (expert, weight) slots per token (k = ``moe.k`` in training, the layer's
+     ``inference_k`` in evaluation: ``moe.eval_k`` unless ``set_inference`` changed it), returning its
+     auxiliary losses and metrics;
   3. the backend runs the routed slots (or the router already did: CompeteSMoE competition);
   4. return the output with the router's losses and metrics.
 """
@@ -18,10 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from ..configtools import check_choice, check_positive, check_range, fail
-from .backends import BACKENDS, ExpertSpec, build_backend
-from .backends.local import IMPLS
-from .routers import ROUTERS, RouterOutput, build_router, router_config
+from .backends import BACKENDS, BackendConfig, ExpertSpec, backend_entry, build_backend
+from .backends.base import ACTIVATIONS
+from .routers import ROUTERS, RouterConfig, RouterOutput, build_router, parse_router_config
 from .routers.base import EVAL_WEIGHTS
+
+PATHWAYS = ("clean", "both")
 
 
 @dataclass
@@ -55,11 +58,11 @@ class S2MoEConfig:
     uncertainty_on: str = "inputs"
     """Take InfoNCE on the pathway 'inputs' (x, x_hat; default) or on the pathway 'outputs'."""
     num_negatives: int = 64
-    """Negatives per anchor, sampled from the micro-batch's other noisy tokens; 0 uses all tokens.
-    All pairs of a 4096-token batch cost more than the experts (~545 ms vs ~250 ms fwd+bwd on 2 CPU
-    cores); 256 negatives ~27 ms, 64 ~12 ms (``benchmarks/bench_infonce.py``)."""
+    """Negatives per anchor, sampled from the micro-batch's other noisy tokens; 0 uses all tokens (all
+    pairs: O(T^2 D), more than the experts cost at a few thousand tokens; measured in docs/benchmarks.md)."""
     inference: str = "clean"
-    """At evaluation: 'clean' runs the clean pathway only; 'both' samples noise and mixes both."""
+    """At evaluation: 'clean' runs the clean pathway only; 'both' samples noise and mixes both (the
+    layer's default; ``set_inference`` changes it on the layer)."""
     fused_dispatch: bool = True
     """Route and dispatch both pathways together (one all-to-all per layer). False dispatches them
     separately; only useful to measure what fusing saves (benchmarks/bench_expert_parallel.py)."""
@@ -77,7 +80,7 @@ class S2MoEConfig:
         check_positive(f"{prefix}.temperature", self.temperature)
         check_choice(f"{prefix}.uncertainty_on", self.uncertainty_on, ("inputs", "outputs"))
         check_positive(f"{prefix}.num_negatives", self.num_negatives, allow_zero=True)
-        check_choice(f"{prefix}.inference", self.inference, ("clean", "both"))
+        check_choice(f"{prefix}.inference", self.inference, PATHWAYS)
 
 
 @dataclass
@@ -87,7 +90,8 @@ class MoEConfig:
     k: int = 2
     """Experts per token in training (per pathway under S2MoE)."""
     eval_k: int = 0
-    """Experts per token at evaluation/inference; 0 means the same as ``k``."""
+    """Experts per token at evaluation/inference; 0 means the same as ``k`` (the layer's default;
+    ``set_inference`` changes it on the layer)."""
     eval_weights: str = "train"
     """Combine weights at evaluation: 'train' applies the router's training rule (``router_args.weights``)
     at any eval_k, so a top-2-trained model at top-1 gives its expert weight 1 and an S2MoE model trained
@@ -110,7 +114,7 @@ class MoEConfig:
     auto, loop, grouped_mm (backend 'deepspeed' with ep_mode 'ragged')."""
     ep_size: int = 1
     """Expert-parallel size for the 'deepspeed'/'megablocks' backends: ranks sharing one layer's experts.
-    Must divide num_experts and the world size."""
+    Must divide num_experts and the world size (checked where the world size is known)."""
     ep_mode: str = "dropless"
     """Backend 'deepspeed': 'dropless' (capacity = the largest expert load in the group, nothing dropped,
     buffers padded to it), 'capacity' (capacity_factor x K x tokens / E per expert, overflow dropped) or
@@ -125,7 +129,23 @@ class MoEConfig:
     def inference_k(self) -> int:
         return self.eval_k or self.k
 
-    def validate(self, prefix: str = "moe") -> None:
+    def router_config(self, prefix: str = "moe.router_args") -> RouterConfig:
+        """The router's typed config from ``router_args`` (its rules are checked by ``validate``)."""
+        return parse_router_config(self.router, self.router_args, prefix)
+
+    def backend_config(self) -> BackendConfig:
+        """The backend's typed config from this section's fields (its rules are checked by ``validate``)."""
+        return backend_entry(self.backend).config_cls(
+            impl=self.backend_impl,
+            ep_size=self.ep_size,
+            ep_mode=self.ep_mode,
+            capacity_factor=self.capacity_factor,
+            min_capacity=self.min_capacity,
+        )
+
+    def validate(self, prefix: str = "moe", world_size: int | None = None) -> None:
+        """This section's rules, its router's and its backend's; with ``world_size`` the rule that needs it.
+        Runs at load (``s2moe_ds.config.validate``), not when layers are built."""
         check_positive(f"{prefix}.num_experts", self.num_experts)
         for name in ("k", "eval_k"):
             value = getattr(self, name)
@@ -137,37 +157,10 @@ class MoEConfig:
         check_positive(f"{prefix}.d_ff", self.d_ff, allow_zero=True)
         check_choice(f"{prefix}.eval_weights", self.eval_weights, EVAL_WEIGHTS)
         check_choice(f"{prefix}.router", self.router, ROUTERS)
-        router_config(self.router, self.router_args, prefix=f"{prefix}.router_args")
+        self.router_config(f"{prefix}.router_args").validate(f"{prefix}.router_args")
         check_choice(f"{prefix}.backend", self.backend, BACKENDS)
-        check_choice(f"{prefix}.backend_impl", self.backend_impl, IMPLS)
-        check_positive(f"{prefix}.ep_size", self.ep_size)
-        if self.num_experts % self.ep_size:
-            fail(f"{prefix}.ep_size", f"must divide num_experts ({self.num_experts}), got {self.ep_size}")
-        if self.ep_size > 1 and self.backend == "local":
-            fail(
-                f"{prefix}.ep_size",
-                f"is {self.ep_size} but backend 'local' keeps every expert in one process; "
-                f"use backend 'deepspeed' (or 'megablocks' on CUDA) for expert parallelism",
-            )
-        check_choice(f"{prefix}.ep_mode", self.ep_mode, ("dropless", "capacity", "ragged"))
-        if (
-            self.ep_mode == "ragged"
-            and self.backend == "deepspeed"
-            and self.backend_impl not in ("auto", "loop", "grouped_mm")
-        ):
-            fail(
-                f"{prefix}.backend_impl",
-                f"is {self.backend_impl!r} but ep_mode 'ragged' computes its experts with auto, loop or grouped_mm",
-            )
-        if self.ep_mode == "capacity" and self.backend == "megablocks":
-            fail(
-                f"{prefix}.ep_mode",
-                "is 'capacity' but backend 'megablocks' is dropless (ragged) only; use "
-                "backend 'deepspeed' for capacity mode",
-            )
-        check_positive(f"{prefix}.capacity_factor", self.capacity_factor)
-        check_positive(f"{prefix}.min_capacity", self.min_capacity, allow_zero=True)
-        check_choice(f"{prefix}.activation", self.activation, ("gelu", "swiglu"))
+        self.backend_config().validate(prefix, self.num_experts, world_size)
+        check_choice(f"{prefix}.activation", self.activation, ACTIVATIONS)
         self.s2moe.validate(f"{prefix}.s2moe")
 
 
@@ -188,16 +181,20 @@ class MoELayer(nn.Module):
         out_init_std: float = 0.02,
         vocab_size: int = 0,
     ):
-        """``out_init_std``: std of the experts' output matrices at initialisation (the model passes the
+        """``cfg``: checked once, at load (``s2moe_ds.config.validate``); read here, never written.
+        ``out_init_std``: std of the experts' output matrices at initialisation (the model passes the
         dense FFN's GPT-2 residual scaling, 0.02 / sqrt(2 n_layer); input matrices use 0.02).
         ``vocab_size``: for routers that route by token id (StableMoE 'two_stage')."""
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         self.layer_id = layer_id
+        self.inference_k = cfg.inference_k
+        """Experts per token at evaluation (training uses ``cfg.k``); ``set_inference`` changes it."""
+        self.inference_pathways = cfg.s2moe.inference
+        """S2MoE layers at evaluation: 'clean' (the clean pathway only) or 'both'."""
         self.router = build_router(
             cfg.router,
-            cfg.router_args,
+            cfg.router_config(),
             d_model,
             cfg.num_experts,
             layer_id=layer_id,
@@ -207,18 +204,24 @@ class MoELayer(nn.Module):
             vocab_size=vocab_size,
         )
         spec = ExpertSpec(cfg.num_experts, d_model, cfg.d_ff or 4 * d_model, cfg.activation, out_init_std=out_init_std)
-        self.experts = build_backend(
-            cfg.backend,
-            spec,
-            impl=cfg.backend_impl,
-            ep_size=cfg.ep_size,
-            ep_mode=cfg.ep_mode,
-            capacity_factor=cfg.capacity_factor,
-            min_capacity=cfg.min_capacity,
-        )
+        self.experts = build_backend(cfg.backend, spec, cfg.backend_config())
+
+    def set_inference(self, k: int | None = None, pathways: str | None = None, weights: str | None = None) -> None:
+        """This layer's evaluation top-k, S2MoE pathways ('clean'/'both') and combine-weight convention
+        ('train': the training rule; 'per_k': the old convention); None keeps the current one. The config
+        is shared by every layer and saved with the run: it is not changed."""
+        if k is not None and not 1 <= k <= self.cfg.num_experts:
+            raise ValueError(f"inference top-k must be in [1, {self.cfg.num_experts}], got {k}")
+        if pathways is not None and pathways not in PATHWAYS:
+            raise ValueError(f"inference pathways must be 'clean' or 'both', got {pathways!r}")
+        if weights is not None and weights not in EVAL_WEIGHTS:
+            raise ValueError(f"inference weights must be 'train' or 'per_k', got {weights!r}")
+        self.inference_k = k or self.inference_k
+        self.inference_pathways = pathways or self.inference_pathways
+        self.router.eval_weights = weights or self.router.eval_weights
 
     def current_k(self) -> int:
-        return self.cfg.k if self.training else self.cfg.inference_k
+        return self.cfg.k if self.training else self.inference_k
 
     def route(self, x_TD: Tensor, k: int | None = None) -> RouterOutput:
         return self.router(x_TD, k or self.current_k(), experts=self.experts)

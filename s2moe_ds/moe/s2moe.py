@@ -10,7 +10,7 @@ Training forward (and evaluation with ``s2moe.inference='both'``):
      (``gate: fixed`` uses a constant instead, for the ablation);
   4. losses: the router's (balance ...) over both pathways, plus ``uncertainty_coef`` x L_u.
 Evaluation (default): noise is off, ``x_hat = x`` in expectation, so only the clean pathway runs, with
-``moe.eval_k`` experts (top-1 by default): ``y = f(x)``.
+``moe.eval_k`` experts (top-1 by default; ``set_inference`` changes both on the layer): ``y = f(x)``.
 
 **The top-1 combine weight.** The router's default ``weights: auto`` gives a top-1-trained pathway its
 expert's probability under the softmax over all experts (Switch's rule), not the weight 1 that the
@@ -171,7 +171,7 @@ class S2MoELayer(MoELayer):
 
     def forward(self, x: Tensor) -> MoEOutput:
         s = self.cfg.s2moe
-        if not self.training and s.inference == "clean":
+        if not self.training and self.inference_pathways == "clean":
             return super().forward(x)
         x_TD = x.reshape(-1, x.shape[-1])
         x_hat_TD = self.noise(x_TD)

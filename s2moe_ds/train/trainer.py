@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, validate
 from ..configtools import ConfigError
 from ..data.loader import WindowSampler, stream_seed
 from ..data.prepare import load_split, read_meta
@@ -94,12 +94,7 @@ class Trainer:
         writes nothing; ``ds_overrides`` are merged into the DeepSpeed config."""
         t = cfg.train
         rank, world = init_distributed(t.dist_timeout_s)
-        ep = cfg.model.moe.ep_size
-        if world % ep:
-            raise ConfigError(
-                f"config field 'model.moe.ep_size': the world size ({world}) must be a multiple of ep_size ({ep}); "
-                f"launch {ep} x N processes or lower ep_size"
-            )
+        validate(cfg, world_size=world)  # the rules that need the world size (model.moe.ep_size)
         meta, *windows = load_data(cfg)
         self = cls(cfg, rank, world, meta, tuple(windows), list(hooks))
         if run_dir:
@@ -109,10 +104,10 @@ class Trainer:
         self.model = MoELanguageModel(cfg.model, seed=t.seed).to(self.dev)
         self.model.set_total_steps(t.steps, t.seed)
         optimizer, schedule = build_optimizer(self.model, cfg)
-        self.engine, self.scheduler = build_engine(self.model, cfg, world, optimizer, schedule, ds_overrides)
+        self.engine, self.scheduler = build_engine(self.model, cfg, optimizer, schedule, ds_overrides)
         self.layout = {
             "world": world,
-            "ep_size": ep,
+            "ep_size": cfg.model.moe.ep_size,
             "backend": cfg.model.moe.backend,
             "zero_stage": self.engine.zero_optimization_stage(),
         }

@@ -1,4 +1,4 @@
-"""Expert backend registry: name -> factory(spec, options).
+"""Expert backend registry: name -> (typed config class, factory(spec, config)).
 
 ``deepspeed`` and ``megablocks`` are both ``deepspeed.moe.layer.MoE`` instances with the same parameter
 names (``DS_LAYOUT_BACKENDS``): their checkpoints are interchangeable.
@@ -11,58 +11,79 @@ never imports DeepSpeed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 from torch import nn
 
-from ...configtools import ConfigError
+from ...configtools import ConfigError, from_dict
 from .base import ExpertBackend, ExpertSpec
+from .config import BackendConfig, DeepSpeedConfig, LocalConfig, MegaBlocksConfig
 from .local import LocalDroplessBackend
 
 
-def _local(spec: ExpertSpec, impl: str = "auto", **_) -> nn.Module:
-    return LocalDroplessBackend(spec, impl=impl)
+def _local(spec: ExpertSpec, cfg: LocalConfig) -> nn.Module:
+    return LocalDroplessBackend(spec, impl=cfg.impl)
 
 
-def _deepspeed(
-    spec: ExpertSpec,
-    ep_size: int = 1,
-    ep_mode: str = "dropless",
-    capacity_factor: float = 1.25,
-    min_capacity: int = 4,
-    impl: str = "auto",
-    **_,
-) -> nn.Module:
+def _deepspeed(spec: ExpertSpec, cfg: DeepSpeedConfig) -> nn.Module:
     from .deepspeed_ep import DeepSpeedEPBackend
 
     return DeepSpeedEPBackend(
         spec,
-        ep_size=ep_size,
-        mode=ep_mode,
-        capacity_factor=capacity_factor,
-        min_capacity=min_capacity,
-        kernel=impl if ep_mode == "ragged" else "auto",
+        ep_size=cfg.ep_size,
+        mode=cfg.ep_mode,
+        capacity_factor=cfg.capacity_factor,
+        min_capacity=cfg.min_capacity,
+        kernel=cfg.impl if cfg.ep_mode == "ragged" else "auto",
     )
 
 
-def _megablocks(spec: ExpertSpec, ep_size: int = 1, **_) -> nn.Module:
+def _megablocks(spec: ExpertSpec, cfg: MegaBlocksConfig) -> nn.Module:
     from .megablocks_dmoe import MegaBlocksBackend
 
-    return MegaBlocksBackend(spec, ep_size=ep_size)
+    return MegaBlocksBackend(spec, ep_size=cfg.ep_size)
+
+
+class Backend(NamedTuple):
+    config_cls: type[BackendConfig]
+    build: Callable[[ExpertSpec, BackendConfig], nn.Module]
 
 
 DS_LAYOUT_BACKENDS = ("deepspeed", "megablocks")
 
-BACKENDS: dict[str, Callable[..., nn.Module]] = {
-    "local": _local,
-    "deepspeed": _deepspeed,
-    "megablocks": _megablocks,
+BACKENDS: dict[str, Backend] = {
+    "local": Backend(LocalConfig, _local),
+    "deepspeed": Backend(DeepSpeedConfig, _deepspeed),
+    "megablocks": Backend(MegaBlocksConfig, _megablocks),
 }
 
 
-def build_backend(name: str, spec: ExpertSpec, **options) -> nn.Module:
+def backend_entry(name: str) -> Backend:
     if name not in BACKENDS:
         raise ConfigError(f"config field 'moe.backend': unknown backend {name!r}; valid values: {', '.join(BACKENDS)}")
-    return BACKENDS[name](spec, **options)
+    return BACKENDS[name]
 
 
-__all__ = ["BACKENDS", "DS_LAYOUT_BACKENDS", "ExpertBackend", "ExpertSpec", "build_backend"]
+def build_backend(name: str, spec: ExpertSpec, config: BackendConfig | None = None, **options) -> nn.Module:
+    """Backend ``name`` for experts ``spec``, from ``config`` (a typed config already checked at load:
+    ``MoEConfig.backend_config()``) or from keyword ``options`` (checked here: a misspelt option is an
+    error naming the valid ones)."""
+    entry = backend_entry(name)
+    if config is None:
+        config = from_dict(entry.config_cls, options, prefix="moe")
+        config.validate("moe", spec.num_experts)
+        spec.validate()
+    elif options:
+        raise TypeError(f"build_backend takes a config or keyword options, not both (got {', '.join(options)})")
+    return entry.build(spec, config)
+
+
+__all__ = [
+    "BACKENDS",
+    "DS_LAYOUT_BACKENDS",
+    "BackendConfig",
+    "ExpertBackend",
+    "ExpertSpec",
+    "backend_entry",
+    "build_backend",
+]

@@ -1,11 +1,10 @@
 """MegaBlocks' grouped expert computation (CUDA only), driven by our routers, expert-parallel over
 DeepSpeed's groups.
 
-**Unverified on a GPU**: this machine has no CUDA. Everything except the kernel call is shared with
-``backend=deepspeed, ep_mode=ragged`` and tested on CPU with 2 real processes; ``tests/test_megablocks_gpu.py``
-(marked ``gpu``) compares this backend with the local one and with MegaBlocks' own dMoE experts
-(``ParallelDroplessMLP``, ``mlp_impl='grouped'``) fed the same routing and weights. Until someone runs
-those tests on a GPU, treat it as untested.
+Everything except the kernel call is shared with ``backend=deepspeed, ep_mode=ragged`` (tested on CPU with
+2 real processes); ``tests/test_megablocks_gpu.py`` (marked ``gpu``) compares this backend with the local one
+and with MegaBlocks' own dMoE experts (``ParallelDroplessMLP``, ``mlp_impl='grouped'``) fed the same routing
+and weights. Where those tests have run: docs/expert-parallelism.md and docs/benchmarks.md.
 
 What it is: the ragged (dropless, padding-free) expert parallelism of ``ragged.py`` — MegaBlocks' own
 scheme: sort by expert, exchange counts, variable-size all-to-all, grouped compute, reverse — with
@@ -51,6 +50,6 @@ def check_available() -> None:
 
 
 class MegaBlocksBackend(DeepSpeedEPBackend):
-    def __init__(self, spec: ExpertSpec, ep_size: int = 1, **_):
+    def __init__(self, spec: ExpertSpec, ep_size: int = 1):
         check_available()
         super().__init__(spec, ep_size=ep_size, mode="ragged", kernel="megablocks")

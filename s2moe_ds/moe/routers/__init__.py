@@ -27,16 +27,22 @@ def router_class(name: str) -> type[Router]:
     return ROUTERS[name]
 
 
+def parse_router_config(name: str, args: dict | None, prefix: str = "moe.router_args") -> RouterConfig:
+    """The config dataclass of router ``name`` from a dict of its fields (unknown fields and wrong types
+    refused; its rules are ``validate``'s, applied once at load)."""
+    return from_dict(router_class(name).config_cls, args or {}, prefix=prefix)
+
+
 def router_config(name: str, args: dict | None, prefix: str = "moe.router_args") -> RouterConfig:
     """Build and validate the config dataclass of router ``name`` from a dict of its fields."""
-    cfg = from_dict(router_class(name).config_cls, args or {}, prefix=prefix)
+    cfg = parse_router_config(name, args, prefix)
     cfg.validate(prefix)
     return cfg
 
 
 def build_router(
     name: str,
-    args: dict | None,
+    args: dict | RouterConfig | None,
     d_model: int,
     num_experts: int,
     layer_id: int = 0,
@@ -45,9 +51,11 @@ def build_router(
     eval_weights: str = "train",
     vocab_size: int = 0,
 ) -> Router:
+    """``args``: a typed config already checked at load (``MoEConfig.router_config()``), or a dict of the
+    router's fields, checked here."""
     cls = router_class(name)
     return cls(
-        router_config(name, args),
+        args if isinstance(args, RouterConfig) else router_config(name, args),
         d_model,
         num_experts,
         layer_id=layer_id,
@@ -58,4 +66,13 @@ def build_router(
     )
 
 
-__all__ = ["ROUTERS", "Router", "RouterConfig", "RouterOutput", "build_router", "router_class", "router_config"]
+__all__ = [
+    "ROUTERS",
+    "Router",
+    "RouterConfig",
+    "RouterOutput",
+    "build_router",
+    "parse_router_config",
+    "router_class",
+    "router_config",
+]

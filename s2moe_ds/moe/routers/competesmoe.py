@@ -81,12 +81,16 @@ class CompeteSMoEConfig(RouterConfig):
     z_loss_coef: float = 0.001
     """'v2025': router z-loss on ordinary steps."""
 
+    def __post_init__(self) -> None:
+        """Fill the unset fields with the variant's released defaults (an unknown variant is left for
+        ``validate`` to name)."""
+        for name, value in VARIANT_DEFAULTS.get(self.variant, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         check_choice(f"{prefix}.variant", self.variant, VARIANTS)
-        for name, value in VARIANT_DEFAULTS[self.variant].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
         check_range(f"{prefix}.compete_prob", self.compete_prob, 0.0, 1.0)
         check_range(f"{prefix}.warmup_fraction", self.warmup_fraction, 0.0, 1.0)
         check_positive(f"{prefix}.max_compete_layers", self.max_compete_layers, allow_zero=True)
