@@ -30,7 +30,6 @@ from .data.loader import WindowSampler
 from .data.prepare import DataError, load_split, read_meta
 from .flops import flops_per_token
 from .model import MoELanguageModel
-from .monitor import quality
 
 
 def default_device() -> str:
@@ -112,6 +111,26 @@ class EvalResult:
         )
 
 
+def quality(loss_nats: float, tokenizer: str) -> tuple[str, float]:
+    """Bits per character for character/byte models, perplexity for subword models (SentencePiece or a
+    Hugging Face tokenizer)."""
+    if tokenizer != "char":
+        return "ppl", math.exp(min(loss_nats, 50.0))
+    return "bpc", loss_nats / math.log(2)
+
+
+@torch.no_grad()
+def summed_loss(forward, windows, device) -> torch.Tensor:
+    """``[sum of token losses, token count]`` (float64) of ``forward`` (a model or a DeepSpeed engine) over
+    ``windows`` (x, y batches): the one evaluation loop, used by ``s2moe eval`` over a whole split and by
+    the trainer's periodic validation over the first batches of the same walk."""
+    acc = torch.zeros(2, dtype=torch.float64)
+    for x, y in windows:
+        out = forward(x.to(device), y.to(device))
+        acc += torch.tensor([float(out.loss) * y.numel(), y.numel()], dtype=torch.float64)
+    return acc
+
+
 @torch.no_grad()
 def evaluate_model(
     model: MoELanguageModel,
@@ -133,12 +152,9 @@ def evaluate_model(
     mcfg = model.cfg
     dev = next(model.parameters()).device
     sampler = WindowSampler(load_split(data_dir, split, meta) if tokens is None else tokens, mcfg.context)
-    total, count = 0.0, 0
     t0 = time.perf_counter()
-    for x, y in sampler.sequential(batch_size, max_batches):
-        out = model(x.to(dev), y.to(dev))
-        total += float(out.loss) * y.numel()
-        count += y.numel()
+    total, count = summed_loss(model, sampler.sequential(batch_size, max_batches), dev).tolist()
+    count = int(count)
     elapsed = time.perf_counter() - t0
     loss = total / max(count, 1)
     metric, value = quality(loss, tokenizer_kind or meta["tokenizer"])

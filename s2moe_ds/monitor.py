@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-
-
-def quality(loss_nats: float, tokenizer: str) -> tuple[str, float]:
-    """Bits per character for character/byte models, perplexity for subword models (SentencePiece or a
-    Hugging Face tokenizer)."""
-    if tokenizer != "char":
-        return "ppl", math.exp(min(loss_nats, 50.0))
-    return "bpc", loss_nats / math.log(2)
-
 
 TRACKERS = ("tensorboard", "csv", "wandb")
 

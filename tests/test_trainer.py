@@ -78,3 +78,14 @@ def test_a_hook_can_end_the_run_early_with_a_checkpoint(data_dir, tmp_path):
     got = _run(data_dir, tmp_path / "run", "stop")
     assert sorted(int(k) for k in got["losses"]) == [1, 2]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step0000002"
+
+
+def test_the_periodic_validation_is_the_first_batches_of_the_eval_walk(data_dir, tmp_path):
+    """One evaluation path: the trainer's val loss at the last step equals `s2moe eval` over the same
+    first batches (micro-batch size 8, eval_iters 1 per rank) of the final checkpoint."""
+    got = _run(data_dir, tmp_path / "run", "fit")
+    proc = cli("eval", str(tmp_path / "run"), "--batch-size", "8", "--max-batches", "1", "--device", "cpu")
+    assert_ok(proc)
+    line = next(x for x in proc.stdout.splitlines() if "val: loss" in x)
+    evaluated = float(line.split("loss ")[1].split()[0])
+    assert evaluated == pytest.approx(got["result"]["val_loss"], abs=5e-5)

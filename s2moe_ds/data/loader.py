@@ -43,13 +43,31 @@ class WindowSampler:
         w = torch.from_numpy(self.tokens[idx].astype(np.int64))
         return w[:, :-1], w[:, 1:]
 
+    def sequential_batches(self, batch_size: int) -> list[np.ndarray]:
+        """The window starts of the walk: non-overlapping windows covering the split, in batches (the last
+        one possibly short)."""
+        starts = np.arange(0, len(self.tokens) - self.context - 1, self.context)
+        return [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
+
     def sequential(
         self, batch_size: int, max_batches: int = 0, rank: int = 0, world: int = 1
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping windows covering the split, batched; rank r takes every world-th batch."""
-        starts = np.arange(0, len(self.tokens) - self.context - 1, self.context)
-        batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
+        batches = self.sequential_batches(batch_size)
         if max_batches:
             batches = batches[:max_batches]
         for b in batches[rank::world]:
+            yield self._gather(b)
+
+    def walk_prefix(self, batch_size: int, batches: int, rank: int, world: int):
+        """The first ``batches`` full batches of the walk per rank, rank r taking every world-th one: every
+        rank runs the same number of same-shaped batches (expert parallelism exchanges tokens at each
+        forward). A split too short for one full batch per rank gives every rank its first batch."""
+        walk = self.sequential_batches(batch_size)
+        full = [b for b in walk if len(b) == batch_size]
+        per_rank = min(batches, len(full) // world)
+        if per_rank == 0:
+            yield self._gather(walk[0])
+            return
+        for b in full[: per_rank * world][rank::world]:
             yield self._gather(b)

@@ -14,15 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..config import Config, validate
 from ..configtools import ConfigError
 from ..data.loader import WindowSampler, stream_seed
 from ..data.prepare import load_split, read_meta
 from ..distributed import MasterWeights, all_reduce_mean, build_engine, device, init_distributed
+from ..evaluate import quality, summed_loss
 from ..flops import flops_per_token
 from ..model import MoELanguageModel
-from ..monitor import Monitor, StepMoEMetrics, quality
+from ..monitor import Monitor, StepMoEMetrics
 from ..progress import Progress, device_peak_flops
 from .checkpointer import Checkpointer
 from .hooks import Hook, NonFinitePolicy, StopOnSignal
@@ -161,15 +163,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over ``train.eval_iters`` fixed validation batches (the same on every call)."""
+        """Validation loss (token mean) over the first ``train.eval_iters`` batches per rank of the walk
+        ``s2moe eval`` makes over the whole split (the same windows on every call)."""
         t = self.cfg.train
         self.engine.eval()
-        losses = []
-        for i in range(t.eval_iters):
-            x, y = self.val_windows.batch(t.micro_batch_size, t.seed, step=-1, index=i * 1000 + self.rank)
-            losses.append(self.engine(x.to(self.dev), y.to(self.dev)).loss.float())
+        windows = self.val_windows.walk_prefix(t.micro_batch_size, t.eval_iters, self.rank, self.world)
+        acc = summed_loss(self.engine, windows, self.dev)
         self.engine.train()
-        return float(all_reduce_mean(torch.stack(losses).mean()))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(acc)
+        return float(acc[0] / acc[1].clamp_min(1))
 
     def save(self, step: int) -> None:
         t0 = time.perf_counter()
