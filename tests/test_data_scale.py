@@ -441,3 +441,31 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     # ru_maxrss is in KiB: 4x the corpus may cost a few MiB of noise, not 4x the memory
     for key in ("main", "workers"):
         assert large[key] < small[key] + 16 * 1024, (key, peaks)
+
+
+DEAD_WORKER = """
+import os
+from s2moe_ds.data.prepare import DataError, _ordered_map
+
+def die_on_3(task):
+    if task == 3:
+        os._exit(9)  # a worker killed mid-task (the OOM killer, a stray signal)
+    return task
+
+try:
+    list(_ordered_map(die_on_3, range(10), 2, {}))
+except DataError as e:
+    print("DATAERROR", e)
+"""
+
+
+def test_a_dead_worker_fails_the_prepare_instead_of_hanging(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "dead_worker.py").write_text(DEAD_WORKER)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "dead_worker.py")], capture_output=True, text=True, timeout=120
+    )
+    assert "DATAERROR a data worker process died" in proc.stdout, proc.stdout + proc.stderr
+    assert "data.workers=1" in proc.stdout

@@ -416,6 +416,11 @@ def prepare(
         )
     if dataset == "wikitext103" and user_tok is None:
         tokenizer = "sentencepiece"
+    return _prepare_in_memory(dataset, out, source, tokenizer, user_tok, vocab_size)
+
+
+def _prepare_in_memory(dataset: str, out: Path, source: str, tokenizer: str, user_tok, vocab_size: int) -> dict:
+    """The fixed-split datasets: read the corpus, tokenise each split, write the token files and meta."""
     corpus = load_corpus(dataset, source)
     if user_tok is not None:
         tok, meta = user_tok, {}
@@ -748,27 +753,34 @@ def resolve_workers(workers: int) -> int:
 
 def _ordered_map(fn, tasks, workers: int, state: dict) -> Iterator:
     """``fn`` over ``tasks`` in order. workers > 1: a process pool with at most 2 x workers tasks in
-    flight, so the reader never runs ahead of the tokenisers (bounded memory); 1: in this process."""
+    flight, so the reader never runs ahead of the tokenisers (bounded memory); 1: in this process.
+    A worker that dies (killed, out of memory) fails the prepare with a DataError instead of leaving it
+    waiting for a result that will never come (what ``multiprocessing.Pool`` does)."""
     if workers <= 1:
         _init_worker(state, in_pool=False)
         for task in tasks:
             yield fn(task)
         return
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state,))
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(state,))
     try:
         pending: deque = deque()
         for task in tasks:
-            pending.append(pool.apply_async(fn, (task,)))
+            pending.append(pool.submit(fn, task))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
-        pool.close()
-        pool.join()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise DataError(
+            f"a data worker process died (killed, or out of memory) while preparing the data; nothing was "
+            f"published. Rerun, or with fewer processes (data.workers=1 runs in this process; now {workers})"
+        ) from None
     finally:
-        pool.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def split_of_documents(first_index: int, n: int, val_fraction: float, test_fraction: float) -> np.ndarray:
@@ -953,50 +965,16 @@ def prepare_corpus(
     workers = resolve_workers(workers)
     use_eod = bool(eod) and (len(files) > 1 or any(f.kind == "jsonl" for f in files) or txt_document == "line")
     t0 = time.time()
-    if isinstance(tokenizer, Tokenizer):
-        tok, tok_source = tokenizer, getattr(tokenizer, "source", "")
-        if use_eod and tok.eod_id is None:
-            raise DataError(
-                "the tokenizer file in data.tokenizer has no end-of-document token (looked for an eos "
-                "piece / one of <|endoftext|>, </s>, <eos>): name one of its tokens with "
-                "data.eod_token=TOKEN, or set data.eod=false"
-            )
-    elif tokenizer == "sentencepiece":
-        with tempfile.TemporaryDirectory() as tmp:
-            sample = Path(tmp) / "sample.txt"
-            n = _sample_for_sentencepiece(
-                files, block_bytes, txt_document, text_field, int(tokenizer_sample_mb * 1e6), sample, progress
-            )
-            if n == 0:
-                raise DataError(f"data.source {source!r} holds no text to train SentencePiece on")
-            tok = train_sentencepiece(sample, vocab_size, eos=use_eod)
-        tok_source = f"trained on a {n / 1e6:.1f} MB sample"
-    elif tokenizer == "char":
-        symbols = _scan_characters(files, block_bytes, txt_document, text_field, workers, progress)
-        if not symbols:
-            raise DataError(f"data.source {source!r} holds no text (every file or document is empty)")
-        tok, tok_source = CharTokenizer(symbols, "char", len(symbols) if use_eod else None), ""
-    else:
-        raise DataError(
-            f"data.tokenizer {tokenizer!r} is not valid; use 'char', 'sentencepiece', or the path of a "
-            f"SentencePiece .model file or a Hugging Face tokenizer.json"
-        )
-    dtype = token_dtype(tok.vocab_size)
-    names = ["train", "val"] + (["test"] if test_fraction > 0 else [])
-    hasher = _CountingHash()
-    bar = Progress(
-        sum(f.size for f in files),
-        "pass 2/2: tokenize" if tokenizer in ("char", "sentencepiece") else "tokenize",
-        progress,
+    stream = {"block_bytes": block_bytes, "txt_document": txt_document, "text_field": text_field}
+    tok, tok_source = _corpus_tokenizer(
+        files, source, tokenizer, vocab_size, use_eod, stream, workers, tokenizer_sample_mb, progress
     )
-    state = {"tokenizer": tok, "dtype": dtype, "eod": use_eod, "text_field": text_field, "txt_document": txt_document}
+    names = ["train", "val"] + (["test"] if test_fraction > 0 else [])
+    label = "pass 2/2: tokenize" if tokenizer in ("char", "sentencepiece") else "tokenize"
     with _writing(out) as staging:
-        writer = _SplitWriter({i: staging.open(f"{s}.bin") for i, s in enumerate(names)}, val_fraction, test_fraction)
-        tasks = _blocks(files, block_bytes, txt_document, bar, hasher)
-        with contextlib.closing(_ordered_map(_tokenize_block, tasks, workers, state)) as results:
-            for result in results:
-                writer.add(*result)
-        bar.close()
+        writer, hasher = _tokenize_corpus(
+            files, staging, names, tok, use_eod, stream, (val_fraction, test_fraction), workers, label, progress
+        )
         empty = [s for i, s in enumerate(names) if not writer.docs[i]]
         if empty:
             raise DataError(
@@ -1014,7 +992,7 @@ def prepare_corpus(
             source_files=len(files),
             source_bytes=hasher.n,
             source_sha256=hasher.hexdigest(),
-            dtype=np.dtype(dtype).name,
+            dtype=np.dtype(token_dtype(tok.vocab_size)).name,
             splits={s: writer.tokens[i] for i, s in enumerate(names)},
             documents={s: writer.docs[i] for i, s in enumerate(names)},
             eod=use_eod,
@@ -1030,6 +1008,56 @@ def prepare_corpus(
         )
         staging.commit(meta)
     return meta
+
+
+def _corpus_tokenizer(files, source, tokenizer, vocab_size, use_eod, stream, workers, sample_mb, progress):
+    """(tokenizer, where it came from): a brought one (checked for an end-of-document token when needed),
+    SentencePiece trained on a sample spread over the stream (pass 1), or the corpus's characters (pass 1)."""
+    block_bytes, txt_document, text_field = stream["block_bytes"], stream["txt_document"], stream["text_field"]
+    if isinstance(tokenizer, Tokenizer):
+        if use_eod and tokenizer.eod_id is None:
+            raise DataError(
+                "the tokenizer file in data.tokenizer has no end-of-document token (looked for an eos "
+                "piece / one of <|endoftext|>, </s>, <eos>): name one of its tokens with "
+                "data.eod_token=TOKEN, or set data.eod=false"
+            )
+        return tokenizer, getattr(tokenizer, "source", "")
+    if tokenizer == "sentencepiece":
+        with tempfile.TemporaryDirectory() as tmp:
+            sample = Path(tmp) / "sample.txt"
+            n = _sample_for_sentencepiece(
+                files, block_bytes, txt_document, text_field, int(sample_mb * 1e6), sample, progress
+            )
+            if n == 0:
+                raise DataError(f"data.source {source!r} holds no text to train SentencePiece on")
+            tok = train_sentencepiece(sample, vocab_size, eos=use_eod)
+        return tok, f"trained on a {n / 1e6:.1f} MB sample"
+    if tokenizer == "char":
+        symbols = _scan_characters(files, block_bytes, txt_document, text_field, workers, progress)
+        if not symbols:
+            raise DataError(f"data.source {source!r} holds no text (every file or document is empty)")
+        return CharTokenizer(symbols, "char", len(symbols) if use_eod else None), ""
+    raise DataError(
+        f"data.tokenizer {tokenizer!r} is not valid; use 'char', 'sentencepiece', or the path of a "
+        f"SentencePiece .model file or a Hugging Face tokenizer.json"
+    )
+
+
+def _tokenize_corpus(files, staging, names, tok, use_eod, stream, fractions, workers, label, progress):
+    """The tokenize pass: blocks tokenised by ``workers`` processes, written in input order into the
+    staged ``{split}.bin`` files; returns the split writer (tokens and documents per split) and the
+    input's hash."""
+    hasher = _CountingHash()
+    bar = Progress(sum(f.size for f in files), label, progress)
+    state = {"tokenizer": tok, "dtype": token_dtype(tok.vocab_size), "eod": use_eod,
+             "text_field": stream["text_field"], "txt_document": stream["txt_document"]}  # fmt: skip
+    writer = _SplitWriter({i: staging.open(f"{s}.bin") for i, s in enumerate(names)}, *fractions)
+    tasks = _blocks(files, stream["block_bytes"], stream["txt_document"], bar, hasher)
+    with contextlib.closing(_ordered_map(_tokenize_block, tasks, workers, state)) as results:
+        for result in results:
+            writer.add(*result)
+    bar.close()
+    return writer, hasher
 
 
 META_FIELDS = ("tokenizer", "vocab_size", "dataset", "dtype", "splits")
