@@ -5,7 +5,7 @@ import torch
 
 from s2moe_ds.configtools import ConfigError
 from s2moe_ds.moe.backends import ExpertSpec, build_backend
-from s2moe_ds.moe.backends.local import IMPLS
+from s2moe_ds.moe.backends.config import IMPLS
 
 FAST = [i for i in IMPLS if i not in ("reference", "auto")]
 
@@ -109,7 +109,7 @@ def test_grouped_mm_on_cuda_matches_the_fp32_reference(activation, dtype):
     fast = build_backend("local", ExpertSpec(E, D, Fh, activation), impl="auto").cuda()
     fast.load_state_dict(ref.state_dict())
     fast.to(dtype)
-    assert fast.resolved_impl(torch.device("cuda")) == "grouped_mm"
+    assert fast.resolved_kernel(torch.device("cuda")) == "grouped_mm"
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(T, D, device="cuda", generator=g)
     ids = torch.randint(0, E - 2, (T, K), device="cuda", generator=g)  # experts 6 and 7 receive nothing

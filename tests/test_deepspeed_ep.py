@@ -6,7 +6,7 @@ import torch
 from dist_harness import run_distributed
 
 from s2moe_ds.moe.backends import ExpertSpec
-from s2moe_ds.moe.backends.deepspeed_ep import RoutedGate, slot_locations
+from s2moe_ds.moe.dispatch.deepspeed import RoutedGate, slot_locations
 
 
 def test_slot_locations_fill_first_choices_first():
@@ -28,12 +28,12 @@ def test_gate_contract_capacity_drops_overflow():
 
 
 def _ep_vs_reference(rank, world, mode, split, activation="gelu"):
-    from s2moe_ds.moe.backends.deepspeed_ep import DeepSpeedEPBackend
     from s2moe_ds.moe.backends.local import LocalDroplessBackend
+    from s2moe_ds.moe.deepspeed_adapter import DeepSpeedEPBackend
 
     spec = ExpertSpec(4, 16, 32, activation)
     torch.manual_seed(0)
-    ref = LocalDroplessBackend(spec, impl="reference")
+    ref = LocalDroplessBackend(spec, kernel="reference")
     after_ref = torch.rand(())
     torch.manual_seed(0)
     ep = DeepSpeedEPBackend(spec, ep_size=2, mode=mode, capacity_factor=1.0, min_capacity=1)
@@ -99,12 +99,12 @@ def test_ep2_ragged_equals_local_reference_forward_and_backward(split, activatio
 
 @pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
 def test_ragged_single_process_matches_reference(kernel):
-    from s2moe_ds.moe.backends.deepspeed_ep import DeepSpeedEPBackend
     from s2moe_ds.moe.backends.local import LocalDroplessBackend
+    from s2moe_ds.moe.deepspeed_adapter import DeepSpeedEPBackend
 
     spec = ExpertSpec(4, 16, 32)
     torch.manual_seed(0)
-    ref = LocalDroplessBackend(spec, impl="reference")
+    ref = LocalDroplessBackend(spec, kernel="reference")
     torch.manual_seed(0)
     rg = DeepSpeedEPBackend(spec, mode="ragged", kernel=kernel)
     x = torch.randn(30, 16)

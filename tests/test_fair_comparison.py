@@ -12,7 +12,7 @@ from s2moe_ds.config import ModelConfig
 from s2moe_ds.configtools import to_dict
 from s2moe_ds.flops import flops_per_token
 from s2moe_ds.model import MoELanguageModel
-from s2moe_ds.moe.backends.deepspeed_ep import slot_locations
+from s2moe_ds.moe.dispatch.deepspeed import slot_locations
 from s2moe_ds.moe.layer import MoEConfig, S2MoEConfig
 from s2moe_ds.moe.routers import build_router
 from s2moe_ds.moe.s2moe import build_moe_layer

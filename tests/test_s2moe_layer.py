@@ -118,3 +118,43 @@ def test_bf16_parameters_with_fp32_noise_buffers():
         p.data = p.data.bfloat16()
     out = layer.train()(torch.randn(6, 16, dtype=torch.bfloat16))
     assert out.y.dtype == torch.bfloat16
+
+
+def test_info_nce_gradient_is_autograd_of_its_forward():
+    """InfoNCE's hand-written backward (``_InfoNCE``) against finite differences, and against autograd
+    through the plain formula at float32 training size."""
+    from s2moe_ds.moe.s2moe import _InfoNCE
+
+    torch.manual_seed(0)
+    for T, M in ((12, 5), (12, 12)):
+        a = torch.randn(T, 6, dtype=torch.double, requires_grad=True)
+        p = (a.detach() + 0.3 * torch.randn(T, 6, dtype=torch.double)).requires_grad_()
+        idx = torch.randperm(T)[:M]
+        assert torch.autograd.gradcheck(lambda a, p: _InfoNCE.apply(a, p, idx, 0.1), (a, p))
+    a = torch.randn(256, 32, requires_grad=True)
+    p = (a.detach() * 1.01 + 0.1 * torch.randn(256, 32)).requires_grad_()
+    idx = torch.randperm(256)[:16]
+    ga = torch.autograd.grad(_InfoNCE.apply(a, p, idx, 0.1), (a, p))
+    inv_a, inv_p = a.norm(dim=-1).reciprocal(), p.norm(dim=-1).reciprocal()
+    pos = (a * p).sum(-1) * inv_a * inv_p / 0.1
+    neg = (a @ (p[idx] * (inv_p[idx] / 0.1).unsqueeze(-1)).t()) * inv_a.unsqueeze(-1)
+    neg = neg.index_put((idx, torch.arange(16)), neg.new_tensor(float("-inf")))
+    plain = F.cross_entropy(torch.cat([pos.unsqueeze(1), neg], 1), torch.zeros(256, dtype=torch.long))
+    for g, g_ref in zip(ga, torch.autograd.grad(plain, (a, p))):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_fixed_noise_skips_only_an_identity_guard():
+    """With fixed sigma2 > 0 the variance guard (clamp, mask) is skipped: the same draw, bit for bit."""
+    from s2moe_ds.moe.s2moe import GaussianNoise
+
+    noise = GaussianNoise(0.1, 0.1, 8, learnable=False)
+    assert noise.floor_free
+    x = torch.randn(50, 8)
+    x[0] = 0.0
+    torch.manual_seed(3)
+    fast = noise(x)
+    noise.floor_free = False
+    torch.manual_seed(3)
+    torch.testing.assert_close(fast, noise(x), rtol=0, atol=0)
+    assert not GaussianNoise(0.1, 0.0, 8, learnable=False).floor_free

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..configtools import check_choice, check_positive, check_range, fail
 from .backends import BACKENDS, BackendConfig, ExpertSpec, backend_entry, build_backend
-from .backends.base import ACTIVATIONS
+from .experts import ACTIVATIONS
 from .routers import ROUTERS, RouterConfig, RouterOutput, build_router, parse_router_config
 from .routers.base import EVAL_WEIGHTS
 

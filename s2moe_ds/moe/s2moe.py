@@ -42,6 +42,50 @@ from torch import Tensor, nn
 from .layer import MoEConfig, MoELayer, MoEOutput
 
 
+class _InfoNCE(torch.autograd.Function):
+    """InfoNCE's forward as ``info_nce`` describes it, with the gradient written out: autograd's chain
+    through the norms, products and mask took ~15 elementwise passes over ``[T, D]``, this takes ~6
+    (S2MoE's overhead, docs/benchmarks.md). ``tests/test_s2moe_layer.py`` checks it with gradcheck."""
+
+    @staticmethod
+    def forward(ctx, a_TD: Tensor, p_TD: Tensor, idx_M: Tensor, temperature: float):
+        inv_a_T = a_TD.norm(dim=-1).clamp_min(1e-8).reciprocal()
+        inv_p_T = p_TD.norm(dim=-1).clamp_min(1e-8).reciprocal()
+        pos_T = (a_TD * p_TD).sum(-1) * inv_a_T * inv_p_T / temperature
+        q_MD = p_TD[idx_M] * (inv_p_T[idx_M] / temperature).unsqueeze(-1)
+        neg_TM = (a_TD @ q_MD.t()) * inv_a_T.unsqueeze(-1)
+        # each sampled row m is anchor idx_M[m]'s own positive: mask those M entries only
+        mask = (idx_M, torch.arange(len(idx_M), device=a_TD.device))
+        neg_TM = neg_TM.index_put(mask, neg_TM.new_tensor(float("-inf")))
+        logits = torch.cat([pos_T.unsqueeze(1), neg_TM], dim=1)
+        loss = F.cross_entropy(logits, torch.zeros(len(a_TD), dtype=torch.long, device=a_TD.device))
+        ctx.save_for_backward(a_TD, p_TD, idx_M, inv_a_T, inv_p_T, q_MD, logits)
+        ctx.temperature = temperature
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        a_TD, p_TD, idx_M, inv_a_T, inv_p_T, q_MD, logits = ctx.saved_tensors
+        T = len(a_TD)
+        g_TL = logits.softmax(-1).mul_(grad / T)  # d loss / d logits: (softmax - onehot(0)) / T
+        g_TL[:, 0] -= grad / T
+        g_pos_T, g_neg_TM = g_TL[:, 0], g_TL[:, 1:]
+        # d/da of pos = (a.p) |a|^-1 |p|^-1 / tau and neg = (a.q_m) |a|^-1, with d|a|^-1/da = -a |a|^-3
+        # (the clamp at 1e-8 never binds on real tokens)
+        s_T = g_pos_T * logits[:, 0] + torch.where(torch.isinf(logits[:, 1:]), 0.0, g_neg_TM * logits[:, 1:]).sum(-1)
+        c_T = g_pos_T * inv_p_T / ctx.temperature
+        ga = torch.addcmul(g_neg_TM @ q_MD, p_TD, c_T.unsqueeze(-1)).mul_(inv_a_T.unsqueeze(-1))
+        ga.sub_(a_TD * (inv_a_T.square() * s_T).unsqueeze(-1))
+        # d/dp: p_t through pos_t; the sampled rows through q_m = p_j |p_j|^-1 / tau
+        gp = a_TD * (c_T * inv_a_T).unsqueeze(-1)
+        gp.sub_(p_TD * (inv_p_T.square() * g_pos_T * logits[:, 0]).unsqueeze(-1))
+        gq_MD = (g_neg_TM * inv_a_T.unsqueeze(-1)).t() @ a_TD
+        p_MD, inv_p_M = p_TD[idx_M], inv_p_T[idx_M]
+        dot_M = (p_MD * gq_MD).sum(-1) * inv_p_M.square()
+        gp_MD = (gq_MD - p_MD * dot_M.unsqueeze(-1)) * (inv_p_M / ctx.temperature).unsqueeze(-1)
+        return ga, gp.index_add_(0, idx_M, gp_MD), None, None
+
+
 def info_nce(anchor_TD: Tensor, positive_TD: Tensor, temperature: float, num_negatives: int = 0) -> Tensor:
     """InfoNCE: token i's anchor should be closer (cosine / tau) to its positive than to other positives.
 
@@ -52,19 +96,11 @@ def info_nce(anchor_TD: Tensor, positive_TD: Tensor, temperature: float, num_neg
     """
     a_TD, p_TD = anchor_TD.float(), positive_TD.float()
     T = a_TD.shape[0]
-    inv_a_T = a_TD.norm(dim=-1).clamp_min(1e-8).reciprocal()
-    inv_p_T = p_TD.norm(dim=-1).clamp_min(1e-8).reciprocal()
-    pos_T = (a_TD * p_TD).sum(-1) * inv_a_T * inv_p_T / temperature
     if num_negatives == 0 or num_negatives >= T:
         idx_M = torch.arange(T, device=a_TD.device)
     else:
         idx_M = torch.randperm(T, device=a_TD.device)[:num_negatives]
-    p_MD = p_TD[idx_M] * (inv_p_T[idx_M] / temperature).unsqueeze(-1)
-    neg_TM = (a_TD @ p_MD.t()) * inv_a_T.unsqueeze(-1)
-    # each sampled row m is anchor idx_M[m]'s own positive: mask those M entries only
-    neg_TM = neg_TM.index_put((idx_M, torch.arange(len(idx_M), device=a_TD.device)), neg_TM.new_tensor(float("-inf")))
-    logits = torch.cat([pos_T.unsqueeze(1), neg_TM], dim=1)
-    return F.cross_entropy(logits, torch.zeros(T, dtype=torch.long, device=a_TD.device))
+    return _InfoNCE.apply(a_TD, p_TD, idx_M, temperature)
 
 
 class GaussianNoise(nn.Module):
@@ -78,6 +114,9 @@ class GaussianNoise(nn.Module):
         else:
             self.register_buffer("log_sigma1", torch.full((1,), math.log(sigma1) if sigma1 > 0 else -math.inf))
             self.register_buffer("log_sigma2", torch.full((1,), math.log(sigma2) if sigma2 > 0 else -math.inf))
+        self.floor_free = not learnable and sigma2 >= 1e-5
+        """Fixed sigma2 >= 1e-5: the variance is at least sigma2^2 > 1e-12 everywhere, so the guard below
+        is the identity and is skipped (the same numbers, three fewer passes forward and two backward)."""
 
     def sigmas(self) -> tuple[Tensor, Tensor]:
         return self.log_sigma1.exp(), self.log_sigma2.exp()
@@ -88,6 +127,8 @@ class GaussianNoise(nn.Module):
         at half the random numbers (the draw cost 5% of a CPU training step); still reparameterised."""
         s1, s2 = (s.to(x_TD.dtype) for s in self.sigmas())  # buffers may stay fp32 under bf16 engines
         var = torch.addcmul(s2.square(), x_TD.square(), s1.square())
+        if self.floor_free:
+            return torch.addcmul(x_TD, var.sqrt(), torch.randn_like(x_TD))
         # sqrt's gradient at 0 is 0/0: with a zero sigma (the no-noise ablation) or sigma2 = 0 at x = 0 it
         # would turn every gradient into NaN. Clamping first changes nothing where var >= 1e-12 (every
         # element with the default sigmas) and gives those elements a zero-noise, zero-gradient draw.
@@ -182,11 +223,13 @@ class S2MoELayer(MoELayer):
         else:
             y_clean, y_noisy, losses, metrics = self.pathways(x_TD, x_hat_TD)
             y_TD = g_T1 * y_clean + (1 - g_T1) * y_noisy
-        level, cos = noise_level_loss(x_TD, x_hat_TD, s.target_similarity)
+        level_loss = self.training and s.uncertainty_coef > 0 and s.noise == "learnable" and s.noise_target_coef > 0
+        with torch.set_grad_enabled(torch.is_grad_enabled() and level_loss):  # else only the metric is needed
+            level, cos = noise_level_loss(x_TD, x_hat_TD, s.target_similarity)
         if self.training and s.uncertainty_coef > 0:
             a, p = (x_TD, x_hat_TD) if s.uncertainty_on == "inputs" else (y_clean, y_noisy)
             l_u = info_nce(a, p, s.temperature, s.num_negatives)
-            if s.noise == "learnable" and s.noise_target_coef > 0:
+            if level_loss:
                 l_u = l_u + s.noise_target_coef * level
             losses["uncertainty"] = s.uncertainty_coef * l_u
         s1, s2 = self.noise.sigmas()

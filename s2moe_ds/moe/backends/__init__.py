@@ -1,5 +1,9 @@
 """Expert backend registry: name -> (typed config class, factory(spec, config)).
 
+A backend is grouped experts (``experts.py``, kernels in ``kernels.py``) behind a dispatcher
+(``dispatch/``): ``local`` keeps every expert here; ``deepspeed`` and ``megablocks`` are the thin DeepSpeed
+``MoE`` adapter (``deepspeed_adapter.py``) with DeepSpeed's padded/capacity or the ragged dispatch.
+
 ``deepspeed`` and ``megablocks`` are both ``deepspeed.moe.layer.MoE`` instances with the same parameter
 names (``DS_LAYOUT_BACKENDS``): their checkpoints are interchangeable.
 
@@ -16,17 +20,17 @@ from typing import NamedTuple
 from torch import nn
 
 from ...configtools import ConfigError, from_dict
-from .base import ExpertBackend, ExpertSpec
+from ..experts import ExpertSpec
 from .config import BackendConfig, DeepSpeedConfig, LocalConfig, MegaBlocksConfig
 from .local import LocalDroplessBackend
 
 
 def _local(spec: ExpertSpec, cfg: LocalConfig) -> nn.Module:
-    return LocalDroplessBackend(spec, impl=cfg.impl)
+    return LocalDroplessBackend(spec, kernel=cfg.impl)
 
 
 def _deepspeed(spec: ExpertSpec, cfg: DeepSpeedConfig) -> nn.Module:
-    from .deepspeed_ep import DeepSpeedEPBackend
+    from ..deepspeed_adapter import DeepSpeedEPBackend
 
     return DeepSpeedEPBackend(
         spec,
@@ -82,7 +86,6 @@ __all__ = [
     "BACKENDS",
     "DS_LAYOUT_BACKENDS",
     "BackendConfig",
-    "ExpertBackend",
     "ExpertSpec",
     "backend_entry",
     "build_backend",

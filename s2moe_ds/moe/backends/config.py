@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...configtools import check_choice, check_positive, fail
-from .local import IMPLS
 
 MODES = ("dropless", "capacity", "ragged")
+IMPLS = ("auto", "reference", "loop", "grouped_mm", "padded_bmm")
+"""``model.moe.backend_impl`` of backend 'local': ``auto``, ``reference`` or a kernel of ``kernels.py``."""
 RAGGED_KERNELS = ("auto", "loop", "grouped_mm")
 
 

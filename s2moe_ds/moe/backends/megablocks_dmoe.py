@@ -6,7 +6,7 @@ Everything except the kernel call is shared with ``backend=deepspeed, ep_mode=ra
 and with MegaBlocks' own dMoE experts (``ParallelDroplessMLP``, ``mlp_impl='grouped'``) fed the same routing
 and weights. Where those tests have run: docs/expert-parallelism.md and docs/benchmarks.md.
 
-What it is: the ragged (dropless, padding-free) expert parallelism of ``ragged.py`` — MegaBlocks' own
+What it is: the ragged (dropless, padding-free) expert parallelism of ``dispatch/ragged.py`` — MegaBlocks' own
 scheme: sort by expert, exchange counts, variable-size all-to-all, grouped compute, reverse — with
 the local experts computed by ``grouped_gemm.ops.gmm``, the grouped GEMM MegaBlocks' dropless MLP runs
 with ``mlp_impl='grouped'``. Why not MegaBlocks' ``ParallelDroplessMLP`` module itself:
@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 
 from ...configtools import ConfigError
-from .base import ExpertSpec
-from .deepspeed_ep import DeepSpeedEPBackend
+from ..deepspeed_adapter import DeepSpeedEPBackend
+from ..experts import ExpertSpec
 
 
 def check_available() -> None:
@@ -52,4 +52,4 @@ def check_available() -> None:
 class MegaBlocksBackend(DeepSpeedEPBackend):
     def __init__(self, spec: ExpertSpec, ep_size: int = 1):
         check_available()
-        super().__init__(spec, ep_size=ep_size, mode="ragged", kernel="megablocks")
+        super().__init__(spec, ep_size=ep_size, mode="ragged", kernel="gmm")

@@ -10,24 +10,25 @@ with DeepSpeed owning the expert weights:
    sorted rows are already grouped by destination rank;
 2. exchange the per-expert slot counts (one small all-to-all), then the rows themselves with one
    all-to-all whose split sizes are those counts: every rank sends exactly its routed rows;
-3. regroup the received rows (ordered by source rank, then local expert) by local expert and run the
-   local experts (``compute(rows, counts_L)``: a loop, ``torch._grouped_mm`` or MegaBlocks' grouped GEMM);
-4. undo 3 and 2 (the reverse all-to-all), weight each slot and sum into its token's row.
+3. regroup the received rows (ordered by source rank, then local expert) by local expert; the local
+   experts run on them (``kernels.py``);
+4. ``combine`` undoes 3 and 2 (the reverse all-to-all), weights each slot and sums it into its token's row.
 
 Nothing is dropped whatever the load, and ranks with different token counts (or none) simply send and
 receive different amounts. Autograd runs the same exchanges backwards. The price against DeepSpeed's
 padded ``dropless`` mode is the count exchange, a host synchronisation before the row exchange.
+With one rank (no group) it is the local dispatcher.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .local import Sorted
+from .local import LocalDispatcher, Sorted
 
 
 def _comm():
@@ -65,46 +66,42 @@ def exchange_counts(counts_E: Tensor, group, ep_size: int) -> Tensor:
     return received.view(ep_size, -1)
 
 
-def ragged_moe(
-    x_TD: Tensor,
-    ids_TK: Tensor,
-    weights_TK: Tensor,
-    num_out: int,
-    num_experts: int,
-    group,
-    compute: Callable[[Tensor, Tensor], Tensor],
-) -> Tensor:
-    """``sum_k weights[t, k] * expert[ids[t, k]](x[t])``, folded into ``num_out`` rows (see
-    ``ExpertBackend.forward``), with the experts sharded over ``group`` (None: all local)."""
-    P = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-    s = Sorted(ids_TK, num_experts)
-    xs_ND = x_TD[s.token]
-    if P == 1:
-        ys_ND = compute(xs_ND, s.counts)
-    else:
+@dataclass
+class Exchange:
+    """What ``combine`` needs to send the rows back: the local sort and the all-to-all bookkeeping."""
+
+    local: Sorted
+    send: list
+    recv: list
+    by_expert: Tensor
+    back: Tensor
+
+
+class RaggedDispatcher(LocalDispatcher):
+    def __init__(self, num_experts: int, group=None):
+        super().__init__(num_experts)
+        self.group = group
+        self.ep_size = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+    def dispatch(self, x_TD: Tensor, ids_TK: Tensor):
+        xs_ND, counts_E, s = super().dispatch(x_TD, ids_TK)
+        if self.ep_size == 1:
+            return xs_ND, counts_E, s
+        P = self.ep_size
         with torch.no_grad():
-            recv_PL = exchange_counts(s.counts, group, P)
-            send = s.counts.view(P, -1).sum(1).tolist()
+            recv_PL = exchange_counts(counts_E, self.group, P)
+            send = counts_E.view(P, -1).sum(1).tolist()
             recv = recv_PL.sum(1).tolist()
             L = recv_PL.shape[1]
             local_R = torch.arange(L, device=x_TD.device).repeat(P).repeat_interleave(recv_PL.reshape(-1))
             by_expert = local_R.argsort(stable=True)  # received rows regrouped by local expert
             back = torch.empty_like(by_expert)
             back[by_expert] = torch.arange(len(by_expert), device=x_TD.device)
-        xr_RD = AllToAllV.apply(xs_ND, recv, send, group)
-        yr_RD = compute(xr_RD[by_expert], recv_PL.sum(0))[back]
-        ys_ND = AllToAllV.apply(yr_RD, send, recv, group)
-    ys_ND = ys_ND * weights_TK.reshape(-1)[s.order].to(ys_ND.dtype).unsqueeze(-1)
-    dest_N = s.token % num_out if num_out != x_TD.shape[0] else s.token
-    return x_TD.new_zeros(num_out, x_TD.shape[1]).index_add(0, dest_N, ys_ND)
+        xr_RD = AllToAllV.apply(xs_ND, recv, send, self.group)
+        return xr_RD[by_expert], recv_PL.sum(0), Exchange(s, send, recv, by_expert, back)
 
-
-def ffn_megablocks_gmm(xs_ND: Tensor, counts_E: Tensor, w1: Tensor, w2: Tensor, w3: Tensor | None = None) -> Tensor:
-    """Expert FFNs on expert-sorted rows with ``grouped_gemm.ops.gmm``, the grouped GEMM MegaBlocks'
-    dropless MLP runs in ``mlp_impl='grouped'`` (CUDA, bf16). Stacked ``[E, in, out]`` weights."""
-    from grouped_gemm import ops as gg
-
-    sizes = counts_E.to("cpu", torch.int64)
-    h = gg.gmm(xs_ND, w1, sizes)
-    h = torch.nn.functional.gelu(h) if w3 is None else torch.nn.functional.silu(h) * gg.gmm(xs_ND, w3, sizes)
-    return gg.gmm(h, w2, sizes)
+    def combine(self, ys_ND: Tensor, weights_TK: Tensor, plan, num_out: int) -> Tensor:
+        if isinstance(plan, Exchange):
+            ys_ND = AllToAllV.apply(ys_ND[plan.back], plan.send, plan.recv, self.group)
+            plan = plan.local
+        return super().combine(ys_ND, weights_TK, plan, num_out)

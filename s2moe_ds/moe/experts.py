@@ -1,10 +1,11 @@
-"""Expert backend contract.
+"""Grouped experts: the local experts' weights stacked ``[E_local, D, F]``, one initialisation.
 
-Shape suffixes: T tokens, D model width, F expert hidden width, E experts, K routed slots per token.
+Shape suffixes: T tokens, D model width, F expert hidden width, E experts, N expert-sorted rows.
 
-A backend owns the expert weights and computes ``y_TD = sum_k weights_TK[:, k] * expert[ids_TK[:, k]](x_TD)``.
-Where the experts live (this process, other expert-parallel ranks) and how tokens get there (local
-grouping, all-to-all) is the backend's business; routers and the S2MoE layer only see this interface.
+``GroupedExperts`` owns the weights (``w1``, ``w3``: ``[E, D, F]``; ``w2``: ``[E, F, D]``) and computes the
+experts on rows sorted by expert (``compute``) with a kernel from ``kernels.py``; how rows get there is a
+dispatcher's business (``dispatch/``). Every expert, whichever backend, process or expert-parallel layout
+holds it, starts from ``init_expert`` of its global id.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...configtools import check_choice, check_positive
+from ..configtools import check_choice, check_positive
+from . import kernels
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -60,44 +61,34 @@ def draw_base_seed() -> int:
     return int(torch.randint(1 << 62, (), device="cpu"))  # the CPU stream even under a meta-device init
 
 
-class ExpertBackend(nn.Module):
-    """2-layer FFN experts (GELU, or SwiGLU with a third matrix), weights stacked per expert."""
+class GroupedExperts(nn.Module):
+    """2-layer FFN experts (GELU, or SwiGLU with a third matrix), weights stacked per expert.
 
-    def __init__(self, spec: ExpertSpec):
+    ``kernel``: ``auto`` or one of ``kernels.KERNELS`` (``model.moe.backend_impl``)."""
+
+    def __init__(self, spec: ExpertSpec, kernel: str = "auto"):
         super().__init__()
         self.spec = spec
+        self.kernel = kernel
         base = draw_base_seed()
         inits = [init_expert(spec, base, e) for e in range(spec.num_experts)]
         self.w1 = nn.Parameter(torch.stack([w["w1"] for w in inits]))
         self.w2 = nn.Parameter(torch.stack([w["w2"] for w in inits]))
         self.w3 = nn.Parameter(torch.stack([w["w3"] for w in inits])) if spec.activation == "swiglu" else None
 
-    def hidden(self, x_ND: Tensor, e: int) -> Tensor:
-        h = x_ND @ self.w1[e]
-        if self.w3 is None:
-            return F.gelu(h)
-        return F.silu(h) * (x_ND @ self.w3[e])
+    def resolved_kernel(self, device: torch.device) -> str:
+        return kernels.resolve(self.kernel, device)
+
+    def compute(self, xs_ND: Tensor, counts_E: Tensor) -> Tensor:
+        """The experts on rows sorted by expert, ``counts_E`` rows each."""
+        return kernels.run(self.kernel, xs_ND, counts_E, self.w1, self.w2, self.w3)
 
     def expert(self, x_ND: Tensor, e: int) -> Tensor:
-        return self.hidden(x_ND, e) @ self.w2[e]
+        return kernels.ffn(x_ND, self.w1[e], self.w2[e], None if self.w3 is None else self.w3[e])
 
     def forward_all(self, x_TD: Tensor) -> Tensor:
         """Every expert on every token: ``out_TED`` (CompeteSMoE's competition, diagnostics)."""
-        h_TEF = torch.einsum("td,edf->tef", x_TD, self.w1)
-        if self.w3 is None:
-            h_TEF = F.gelu(h_TEF)
-        else:
-            h_TEF = F.silu(h_TEF) * torch.einsum("td,edf->tef", x_TD, self.w3)
-        return torch.einsum("tef,efd->ted", h_TEF, self.w2)
-
-    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, num_out: int | None = None) -> Tensor:
-        """Weighted sum of the routed experts' outputs per token.
-
-        ``num_out`` (a divisor of T, default T) folds row ``t`` of the result into row ``t % num_out``:
-        S2MoE routes ``[x; x_hat]`` once and, with the gate folded into the weights, gets
-        ``g f(x) + (1 - g) f(x_hat)`` straight from the combine, with no 2T-row intermediate.
-        """
-        raise NotImplementedError
+        return kernels.all_experts(x_TD, self.w1, self.w2, self.w3)
 
     def params_per_expert(self) -> int:
         return sum(p[0].numel() for p in self.parameters())
