@@ -17,7 +17,6 @@ import statistics
 import sys
 from pathlib import Path
 
-from ..config import REPO_ROOT
 from ..configtools import ConfigError
 from .claims import claims, collapse_claims
 from .plots import plots, variants_of
@@ -174,6 +173,6 @@ def main_report(argv=None) -> int:
             f"of `s2moe experiment`, e.g. results/cpu-shakespeare"
         )
     notes = Path(args.notes).read_text() if args.notes else ""
-    out = write_report(folder, Path(args.out) if args.out else REPO_ROOT / "docs" / "results.md", args.command, notes)
+    out = write_report(folder, Path(args.out) if args.out else Path("docs") / "results.md", args.command, notes)
     print(f"[s2moe report] wrote {out}")
     return 0

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import REPO_ROOT
+from ..config import PACKAGE_DIR
 from ..configtools import ConfigError, arg_int
 from .results import Result, aggregate, code_version, read_json, record_command, write_atomic
 from .suite import EvalSpec, RunSpec, Suite, Variant, find_suite, load_suite, run_spec
@@ -48,14 +48,23 @@ def train_command(spec: RunSpec, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "s2moe_ds.train", *args]
 
 
+def train_env() -> dict:
+    """The environment of a training subprocess: it imports this very package (the code whose fingerprint
+    the run records), whether installed or run from a source checkout in another directory."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent), env.get("PYTHONPATH")]))
+    return env
+
+
 def train(spec: RunSpec, run_dir: Path) -> float:
-    """Train (or resume) one run in a subprocess; its wall time in seconds."""
+    """Train (or resume) one run in a subprocess, in this working directory (where the suite's relative
+    paths, such as data.data_dir, start); its wall time in seconds."""
     cmd = train_command(spec, run_dir)
     print("+ " + shlex.join(cmd), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "a") as log:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env=train_env(), stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text().splitlines()[-15:]
@@ -147,7 +156,7 @@ def prepare_data(suite: Suite) -> None:
     from ..data.prepare import prepare_config
 
     cfg = load_config(suite.base or suite.variants[0].config, suite.overrides).data
-    if (Path(cfg.data_dir) / "meta.json").exists() or (REPO_ROOT / cfg.data_dir / "meta.json").exists():
+    if (Path(cfg.data_dir) / "meta.json").exists():
         return
     print(f"[s2moe experiment] preparing {cfg.dataset} into {cfg.data_dir}", flush=True)
     prepare_config(cfg)
@@ -293,8 +302,9 @@ def main_experiment(argv=None) -> int:
         raise ConfigError(f"--only must name at least one variant, e.g. --only smoe-top2,s2moe-top1; got {args.only!r}")
     if args.nproc:
         suite.nproc = args.nproc
-    out = Path(args.out or REPO_ROOT / "results" / suite.name).resolve()
-    os.chdir(REPO_ROOT)  # configs, data_dir and ds_config paths in the suite are relative to the repository
+    # configs and ds_configs named in the suite are found from any directory (package data); data.data_dir
+    # and the other relative paths start here, in the training subprocesses too
+    out = Path(args.out or Path("results") / suite.name).resolve()
     command = "s2moe experiment " + shlex.join(sys.argv[2:] if argv is None else argv)
     # the same command without --seeds/--only: what reruns (or, resumed, completes) the whole table
     full = (
