@@ -3,6 +3,7 @@ one source of truth), so an installed package runs from any directory; the repos
 configs/ and ds_configs/ are the user-facing copies and never drift from them."""
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -65,8 +66,12 @@ def test_s2moe_train_config_tiny_runs_in_an_empty_directory(tmp_path):
 
 @pytest.mark.slow
 def test_the_wheel_carries_the_configs(tmp_path):
+    src = tmp_path / "src"  # a clean copy: no stale build/ of the checkout goes into the wheel
+    shutil.copytree(REPO / "s2moe_ds", src / "s2moe_ds", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO / name, src / name)
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
         capture_output=True,
         text=True,
         timeout=300,
