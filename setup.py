@@ -5,6 +5,10 @@ setup(
     version="0.1.0",
     description="S2MoE and its sparse-MoE router family, trained under DeepSpeed",
     packages=find_packages(include=["s2moe_ds", "s2moe_ds.*"]),
+    # the shipped configs travel with the package, so `s2moe train --config tiny` works after a plain
+    # `pip install .` in any directory; the top-level configs/ and ds_configs/ are the user-facing copies
+    # (tests/test_package_data.py keeps them identical)
+    package_data={"s2moe_ds": ["configs/*.yaml", "ds_configs/*.json"]},
     python_requires=">=3.10",
     # versions are pinned in requirements.txt (what CI and the images install); ranges here
     install_requires=["torch>=2.4", "deepspeed>=0.19.4", "tensorboard", "sentencepiece", "numpy", "PyYAML", "tqdm"],

@@ -29,7 +29,11 @@ from .moe.layer import MoEConfig
 from .monitor import TRACKERS
 from .schedule import SCHEDULES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = PACKAGE_DIR / "configs"
+"""The shipped configs (package data; the repository's top-level configs/ is the user-facing copy)."""
+DS_CONFIG_DIR = PACKAGE_DIR / "ds_configs"
+"""The shipped DeepSpeed JSON configs (package data; likewise copied to the top-level ds_configs/)."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -284,9 +288,10 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
 
 
 def read_config_file(path: str | Path) -> dict:
-    path = Path(path)
+    path = resolve_path(path, CONFIG_DIR)
     if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist (configs live in {REPO_ROOT / 'configs'})")
+        shipped = ", ".join(p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file {str(path)!r} does not exist (the shipped configs, by name: {shipped})")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else load_yaml(text, f"config file {str(path)!r}")
@@ -318,9 +323,15 @@ def model_config_from_dict(data: dict, prefix: str = "model") -> ModelConfig:
     return cfg
 
 
-def resolve_path(path: str) -> Path:
-    """A path as given, else relative to the repository (so ``ds_configs/zero2.json`` works anywhere)."""
-    p = Path(path)
+def resolve_path(path: str | Path, folder: Path = CONFIG_DIR) -> Path:
+    """A config file from any working directory: the path as given when it exists; else the shipped copy
+    (``configs/tiny.yaml`` and ``ds_configs/zero2.json``, as the configs name them, are package data), or
+    a bare name in ``folder`` (``tiny`` -> ``configs/tiny.yaml``, ``zero2`` -> ``ds_configs/zero2.json``).
+    A path found nowhere comes back as given, for the caller's error message."""
+    p = Path(path).expanduser()
     if p.exists() or p.is_absolute():
         return p
-    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+    candidates = [PACKAGE_DIR / p] if p.parts[0] in ("configs", "ds_configs") else []
+    if p.parent == Path("."):
+        candidates += [folder / p.name] + [folder / (p.name + s) for s in (".yaml", ".yml", ".json")]
+    return next((c for c in candidates if c.is_file()), p)

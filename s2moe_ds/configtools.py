@@ -133,40 +133,6 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def arg_int(lo: int):
-    """An argparse type: an integer >= ``lo`` (argparse then names the option in its error)."""
-
-    def parse(text: str) -> int:
-        import argparse
-
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        return value
-
-    return parse
-
-
-def arg_float(lo: float, inclusive: bool = True):
-    """An argparse type: a finite number >= ``lo`` (> ``lo`` when not ``inclusive``)."""
-
-    def parse(text: str) -> float:
-        import argparse
-
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < lo or (value == lo and not inclusive):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {lo}, got {text}")
-        return value
-
-    return parse
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently: a
     second ``train:`` section would replace the first)."""

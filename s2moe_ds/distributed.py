@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import Config, resolve_path
+from .config import DS_CONFIG_DIR, Config, resolve_path
 from .configtools import ConfigError
 
 
@@ -200,11 +200,12 @@ def device() -> torch.device:
 
 def deepspeed_config(cfg: Config) -> dict:
     """The DeepSpeed JSON config with batch size, clipping and precision filled in from our config."""
-    path = resolve_path(cfg.train.ds_config)
+    path = resolve_path(cfg.train.ds_config, DS_CONFIG_DIR)
     if not path.exists():
+        shipped = ", ".join(p.name for p in sorted(DS_CONFIG_DIR.glob("*.json")))
         raise ConfigError(
-            f"config field 'train.ds_config': {cfg.train.ds_config!r} does not exist "
-            f"(the repository's ds_configs/ has zero0.json, zero1.json, zero2.json, zero2_offload.json)"
+            f"config field 'train.ds_config': {cfg.train.ds_config!r} does not exist (the shipped ones, "
+            f"as ds_configs/NAME or NAME: {shipped})"
         )
     try:
         ds = json.loads(path.read_text())
@@ -245,7 +246,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, optimizer, lr_scheduler, d
         )
     except (ValueError, AssertionError) as e:  # DeepSpeed's config validation
         raise ConfigError(
-            f"config field 'train.ds_config': DeepSpeed rejected {resolve_path(cfg.train.ds_config)} with our "
+            f"config field 'train.ds_config': DeepSpeed rejected {resolve_path(cfg.train.ds_config, DS_CONFIG_DIR)} with our "
             f"settings filled in ({type(e).__name__}: {' '.join(str(e).split())[:400]}); fix that "
             f"entry or start from ds_configs/zero2.json"
         ) from None

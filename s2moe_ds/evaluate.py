@@ -12,10 +12,7 @@ scored once, each with between 1 and ``context`` tokens of history).
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +22,6 @@ import torch
 
 from .checkpoint import check_compatible, load_for_eval
 from .config import config_from_dict
-from .configtools import arg_float, arg_int
 from .data.loader import WindowSampler
 from .data.prepare import DataError, load_split, read_meta
 from .flops import flops_per_token
@@ -174,120 +170,66 @@ def evaluate_model(
     )
 
 
-def main_eval(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="s2moe eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument(
-        "run",
-        help="run directory (train.out_dir), its checkpoints/ folder, one checkpoint tag folder, or an exported folder",
-    )
-    ap.add_argument("--split", default="val", choices=["train", "val", "test"])
-    ap.add_argument("--k", type=arg_int(1), default=None, help="inference top-k (default: the config's eval_k)")
-    ap.add_argument("--pathways", choices=["clean", "both"], default=None, help="S2MoE pathways at inference")
-    ap.add_argument(
-        "--weights",
-        choices=["train", "per_k"],
-        default=None,
-        help="combine weights at an inference k other than the training k: 'train' (default) keeps "
-        "the training rule, 'per_k' the old convention (probability at k=1)",
-    )
-    ap.add_argument("--batch-size", type=arg_int(1), default=32)
-    ap.add_argument("--max-batches", type=arg_int(0), default=0, help="stop after this many batches (0: whole split)")
-    ap.add_argument(
-        "--data-dir",
-        default=None,
-        help="prepared data folder (default: the one in the run's config; an exported folder needs this or --text)",
-    )
-    ap.add_argument("--text", default=None, help="evaluate on this UTF-8 text file, encoded with the model's tokenizer")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
-    ap.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = ap.parse_args(argv)
+def evaluate_checkpoint(
+    run: str,
+    split: str = "val",
+    k: int | None = None,
+    pathways: str | None = None,
+    weights: str | None = None,
+    batch_size: int = 32,
+    max_batches: int = 0,
+    data_dir: str | None = None,
+    text: str | None = None,
+    device: str | None = None,
+) -> tuple[EvalResult, dict]:
+    """``evaluate_model`` of a run, checkpoint or exported folder (``load_model``) on a split of its data or
+    on a UTF-8 text ``file``; (the result, ``load_model``'s info)."""
     torch.manual_seed(0)
-    model, meta, info = load_model(args.run, args.data_dir, args.device)
-    tokens, split = None, args.split
-    if args.text:
-        text = Path(args.text).read_text(encoding="utf-8")
-        tokens = np.asarray(info["tokenizer"].encode(text), dtype=np.int64)
-        split = f"text {args.text}"
+    model, meta, info = load_model(run, data_dir, device)
+    tokens, label = None, split
+    if text:
+        try:
+            content = Path(text).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"--text {text} is not UTF-8 text ({e})") from None
+        tokens = np.asarray(info["tokenizer"].encode(content), dtype=np.int64)
+        label = f"text {text}"
     elif meta is None:
         raise DataError(
-            f"{args.run} is an exported model: evaluate it on a text file (--text FILE) or a prepared "
+            f"{run} is an exported model: evaluate it on a text file (--text FILE) or a prepared "
             f"data folder with its vocabulary (--data-dir DIR)"
         )
     res = evaluate_model(
         model,
         meta,
         info["data_dir"],
-        args.split,
-        args.k,
-        args.pathways,
-        args.batch_size,
-        args.max_batches,
-        args.weights,
+        split,
+        k,
+        pathways,
+        batch_size,
+        max_batches,
+        weights,
         tokens=tokens,
         tokenizer_kind=info["tokenizer_kind"],
     )
-    res.split = split
+    res.split = label
     if res.tokens == 0:
         raise DataError(
-            f"the {split} split gave no window of {model.cfg.context + 1} tokens to score; evaluate "
+            f"the {label} split gave no window of {model.cfg.context + 1} tokens to score; evaluate "
             f"another split or more text"
         )
-    if args.json:
-        print(json.dumps({**res.__dict__, "checkpoint": info["checkpoint"], "step": info["step"]}))
-    else:
-        print(f"[s2moe eval] {info['checkpoint']} (step {info['step']})")
-        print(f"[s2moe eval] {res.line()}")
-    if not math.isfinite(res.loss):
-        print(
-            f"s2moe eval: error: the loss of {info['checkpoint']} is {res.loss}: its weights are not finite (a "
-            f"diverged run); evaluate an earlier checkpoint (a tag folder under checkpoints/)",
-            file=sys.stderr,
-        )
-        return 3
-    return 0
+    return res, info
 
 
-def main_sample(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="s2moe sample", description="Generate text from a trained run or an exported folder."
-    )
-    ap.add_argument("run")
-    ap.add_argument("--prompt", default="\n")
-    ap.add_argument("--tokens", type=arg_int(1), default=200)
-    ap.add_argument("--temperature", type=arg_float(0.0, inclusive=False), default=0.8)
-    ap.add_argument("--top-k", type=arg_int(0), default=0, help="sample among the k likeliest tokens (0: all)")
-    ap.add_argument(
-        "--top-p",
-        type=arg_float(0.0, inclusive=False),
-        default=1.0,
-        help="sample among the likeliest tokens whose probabilities reach this (1: all)",
-    )
-    ap.add_argument("--greedy", action="store_true", help="always the likeliest token")
-    ap.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
-    ap.add_argument("--k", type=arg_int(1), default=None, help="inference top-k experts")
-    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
-    ap.add_argument("--seed", type=arg_int(0), default=0)
-    args = ap.parse_args(argv)
-    if not args.prompt:
-        raise ValueError("--prompt must hold at least one character (the text to continue); e.g. --prompt 'def '")
-    if args.top_p > 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    torch.manual_seed(args.seed)
-    model, meta, info = load_model(args.run, device=args.device)
-    model.set_inference(k=args.k)
+def sample_text(
+    run: str, prompt: str, tokens: int, k: int | None = None, device: str | None = None, seed: int = 0, **generate
+) -> str:
+    """``prompt`` continued by ``tokens`` tokens of a run, checkpoint or exported folder; ``generate``:
+    ``MoELanguageModel.generate``'s sampling options (temperature, top_k, top_p, greedy, use_cache)."""
+    torch.manual_seed(seed)
+    model, _, info = load_model(run, device=device)
+    model.set_inference(k=k)
     tok = info["tokenizer"]
-    dev = next(model.parameters()).device
-    idx = torch.tensor([tok.encode(args.prompt)], dtype=torch.long, device=dev)
-    out = model.generate(
-        idx,
-        args.tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        greedy=args.greedy,
-        use_cache=not args.no_cache,
-    )
-    print(tok.decode(out[0].tolist()))
-    return 0
+    idx = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=next(model.parameters()).device)
+    out = model.generate(idx, tokens, **generate)
+    return tok.decode(out[0].tolist())

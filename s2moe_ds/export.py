@@ -29,6 +29,7 @@ import torch
 
 from .checkpoint import CheckpointError, check_compatible, load_for_eval, vocab_fingerprint
 from .config import config_from_dict, model_config_from_dict
+from .configtools import ConfigError
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -65,7 +66,7 @@ def parse_size(text: str) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise ValueError(f"--max-shard-size must be a positive size such as 5GB or 500MB, got {text!r}")
+        raise ConfigError(f"--max-shard-size must be a positive size such as 5GB or 500MB, got {text!r}")
     return value
 
 
@@ -85,33 +86,11 @@ def shard(state: dict, max_bytes: int) -> list[dict]:
     return shards
 
 
-def export_pretrained(
-    run: str | Path, out_dir: str | Path, data_dir: str | None = None, max_shard_bytes: int = 5 * 2**30
-) -> Path:
-    from safetensors.torch import save_file
-
-    from .data.prepare import DataError, read_meta
-    from .data.tokenizers import load_tokenizer
-
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} already exists and is not an empty folder; export into a new folder")
-    state, client, ckpt = load_for_eval(run)
-    cfg = config_from_dict(client["config"])
-    data_dir = data_dir or cfg.data.data_dir
-    try:
-        meta = read_meta(data_dir)
-    except DataError as e:
-        raise DataError(
-            f"the export carries the run's tokenizer, read from its prepared data folder: {e}; pass "
-            f"--data-dir with the folder the run was trained on"
-        ) from None
-    check_compatible(client, meta, str(ckpt))
-    tokenizer = load_tokenizer(data_dir, meta)
+def hf_config(client: dict, meta: dict, ckpt: Path) -> dict:
+    """config.json of an export: the Hugging Face keys, the auto classes, and our model section."""
     model_cfg = client["config"]["model"]
     tied = model_cfg.get("tie_embeddings", True)
-    weights = {PREFIX + k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "head.weight")}
-    config = {
+    return {
         "model_type": "s2moe",
         "architectures": ["S2MoEForCausalLM"],
         "auto_map": {
@@ -131,23 +110,53 @@ def export_pretrained(
         "s2moe_vocab_fingerprint": vocab_fingerprint(meta),
         "s2moe_source": str(ckpt),
     }
+
+
+def write_weights(folder: Path, weights: dict, max_shard_bytes: int) -> None:
+    """model.safetensors, or shards of at most ``max_shard_bytes`` and their index file."""
+    from safetensors.torch import save_file
+
+    parts = shard(weights, max_shard_bytes)
+    if len(parts) == 1:
+        save_file(parts[0], str(folder / WEIGHTS), metadata={"format": "pt"})
+        return
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in weights.values())}, "weight_map": {}}
+    for i, part in enumerate(parts, 1):
+        name = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+        save_file(part, str(folder / name), metadata={"format": "pt"})
+        index["weight_map"].update({k: name for k in part})
+    (folder / INDEX).write_text(json.dumps(index, indent=1))
+
+
+def export_pretrained(
+    run: str | Path, out_dir: str | Path, data_dir: str | None = None, max_shard_bytes: int = 5 * 2**30
+) -> Path:
+    from .data.prepare import DataError, read_meta
+    from .data.tokenizers import load_tokenizer
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} already exists and is not an empty folder; export into a new folder")
+    state, client, ckpt = load_for_eval(run)
+    cfg = config_from_dict(client["config"])
+    data_dir = data_dir or cfg.data.data_dir
+    try:
+        meta = read_meta(data_dir)
+    except DataError as e:
+        raise DataError(
+            f"the export carries the run's tokenizer, read from its prepared data folder: {e}; pass "
+            f"--data-dir with the folder the run was trained on"
+        ) from None
+    check_compatible(client, meta, str(ckpt))
+    tokenizer = load_tokenizer(data_dir, meta)
+    tied = client["config"]["model"].get("tie_embeddings", True)
+    weights = {PREFIX + k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "head.weight")}
+    config = hf_config(client, meta, ckpt)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        parts = shard(weights, max_shard_bytes)
-        if len(parts) == 1:
-            save_file(parts[0], str(tmp / WEIGHTS), metadata={"format": "pt"})
-        else:
-            index = {
-                "metadata": {"total_size": sum(v.numel() * v.element_size() for v in weights.values())},
-                "weight_map": {},
-            }
-            for i, part in enumerate(parts, 1):
-                name = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
-                save_file(part, str(tmp / name), metadata={"format": "pt"})
-                index["weight_map"].update({k: name for k in part})
-            (tmp / INDEX).write_text(json.dumps(index, indent=1))
+        write_weights(tmp, weights, max_shard_bytes)
         (tmp / CONFIG).write_text(json.dumps(config, indent=1))
         tokenizer.save_pretrained(tmp)
         for name, text in CODE.items():

@@ -2,14 +2,14 @@
 
 import pytest
 
-from s2moe_ds.config import REPO_ROOT, Config, load_config, validate
+from s2moe_ds.config import CONFIG_DIR, Config, load_config, validate
 from s2moe_ds.configtools import ConfigError
 from s2moe_ds.distributed import deepspeed_config
 
 
 def test_tiny_config_loads_with_overrides():
     cfg = load_config(
-        REPO_ROOT / "configs/tiny.yaml",
+        CONFIG_DIR / "tiny.yaml",
         [
             "train.steps=7",
             "model.moe.router=xmoe",
@@ -23,7 +23,7 @@ def test_tiny_config_loads_with_overrides():
     assert cfg.model.moe.s2moe.enabled is True  # from the file
 
 
-@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     assert isinstance(load_config(path), Config)
 

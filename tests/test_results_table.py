@@ -95,7 +95,7 @@ def test_runs_of_two_code_versions_never_share_a_table(tmp_path, capsys):
 
 
 def test_variant_seed_lists_and_shards():
-    from s2moe_ds.experiments.runner import parse_shard
+    from s2moe_ds.cli.experiment import parse_shard
 
     suite = suite_from_dict(
         {"seeds": [0, 1, 2], "variants": [{"name": "a"}, {"name": "b", "seeds": [0, 1, 2, 3]}]}, "s"

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from .tokenizers import DataError
+
 
 def stream_seed(*parts: int) -> int:
     """A 63-bit seed from integers (SplitMix64-style mixing), stable across processes and Python runs."""
@@ -25,7 +27,7 @@ def stream_seed(*parts: int) -> int:
 class WindowSampler:
     def __init__(self, tokens: np.ndarray, context: int):
         if len(tokens) <= context + 1:
-            raise ValueError(
+            raise DataError(
                 f"split has {len(tokens)} tokens, fewer than context + 2 ({context + 2}); "
                 f"use a smaller model.context or more data"
             )

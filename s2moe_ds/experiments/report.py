@@ -11,13 +11,11 @@ file lists (``claims:``; the suite file is the one recorded in the folder's suit
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
 from pathlib import Path
 
-from ..config import REPO_ROOT
 from ..configtools import ConfigError
 from .claims import claims, collapse_claims
 from .plots import plots, variants_of
@@ -147,33 +145,3 @@ def write_report(folder: Path, out: Path, command: str = "", notes: str = "") ->
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(text) + "\n")
     return out
-
-
-def main_report(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="s2moe report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("folder", help="an experiment results folder (s2moe experiment --out)")
-    ap.add_argument(
-        "--out",
-        default=None,
-        help="Markdown file to write (default: docs/results.md); plots go to a folder of the same name without .md",
-    )
-    ap.add_argument("--command", default="", help="the experiment command to quote at the top of the report")
-    ap.add_argument(
-        "--notes",
-        default=None,
-        help="a Markdown file inserted after the computed statements "
-        "(e.g. what changed since an earlier run of the suite)",
-    )
-    args = ap.parse_args(argv)
-    folder = Path(args.folder)
-    if not (folder / "results.json").exists():
-        raise ConfigError(
-            f"{folder} is not an experiment folder (no results.json); pass the --out folder "
-            f"of `s2moe experiment`, e.g. results/cpu-shakespeare"
-        )
-    notes = Path(args.notes).read_text() if args.notes else ""
-    out = write_report(folder, Path(args.out) if args.out else REPO_ROOT / "docs" / "results.md", args.command, notes)
-    print(f"[s2moe report] wrote {out}")
-    return 0

@@ -19,12 +19,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import REPO_ROOT
+from ..config import CONFIG_DIR, DS_CONFIG_DIR, PACKAGE_DIR
 from ..configtools import ConfigError
 from .suite import RunSpec, Suite, run_spec
 from .tables import summary_markdown
 
-PACKAGE = REPO_ROOT / "s2moe_ds"
+PACKAGE = PACKAGE_DIR
+ROOT = PACKAGE_DIR.parent
+# a source checkout (not an installed package): its top-level configs are hashed too, and git asked
+CHECKOUT = (ROOT / "setup.py").is_file()
 # package files that cannot change a run's numbers (they read finished runs): editing them keeps old runs
 # in the current code's table
 NOT_NUMERIC = {
@@ -38,19 +41,25 @@ NOT_NUMERIC = {
 
 def code_version() -> dict:
     """The code a run is made with: a fingerprint of the package sources (all but ``NOT_NUMERIC``) and
-    of configs/ and ds_configs/, and the git commit (``-dirty`` when those files differ from it)."""
+    of the shipped configs and DeepSpeed configs (package data, plus the top-level user-facing copies in a
+    source checkout), and the git commit (``-dirty`` when those files differ from it)."""
     files = [p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).as_posix() not in NOT_NUMERIC]
-    files += list((REPO_ROOT / "configs").glob("*.yaml")) + list((REPO_ROOT / "ds_configs").glob("*.json"))
+    copies = (ROOT / "configs", ROOT / "ds_configs") if CHECKOUT else ()
+    for folder in (CONFIG_DIR, DS_CONFIG_DIR, *copies):
+        files += [p for p in folder.glob("*") if p.suffix in (".yaml", ".json")]
     h = hashlib.sha256()
     for p in sorted(files):
-        h.update(p.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        h.update(p.relative_to(ROOT).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     return {"fingerprint": h.hexdigest()[:16], "commit": git_commit(dirty=True)}
 
 
 def git_commit(dirty: bool = False) -> str:
-    """HEAD's short hash (``-dirty`` when the package, configs or ds_configs differ from it), or 'unknown'."""
+    """HEAD's short hash (``-dirty`` when the package, configs or ds_configs differ from it), or 'unknown'
+    (an installed package: no checkout to ask)."""
+    if not CHECKOUT:
+        return "unknown"
     run = lambda *args: subprocess.run(  # noqa: E731
-        ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
     ).stdout.strip()
     try:
         commit = run("rev-parse", "--short", "HEAD") or "unknown"

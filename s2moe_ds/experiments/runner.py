@@ -23,7 +23,6 @@ the list (from the I-th), so N workers can share one suite folder.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -34,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import REPO_ROOT
-from ..configtools import ConfigError, arg_int
+from ..config import PACKAGE_DIR
+from ..configtools import ConfigError
 from .results import Result, aggregate, code_version, read_json, record_command, write_atomic
-from .suite import EvalSpec, RunSpec, Suite, Variant, find_suite, load_suite, run_spec
+from .suite import EvalSpec, RunSpec, Suite, Variant, run_spec
 
 
 def train_command(spec: RunSpec, run_dir: Path) -> list[str]:
@@ -48,14 +47,23 @@ def train_command(spec: RunSpec, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "s2moe_ds.train", *args]
 
 
+def train_env() -> dict:
+    """The environment of a training subprocess: it imports this very package (the code whose fingerprint
+    the run records), whether installed or run from a source checkout in another directory."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_DIR.parent), env.get("PYTHONPATH")]))
+    return env
+
+
 def train(spec: RunSpec, run_dir: Path) -> float:
-    """Train (or resume) one run in a subprocess; its wall time in seconds."""
+    """Train (or resume) one run in a subprocess, in this working directory (where the suite's relative
+    paths, such as data.data_dir, start); its wall time in seconds."""
     cmd = train_command(spec, run_dir)
     print("+ " + shlex.join(cmd), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "a") as log:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env=train_env(), stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (run_dir / "train.log").read_text().splitlines()[-15:]
@@ -147,7 +155,7 @@ def prepare_data(suite: Suite) -> None:
     from ..data.prepare import prepare_config
 
     cfg = load_config(suite.base or suite.variants[0].config, suite.overrides).data
-    if (Path(cfg.data_dir) / "meta.json").exists() or (REPO_ROOT / cfg.data_dir / "meta.json").exists():
+    if (Path(cfg.data_dir) / "meta.json").exists():
         return
     print(f"[s2moe experiment] preparing {cfg.dataset} into {cfg.data_dir}", flush=True)
     prepare_config(cfg)
@@ -244,63 +252,3 @@ def run_suite(
     print(f"[s2moe experiment] results: {out / 'results.md'} ({len(rows)} rows)", flush=True)
     print((out / "results.md").read_text(), flush=True)
     return rows
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    if not text:
-        return 0, 1
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        i, n = -1, 0
-    if not 0 <= i < n:
-        raise ConfigError(f"--shard must be I/N with 0 <= I < N (e.g. 0/2 and 1/2 for two workers), got {text!r}")
-    return i, n
-
-
-def parse_args(argv) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="s2moe experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("suite", help="a suite name from experiments/ or a suite .yaml path")
-    ap.add_argument("--out", default=None, help="results folder (default: results/<suite>)")
-    ap.add_argument(
-        "--seeds",
-        default=None,
-        help="comma-separated seeds, replacing the suite's list (and filtering a variant's own list)",
-    )
-    ap.add_argument("--steps", type=arg_int(1), default=None, help="train.steps for every run (a shorter budget)")
-    ap.add_argument("--only", default=None, help="comma-separated variant names to run")
-    ap.add_argument("--nproc", type=arg_int(1), default=None, help="processes per run (>1 uses the deepspeed launcher)")
-    ap.add_argument(
-        "--shard",
-        default=None,
-        help="I/N: run every N-th run of the list from the I-th (N workers sharing one --out, e.g. 0/2 and 1/2)",
-    )
-    return ap.parse_args(argv)
-
-
-def main_experiment(argv=None) -> int:
-    args = parse_args(argv)
-    shard = parse_shard(args.shard)
-    suite = load_suite(find_suite(args.suite))
-    if args.seeds is not None:
-        try:
-            suite.seeds, suite.seeds_given = [int(s) for s in args.seeds.split(",")], True
-        except ValueError:
-            raise ConfigError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
-    if args.only is not None and not [v for v in args.only.split(",") if v.strip()]:
-        raise ConfigError(f"--only must name at least one variant, e.g. --only smoe-top2,s2moe-top1; got {args.only!r}")
-    if args.nproc:
-        suite.nproc = args.nproc
-    out = Path(args.out or REPO_ROOT / "results" / suite.name).resolve()
-    os.chdir(REPO_ROOT)  # configs, data_dir and ds_config paths in the suite are relative to the repository
-    command = "s2moe experiment " + shlex.join(sys.argv[2:] if argv is None else argv)
-    # the same command without --seeds/--only: what reruns (or, resumed, completes) the whole table
-    full = (
-        [args.suite] + (["--out", args.out] if args.out else []) + (["--steps", str(args.steps)] if args.steps else [])
-    )
-    full += ["--nproc", str(args.nproc)] if args.nproc else []
-    only = args.only.split(",") if args.only else None
-    run_suite(suite, out, args.steps, only, command, "s2moe experiment " + shlex.join(full), shard)
-    return 0

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import REPO_ROOT
 from ..configtools import ConfigError, from_dict, load_yaml
 
-SUITE_DIR = REPO_ROOT / "experiments"
+# the suites of the source checkout (not package data: an installed package runs a suite .yaml by path)
+SUITE_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..configtools import check_choice, check_positive, check_range, fail
+from ..configtools import ConfigError, check_choice, check_positive, check_range, fail
 from .backends import BACKENDS, BackendConfig, ExpertSpec, backend_entry, build_backend
 from .experts import ACTIVATIONS
 from .routers import ROUTERS, RouterConfig, RouterOutput, build_router, parse_router_config
@@ -211,11 +211,11 @@ class MoELayer(nn.Module):
         ('train': the training rule; 'per_k': the old convention); None keeps the current one. The config
         is shared by every layer and saved with the run: it is not changed."""
         if k is not None and not 1 <= k <= self.cfg.num_experts:
-            raise ValueError(f"inference top-k must be in [1, {self.cfg.num_experts}], got {k}")
+            raise ConfigError(f"inference top-k must be in [1, {self.cfg.num_experts}], got {k}")
         if pathways is not None and pathways not in PATHWAYS:
-            raise ValueError(f"inference pathways must be 'clean' or 'both', got {pathways!r}")
+            raise ConfigError(f"inference pathways must be 'clean' or 'both', got {pathways!r}")
         if weights is not None and weights not in EVAL_WEIGHTS:
-            raise ValueError(f"inference weights must be 'train' or 'per_k', got {weights!r}")
+            raise ConfigError(f"inference weights must be 'train' or 'per_k', got {weights!r}")
         self.inference_k = k or self.inference_k
         self.inference_pathways = pathways or self.inference_pathways
         self.router.eval_weights = weights or self.router.eval_weights

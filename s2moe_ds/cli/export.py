@@ -1,0 +1,55 @@
+"""``s2moe export``: a checkpoint of any parallel layout as a self-contained Hugging Face-style folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "write a checkpoint as a self-contained folder (Hugging Face layout)"
+DESCRIPTION = (
+    "Write a checkpoint (any parallel layout) as a self-contained folder in the Hugging Face layout: "
+    "config.json, model.safetensors (sharded above --max-shard-size), the tokenizer; `s2moe eval/sample "
+    "FOLDER` and s2moe_ds.load_pretrained(FOLDER) need nothing else."
+)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("run", help="run directory, checkpoints/ folder or checkpoint tag folder")
+    ap.add_argument(
+        "--out",
+        required=True,
+        help="a new folder (an --out ending in .safetensors writes the old single file, deprecated)",
+    )
+    ap.add_argument(
+        "--data-dir",
+        default=None,
+        help="the run's prepared data folder, for its tokenizer (default: the one in the run's config)",
+    )
+    ap.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest weights file; bigger models are sharded with an index file (default 5GB)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import export_safetensors
+    from ..configtools import ConfigError
+    from ..export import export_pretrained, parse_size
+
+    if not args.out.rstrip("/"):
+        raise ConfigError(f"--out must name a folder to write, e.g. tiny-export; got {args.out!r}")
+    if args.out.endswith(".safetensors"):
+        print(
+            "[s2moe export] warning: a single .safetensors file is deprecated and will be removed in the next "
+            "release: it holds no tokenizer; export into a folder instead (--out DIR)",
+            file=sys.stderr,
+        )
+        out = export_safetensors(args.run, args.out)
+        print(f"[s2moe export] wrote {out} ({out.stat().st_size:,} bytes)")
+        return 0
+    out = export_pretrained(args.run, args.out, args.data_dir, parse_size(args.max_shard_size))
+    files = sorted(p.name for p in out.iterdir())
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"[s2moe export] wrote {out}: {', '.join(files)} ({size:,} bytes)")
+    return 0
