@@ -13,6 +13,7 @@ scored once, each with between 1 and ``context`` tokens of history).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
