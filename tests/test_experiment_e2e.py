@@ -27,7 +27,7 @@ def smoke(tmp_path_factory):
     path = tmp / "smoke.yaml"
     path.write_text(yaml.safe_dump(suite))
     out = tmp / "results"
-    proc = cli("experiment", str(path), "--out", str(out), timeout=900)
+    proc = cli("experiment", str(path), "--out", str(out), "--data-source", str(shakespeare), timeout=900)
     assert_ok(proc)
     return path, out, proc
 

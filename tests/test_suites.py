@@ -123,3 +123,20 @@ def test_a_claim_naming_what_the_suite_lacks_is_refused_with_the_file(tmp_path: 
     bad.write_text(f"variants: [{{name: a}}, {{name: b}}]\nclaims: [{claim}]\n")
     with pytest.raises(ConfigError, match=rf"suite {re.escape(str(bad))}: claims\[0\].*" + needle):
         load_suite(bad)
+
+
+def test_where_the_corpus_sits_is_not_part_of_a_runs_spec():
+    """Runs made while the suite file named a data.source still match the suite without it (the
+    cpu-shakespeare rerun of commit cec5c81 did), and no suite file names a path outside the repository."""
+    from s2moe_ds.experiments.suite import RunSpec
+
+    suite = load_suite(find_suite("cpu-shakespeare"))
+    variant = next(v for v in suite.variants if v.name == "s2moe-top1")
+    spec = run_spec(suite, variant, 3, None)
+    old = {**spec.to_dict(), "overrides": ["data.source=../shared/data/tinyshakespeare.txt", *spec.overrides]}
+    assert spec.same_run(old) and spec.same_run(RunSpec.from_record(old))
+    other = {**spec.to_dict(), "overrides": [*spec.overrides, "train.steps=9"]}
+    assert not spec.same_run(other)
+    for name in SUITES:
+        text = find_suite(name).read_text()
+        assert "../" not in text and "shared/" not in text, name

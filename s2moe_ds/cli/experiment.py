@@ -26,6 +26,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--only", default=None, help="comma-separated variant names to run")
     ap.add_argument("--nproc", type=arg_int(1), default=None, help="processes per run (>1 uses the deepspeed launcher)")
     ap.add_argument(
+        "--data-source",
+        default="",
+        help="the corpus file to prepare the suite's data from (data.source), when data.data_dir does not hold "
+        "it yet; not part of any run's spec (docs/data.md says where to get each corpus)",
+    )
+    ap.add_argument(
         "--shard",
         default=None,
         help="I/N: run every N-th run of the list from the I-th (N workers sharing one --out, e.g. 0/2 and 1/2)",
@@ -72,5 +78,7 @@ def run(args: argparse.Namespace) -> int:
     )
     full += ["--nproc", str(args.nproc)] if args.nproc else []
     only = args.only.split(",") if args.only else None
-    runner.run_suite(suite, out, args.steps, only, command, "s2moe experiment " + shlex.join(full), shard)
+    runner.run_suite(
+        suite, out, args.steps, only, command, "s2moe experiment " + shlex.join(full), shard, args.data_source
+    )
     return 0

@@ -153,7 +153,7 @@ def finished_runs(out: Path, suite: Suite, steps: int | None = None, quiet: bool
             if not seed_text.isdigit():
                 continue  # another variant whose name extends this one
             r = Result.load(f)
-            if r.spec != run_spec(suite, variant, int(seed_text), steps):
+            if not r.spec.same_run(run_spec(suite, variant, int(seed_text), steps)):
                 warn(
                     f"{f.parent} was run with another spec than this suite's (overrides {r.spec.overrides}); "
                     f"left out of the table"

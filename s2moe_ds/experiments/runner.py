@@ -150,11 +150,14 @@ def evaluate_run(run_dir: Path, suite: Suite) -> tuple[list[dict], list[dict]]:
     return rows, analyse(model, x, jacobian_tokens=ev.jacobian_tokens)
 
 
-def prepare_data(suite: Suite) -> None:
+def prepare_data(suite: Suite, data_source: str = "") -> None:
+    """Prepare the suite's data once (skipped when ``data.data_dir`` holds it), from ``data_source`` when
+    given (``--data-source``: where the corpus file sits is not part of a run's spec)."""
     from ..config import load_config
     from ..data.prepare import prepare_config
 
-    cfg = load_config(suite.base or suite.variants[0].config, suite.overrides).data
+    extra = [f"data.source={data_source}"] if data_source else []
+    cfg = load_config(suite.base or suite.variants[0].config, list(suite.overrides) + extra).data
     if (Path(cfg.data_dir) / "meta.json").exists():
         return
     print(f"[s2moe experiment] preparing {cfg.dataset} into {cfg.data_dir}", flush=True)
@@ -169,7 +172,7 @@ def check_run_dir(run_dir: Path, spec: RunSpec, code: dict) -> str | None:
     if spec_file.exists():
         old = read_json(spec_file)
         old_code = old.pop("code", None) or {}
-        if old != spec.to_dict():
+        if not spec.same_run(old):
             raise ConfigError(
                 f"{run_dir} was started with a different spec ({old}) than this command's "
                 f"({spec.to_dict()}); use another --out, or move that run away to restart it"
@@ -228,11 +231,12 @@ def run_suite(
     command: str = "",
     full_command: str = "",
     shard: tuple[int, int] = (0, 1),
+    data_source: str = "",
 ) -> list[dict]:
     variants = select_variants(suite, only)
     out.mkdir(parents=True, exist_ok=True)
     record_command(out, suite, steps, command, full_command)
-    prepare_data(suite)
+    prepare_data(suite, data_source)
     code = code_version()
     # seed-major: an interrupted or time-boxed suite has every variant on the first seeds
     seeds = sorted({s for v in variants for s in suite.variant_seeds(v)})

@@ -105,6 +105,9 @@ class Suite:
         return list(variant.seeds)
 
 
+SOURCE_OVERRIDE = "data.source="
+
+
 @dataclass
 class RunSpec:
     """Everything that decides a run's numbers: its config file and overrides, in order."""
@@ -117,6 +120,17 @@ class RunSpec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """The spec as far as it decides the numbers: ``data.source=`` overrides left out (where the corpus
+        file sits; runs of the suite train on the data prepared once into ``data.data_dir``)."""
+        d = self.to_dict()
+        d["overrides"] = [o for o in self.overrides if not o.startswith(SOURCE_OVERRIDE)]
+        return d
+
+    def same_run(self, other: RunSpec | dict) -> bool:
+        other = other if isinstance(other, RunSpec) else RunSpec.from_record(other)
+        return self.identity() == other.identity()
 
     @classmethod
     def from_record(cls, record: dict) -> RunSpec:
