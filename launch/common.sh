@@ -59,8 +59,15 @@ require_data() {
   fi
 }
 
+# CONFIG may be a path or a shipped config's name (CONFIG=tiny): what `s2moe train --config` accepts.
+require_config() {
+  [ -f "$CONFIG" ] || [ -f "$REPO_ROOT/$CONFIG" ] \
+    || (cd "$REPO_ROOT" && "$PYTHON" -c 'import sys; from s2moe_ds.config import resolve_path; sys.exit(not resolve_path(sys.argv[1]).is_file())' "$CONFIG") 2> /dev/null \
+    || die "config '$CONFIG' does not exist; pass CONFIG=configs/<name>.yaml or a shipped name such as CONFIG=tiny (see configs/)"
+}
+
 check_common() {
-  require_file "config" "$CONFIG" "pass CONFIG=configs/<name>.yaml (see configs/)"
+  require_config
   [[ "$MASTER_PORT" =~ ^[0-9]+$ ]] || die "MASTER_PORT must be a TCP port number, got '$MASTER_PORT'"
   [[ "$DIST_TIMEOUT" =~ ^[0-9]+$ ]] || die "DIST_TIMEOUT must be whole seconds, got '$DIST_TIMEOUT'"
 }

@@ -100,6 +100,8 @@ def test_dockerfiles_pass_hadolint_and_install_the_ci_requirement_files():
 def test_scripts_fail_clearly_on_missing_inputs_and_print_their_command(tmp_path, data_dir):
     p = sh("single_node.sh", extra_env={"CONFIG": "configs/nope.yaml"})
     assert p.returncode == 2 and "config 'configs/nope.yaml' does not exist" in p.stderr
+    p = sh("single_node.sh", f"data.data_dir={data_dir}", extra_env={"CONFIG": "tiny", "DRY_RUN": "1"})
+    assert p.returncode == 0 and "--module s2moe_ds.train --config tiny " in p.stderr  # a shipped config's name
     p = sh("single_node.sh", f"data.data_dir={tmp_path / 'empty'}")
     assert p.returncode == 2 and "is not prepared" in p.stderr and "s2moe prepare --config" in p.stderr
     p = sh("multi_node.sh", extra_env={"MASTER_ADDR": "127.0.0.1"})
