@@ -1,6 +1,6 @@
 """A run's checkpoints, seen from the trainer: which one to resume, loading it (or resharding it into this
 run's parallel layout), the run's records beside it, and saving (``{tag}.partial`` on every rank, then
-rank 0 verifies and publishes it). The file formats live in ``s2moe_ds.checkpoint`` and ``s2moe_ds.reshard``.
+rank 0 verifies and publishes it). The file formats live in the ``s2moe_ds.checkpoint`` package.
 """
 
 from __future__ import annotations
@@ -14,24 +14,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (
+from ..checkpoint.portable import has_portable, read_layout, resume_resharded, save_portable
+from ..checkpoint.resume import check_compatible, check_resume_config, resolve_resume, vocab_fingerprint
+from ..checkpoint.store import (
     PARTIAL,
     CheckpointError,
-    check_compatible,
-    check_resume_config,
     latest_tag,
     publish,
     read_client_state,
-    resolve_resume,
     run_id_of,
-    vocab_fingerprint,
     write_config,
     write_run_id,
 )
 from ..config import Config
 from ..configtools import ConfigError
 from ..distributed import broadcast_str
-from ..reshard import has_portable, read_layout, resume_resharded, save_portable
 from ..runlock import lock_run_dir
 from .hooks import NonFiniteLoss
 from .optim import apply_schedule

@@ -18,9 +18,8 @@ expert-data-parallel group its experts. Reading merges every rank's file and ass
 (checkpoints written by earlier versions, whole tensors only, read the same way). Loading sets the
 module parameter, the fp32 master partition and both moments, then the step.
 
-``s2moe reshard SRC DST`` (``reshard_run``) does the same conversion ahead of time: it loads SRC's
-checkpoint into a run with the new layout and saves it at once into DST, a native checkpoint of that
-layout (for DeepSpeed's own tools, or to stop relying on the portable copy), without training a step.
+Resharding ahead of time (``s2moe reshard``): ``reshard.py``. Every access to DeepSpeed's internals:
+``deepspeed_private.py``.
 """
 
 from __future__ import annotations
@@ -33,12 +32,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import deepspeed_private as ds
+from .deepspeed_private import MOMENTS
+from .store import CheckpointError, model_state_file, read_state_file
+
 PORTABLE = "s2moe_portable"
 _DS_EXPERT = re.compile(
     r"^(?P<prefix>.*\.ffn\.experts)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<j>\d+)\.(?P<w>\w+)$"
 )
 _LOCAL_EXPERT = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<w>w[123])$")
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _moe_backends(model) -> dict:
@@ -72,54 +74,21 @@ def _writer(p) -> bool:
     if not dist.is_initialized():
         return True
     if _is_expert(p):
-        from deepspeed.utils import groups
-
-        return groups._get_expert_data_parallel_rank(p.group_name) == 0
+        return ds.expert_data_parallel_rank(p.group_name) == 0
     return dist.get_rank() == 0
-
-
-def _inner_optimizer(engine):
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)
-
-
-def _adam_step(engine) -> int:
-    for state in _inner_optimizer(engine).state.values():
-        if "step" in state:
-            return int(state["step"])
-    return 0
-
-
-def _get(engine, p, key=None) -> torch.Tensor:
-    """Full fp32 value (key None) or moment of a parameter that is not ZeRO-partitioned."""
-    if key is None:
-        return p.detach().float().cpu()
-    return _inner_optimizer(engine).state[p][key].detach().float().cpu()
-
-
-def _owned_fragment(p):
-    """``(offset, {"fp32", "exp_avg", "exp_avg_sq"})`` for the slice of flattened ``p`` this rank's ZeRO
-    partition holds; ``()`` if it holds none of it; None if ``p`` is not ZeRO-partitioned (stage 0)."""
-    if not hasattr(p, "_hp_mapping"):
-        return None
-    m = p._hp_mapping
-    if m is None:
-        return ()
-    values = {"fp32": m.get_hp_fragment()} | {k: m.get_hp_fragment(k) for k in MOMENTS}
-    return m.lp_fragment_address.start, {k: v.detach().float().cpu().flatten() for k, v in values.items()}
 
 
 def save_portable(engine, model, ckpt_dir: Path, layout: dict) -> None:
     """Write this rank's share of the portable state into ``ckpt_dir/s2moe_portable/``. Every rank calls it;
     no collective is involved."""
-    _relink(engine)
+    ds.relink(engine)
     entries = {}
     for _name, p, keys in portable_keys(model):
-        owned = _owned_fragment(p)
+        owned = ds.owned_fragment(p)
         if owned is None:  # whole tensors on every rank: one writer saves them
             if not _writer(p):
                 continue
-            values = {"fp32": _get(engine, p)} | {k: _get(engine, p, k) for k in MOMENTS}
+            values = {"fp32": p.detach().float().cpu()} | {k: ds.moment(engine, p, k) for k in MOMENTS}
             for key, index in keys:
                 entries[key] = {k: (v if index is None else v[index]).clone() for k, v in values.items()}
             continue
@@ -141,12 +110,10 @@ def save_portable(engine, model, ckpt_dir: Path, layout: dict) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(entries, out / f"rank{rank:05d}.pt")
     if rank == 0:
-        (out / "meta.json").write_text(json.dumps({"adam_step": _adam_step(engine), "layout": layout}))
+        (out / "meta.json").write_text(json.dumps({"adam_step": ds.adam_step(engine), "layout": layout}))
 
 
 def _assemble(key: str, entry: dict, source: Path) -> dict:
-    from .checkpoint import CheckpointError
-
     numel = math.prod(entry["shape"])
     full = {k: torch.zeros(numel) for k in ("fp32",) + MOMENTS}
     seen = torch.zeros(numel, dtype=torch.bool)  # replicated owners (unpartitioned optimizers) may overlap
@@ -178,38 +145,13 @@ def read_portable(ckpt_dir: Path) -> tuple[dict, dict]:
     return merged, json.loads((folder / "meta.json").read_text())
 
 
-def _relink(engine) -> None:
-    """ZeRO 1/2 map each parameter to its optimizer-state fragments when linking; torch creates Adam
-    state lazily at the first step, after DeepSpeed linked, so link again before reading or writing it."""
-    opt = engine.optimizer
-    if hasattr(opt, "_link_all_hp_params"):
-        opt._link_all_hp_params()
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
-
-
-def _ensure_state(engine, step: int) -> None:
-    """Give every optimizer tensor Adam state (created lazily by torch) and the saved step count."""
-    opt = _inner_optimizer(engine)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state[p]
-            for k in MOMENTS:
-                if k not in st:
-                    st[k] = torch.zeros_like(p, dtype=torch.float32)
-            st["step"] = torch.tensor(float(step)) if not isinstance(st.get("step"), int) else step
-
-
 def load_portable(engine, model, ckpt_dir: Path) -> dict:
     """Load model and optimizer state written under any layout into this (different) layout."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from .checkpoint import CheckpointError
-
     merged, meta = read_portable(ckpt_dir)
-    _ensure_state(engine, meta["adam_step"])
-    _relink(engine)
-    opt = _inner_optimizer(engine)
+    ds.ensure_state(engine, meta["adam_step"])
+    ds.relink(engine)
     for name, p, keys in portable_keys(model):
         missing = [k for k, _ in keys if k not in merged]
         if missing:
@@ -227,13 +169,13 @@ def load_portable(engine, model, ckpt_dir: Path) -> dict:
             )
         with torch.no_grad():
             p.copy_(full["fp32"].to(p.dtype))
-        if hasattr(p, "_hp_mapping"):
+        if ds.is_partitioned(p):
             safe_set_full_fp32_param(p, full["fp32"].to(p.device))
             for k in MOMENTS:
                 safe_set_full_optimizer_state(p, full[k].to(p.device), k)
         else:
             for k in MOMENTS:
-                opt.state[p][k].copy_(full[k])
+                ds.set_moment(engine, p, k, full[k])
     return meta
 
 
@@ -242,8 +184,6 @@ def has_portable(ckpt_dir: Path) -> bool:
 
 
 def require_portable(ckpt_dir: Path) -> None:
-    from .checkpoint import CheckpointError
-
     if not has_portable(ckpt_dir):
         raise CheckpointError(
             f"{ckpt_dir} has no {PORTABLE}/ (the run had train.portable_checkpoints=false, or "
@@ -263,9 +203,7 @@ def read_layout(ckpt_dir: Path, client_state: dict | None = None):
 def resume_resharded(engine, model, scheduler, ckpt_dir: Path) -> dict:
     """Resume from a checkpoint written under another layout; returns the client state. The scheduler gets
     the saved position only (the caller recomputes each group's learning rate from the pure schedule)."""
-    from .checkpoint import _load, model_state_file
-
-    states = _load(model_state_file(ckpt_dir))
+    states = read_state_file(model_state_file(ckpt_dir))
     meta = load_portable(engine, model, ckpt_dir)
     if states.get("lr_scheduler") is not None:
         # the number of parameter groups depends on the layout (expert groups), so restore the schedule's
@@ -274,82 +212,3 @@ def resume_resharded(engine, model, scheduler, ckpt_dir: Path) -> dict:
     engine.global_steps = states.get("global_steps", meta["adam_step"])
     engine.global_samples = states.get("global_samples", 0)
     return {k: states[k] for k in ("step", "config", "vocab_fingerprint", "run_id", "data") if k in states}
-
-
-def reshard_run(src: str, dst: str, nproc: int, overrides: list[str]) -> Path:
-    """Write SRC's newest checkpoint (a run dir, checkpoints dir or tag dir) into the new run dir DST in
-    the layout ``nproc`` processes and ``overrides`` (``model.moe.ep_size``, ``model.moe.backend``,
-    ``train.ds_config``, ``train.grad_accum`` ...) give, model and optimizer state; returns DST's tag."""
-    import shlex
-    import subprocess
-    import sys
-
-    import yaml
-
-    from .checkpoint import (
-        CheckpointError,
-        checkpoint_tags,
-        find_checkpoint,
-        read_client_state,
-        verify_checkpoint,
-        write_config,
-    )
-    from .configtools import ConfigError
-    from .distributed import free_port
-
-    ckpt = find_checkpoint(src)
-    verify_checkpoint(ckpt)
-    client = read_client_state(ckpt)
-    if "config" not in client or "step" not in client:
-        raise CheckpointError(f"{ckpt} is not an s2moe_ds training checkpoint (no step/config in its client state)")
-    require_portable(ckpt)
-    out = Path(dst)
-    if checkpoint_tags(out / "checkpoints"):
-        raise ConfigError(f"{out} already holds checkpoints; give s2moe reshard a new run directory")
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-    out.mkdir(parents=True, exist_ok=True)
-    source_cfg = out / "source_config.yaml"
-    source_cfg.write_text(yaml.safe_dump(client["config"], sort_keys=False))
-    step = int(client["step"])
-    args = [
-        "--config",
-        str(source_cfg),
-        *overrides,
-        f"train.out_dir={out}",
-        f"train.resume={ckpt}",
-        f"train.stop_at_step={step}",
-        "train.progress=false",
-    ]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "s2moe_ds.train", *args]
-    else:
-        launcher = Path(sys.executable).parent / "deepspeed"
-        cmd = [
-            str(launcher) if launcher.exists() else "deepspeed",
-            "--num_gpus",
-            str(nproc),
-            "--master_port",
-            str(free_port()),
-            "--module",
-            "s2moe_ds.train",
-            *args,
-        ]
-    print("+ " + shlex.join(cmd), flush=True)
-    if subprocess.run(cmd).returncode != 0:
-        raise CheckpointError(f"resharding {ckpt} into {out} failed (see the messages above); {ckpt} is unchanged")
-    new = out / "checkpoints" / f"step{step:07d}"
-    if not new.is_dir():
-        raise CheckpointError(f"resharding wrote no checkpoint {new}; {ckpt} is unchanged")
-    # DST continues the run: same config, the new layout, resumed automatically, no stop step
-    cfg = yaml.safe_load((out / "config.yaml").read_text())
-    cfg["train"].update(resume="auto", stop_at_step=0)
-    write_config(out, cfg)
-    source_cfg.unlink()
-    launch = "python -m s2moe_ds.train" if nproc == 1 else f"deepspeed --num_gpus {nproc} --module s2moe_ds.train"
-    print(
-        f"[s2moe reshard] {ckpt} ({read_layout(ckpt, client)}) -> {new} ({read_layout(new)}) at step {step}; "
-        f"continue the run with: {launch} --config {out / 'config.yaml'}",
-        flush=True,
-    )
-    return new
