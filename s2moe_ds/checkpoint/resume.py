@@ -34,6 +34,36 @@ def vocab_fingerprint(meta: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _resume_auto(out_dir: str) -> tuple[Path, str] | None:
+    """``train.resume=auto``: ``latest`` if it verifies and is this run's, else the newest checkpoint of
+    this run that verifies (saying why), None when there is no checkpoint at all."""
+    root = ckpt_root(out_dir)
+    tag = latest_tag(root)
+    if tag is None and not checkpoint_tags(root):
+        return None
+    run_id = run_id_of(out_dir) or (manifest_run_id(root / tag) if tag else None)
+    if tag is not None:
+        owner = manifest_run_id(root / tag)
+        try:
+            if run_id and owner and owner != run_id:
+                raise CheckpointError(f"it belongs to another run (run id {owner}, this run is {run_id})")
+            verify_checkpoint(root / tag)
+            return root, tag
+        except CheckpointError as e:
+            why = f"the latest checkpoint {tag!r} is not usable ({e})"
+    else:
+        named = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+        why = f"'latest' names {named!r}, which does not exist" if named else f"{root} has no 'latest'"
+    valid = newest_valid(root, run_id)
+    if valid is None:
+        raise CheckpointError(
+            f"train.resume=auto: {why}, and no other checkpoint of this run under {root} "
+            f"verifies; start a new train.out_dir or pass train.resume=PATH"
+        )
+    print(f"[s2moe] {why}; resuming from the newest verified checkpoint of this run, {valid!r}", flush=True)
+    return root, valid
+
+
 def resolve_resume(resume: str, out_dir: str) -> tuple[Path, str] | None:
     """(checkpoint root, tag) to resume from, or None to start fresh.
 
@@ -41,7 +71,6 @@ def resolve_resume(resume: str, out_dir: str) -> tuple[Path, str] | None:
     forgotten ``train.resume=auto`` never overwrites or mixes into a run. 'auto' follows ``latest``; only
     when it is missing or fails verification does it fall back to the newest verified checkpoint of the
     same run (never one copied in from another run), and it says why."""
-    root = ckpt_root(out_dir)
     if resume == "":
         found = run_leftovers(out_dir)
         if found:
@@ -52,30 +81,7 @@ def resolve_resume(resume: str, out_dir: str) -> tuple[Path, str] | None:
             )
         return None
     if resume == "auto":
-        tag = latest_tag(root)
-        if tag is None and not checkpoint_tags(root):
-            return None
-        run_id = run_id_of(out_dir) or (manifest_run_id(root / tag) if tag else None)
-        if tag is not None:
-            owner = manifest_run_id(root / tag)
-            try:
-                if run_id and owner and owner != run_id:
-                    raise CheckpointError(f"it belongs to another run (run id {owner}, this run is {run_id})")
-                verify_checkpoint(root / tag)
-                return root, tag
-            except CheckpointError as e:
-                why = f"the latest checkpoint {tag!r} is not usable ({e})"
-        else:
-            named = (root / "latest").read_text().strip() if (root / "latest").exists() else None
-            why = f"'latest' names {named!r}, which does not exist" if named else f"{root} has no 'latest'"
-        valid = newest_valid(root, run_id)
-        if valid is None:
-            raise CheckpointError(
-                f"train.resume=auto: {why}, and no other checkpoint of this run under {root} "
-                f"verifies; start a new train.out_dir or pass train.resume=PATH"
-            )
-        print(f"[s2moe] {why}; resuming from the newest verified checkpoint of this run, {valid!r}", flush=True)
-        return root, valid
+        return _resume_auto(out_dir)
     path = Path(resume)
     if (path / "latest").exists():
         tag = latest_tag(path)
