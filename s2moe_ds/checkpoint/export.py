@@ -32,6 +32,7 @@ import torch
 from ..config import config_from_dict, model_config_from_dict
 from ..configtools import ConfigError
 from ..moe.backends import DS_LAYOUT_BACKENDS
+from ..moe.global_names import from_per_expert_file, to_stacked
 from .resume import check_compatible, vocab_fingerprint
 from .store import CheckpointError, find_checkpoint, model_state_file, read_state_file, verify_checkpoint
 
@@ -58,7 +59,8 @@ def is_export(path: str | Path) -> bool:
 def consolidated_state(ckpt_dir: Path, model_cfg: dict) -> dict:
     """The model's full state dict in the *local* backend's layout (experts stacked ``[E, ...]``),
     whatever expert-parallel layout wrote the checkpoint: DeepSpeed keeps expert weights out of
-    ``mp_rank_00_model_states.pt`` and writes ``layer_{L}_expert_{e}_..._model_states.pt`` per global expert."""
+    ``mp_rank_00_model_states.pt`` and writes ``layer_{L}_expert_{e}_..._model_states.pt`` per global expert,
+    read under the experts' global names and stacked (``s2moe_ds/moe/global_names.py``)."""
     state = dict(read_state_file(model_state_file(ckpt_dir))["module"])
     moe = model_cfg["moe"]
     if moe.get("backend", "local") not in DS_LAYOUT_BACKENDS:
@@ -70,18 +72,16 @@ def consolidated_state(ckpt_dir: Path, model_cfg: dict) -> dict:
         if isinstance(layers, list)
         else {"all": list(range(n_layer)), "every_other": list(range(1, n_layer, 2)), "none": []}[layers]
     )
-    marker = ".deepspeed_moe.experts.deepspeed_experts."
     for moe_layer_id, block in enumerate(ids):
-        prefix = f"blocks.{block}.ffn.experts"
-        stacked: dict[str, list] = {}
+        experts = {}  # this layer's experts under their global names (w1#e), one DeepSpeed file each
         for e in range(moe["num_experts"]):
             f = ckpt_dir / f"layer_{moe_layer_id}_expert_{e}_mp_rank_00_model_states.pt"
-            for key, value in read_state_file(f).items():
-                if marker not in key:
-                    raise CheckpointError(f"{f}: unexpected key {key!r}")
-                stacked.setdefault(key.rsplit(".", 1)[1], []).append(value)
-        for name, values in stacked.items():
-            state[f"{prefix}.{name}"] = torch.stack(values)
+            try:
+                experts.update(from_per_expert_file(read_state_file(f), e))
+            except KeyError as key:
+                raise CheckpointError(f"{f}: unexpected key {key}") from None
+        prefix = f"blocks.{block}.ffn.experts"
+        state.update({f"{prefix}.{name}": value for name, value in to_stacked(experts, moe["num_experts"]).items()})
     return state
 
 

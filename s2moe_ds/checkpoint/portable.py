@@ -6,7 +6,8 @@ layout-free names, and load from it whenever the layout differs:
 
 - every parameter's fp32 value and Adam moments (``exp_avg``, ``exp_avg_sq``);
 - expert parameters one entry per **global** expert (``blocks.3.ffn.experts.w1#5``), whatever backend
-  or expert-parallel rank held them: the local backend's stacked ``w1[5]`` and DeepSpeed's
+  or expert-parallel rank held them: each backend names its parameters so (``global_names()``,
+  ``s2moe_ds/moe/global_names.py``): the local backend's stacked ``w1[5]`` and DeepSpeed's
   ``...deepspeed_experts.{j}.w1`` on the rank owning expert 5 map to the same key;
 - the Adam step count. The learning-rate schedule and client state come from DeepSpeed's own files.
 
@@ -18,6 +19,10 @@ expert-data-parallel group its experts. Reading merges every rank's file and ass
 (checkpoints written by earlier versions, whole tensors only, read the same way). Loading sets the
 module parameter, the fp32 master partition and both moments, then the step.
 
+``ParallelLayout`` (world size, ``ep_size``, backend, ZeRO stage) is what a checkpoint's DeepSpeed files
+depend on: saved as a plain dict in the client state and in ``meta.json``; a resume under another one
+goes through this copy.
+
 Resharding ahead of time (``s2moe reshard``): ``reshard.py``. Every access to DeepSpeed's internals:
 ``deepspeed_private.py``.
 """
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -37,33 +42,39 @@ from .deepspeed_private import MOMENTS
 from .store import CheckpointError, model_state_file, read_state_file
 
 PORTABLE = "s2moe_portable"
-_DS_EXPERT = re.compile(
-    r"^(?P<prefix>.*\.ffn\.experts)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<j>\d+)\.(?P<w>\w+)$"
-)
-_LOCAL_EXPERT = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<w>w[123])$")
 
 
-def _moe_backends(model) -> dict:
-    return {f"blocks.{i}.ffn.experts": layer.experts for i, layer in model.moe_layers()}
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The parallel layout a checkpoint's DeepSpeed files depend on; printed and saved as a plain dict."""
+
+    world: int | None
+    ep_size: int | None
+    backend: str | None
+    zero_stage: int | None
+
+    def to_dict(self) -> dict:
+        """``{"world", "ep_size", "backend", "zero_stage"}``: the form checkpoints hold."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ParallelLayout:
+        """From a checkpoint's dict; a field it lacks is None (never equal to a real layout's)."""
+        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+
+    def __str__(self) -> str:
+        return str(self.to_dict())
 
 
 def portable_keys(model) -> list[tuple[str, torch.nn.Parameter, list[tuple[str, int | None]]]]:
-    """(name, param, [(portable key, index along dim 0 or None)]) for every parameter."""
-    backends = _moe_backends(model)
-    out = []
-    for name, p in model.named_parameters():
-        m = _DS_EXPERT.match(name)
-        if m:
-            backend = backends[m["prefix"]]
-            e = backend.local_expert_ids()[int(m["j"])]
-            out.append((name, p, [(f"{m['prefix']}.{m['w']}#{e}", None)]))
-            continue
-        m = _LOCAL_EXPERT.match(name)
-        if m and m["prefix"] in backends:
-            out.append((name, p, [(f"{m['prefix']}.{m['w']}#{e}", e) for e in range(p.shape[0])]))
-            continue
-        out.append((name, p, [(name, None)]))
-    return out
+    """(name, param, [(portable key, index along dim 0 or None)]) for every parameter: expert
+    parameters under their backend's global names, the others under their own."""
+    names = {}
+    for i, layer in model.moe_layers():
+        prefix = f"blocks.{i}.ffn.experts"
+        for local, keys in layer.experts.global_names().items():
+            names[f"{prefix}.{local}"] = [(f"{prefix}.{g}", index) for g, index in keys]
+    return [(name, p, names.get(name, [(name, None)])) for name, p in model.named_parameters()]
 
 
 def _is_expert(p) -> bool:
@@ -78,7 +89,7 @@ def _writer(p) -> bool:
     return dist.get_rank() == 0
 
 
-def save_portable(engine, model, ckpt_dir: Path, layout: dict) -> None:
+def save_portable(engine, model, ckpt_dir: Path, layout: ParallelLayout) -> None:
     """Write this rank's share of the portable state into ``ckpt_dir/s2moe_portable/``. Every rank calls it;
     no collective is involved."""
     ds.relink(engine)
@@ -110,7 +121,7 @@ def save_portable(engine, model, ckpt_dir: Path, layout: dict) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(entries, out / f"rank{rank:05d}.pt")
     if rank == 0:
-        (out / "meta.json").write_text(json.dumps({"adam_step": ds.adam_step(engine), "layout": layout}))
+        (out / "meta.json").write_text(json.dumps({"adam_step": ds.adam_step(engine), "layout": layout.to_dict()}))
 
 
 def _assemble(key: str, entry: dict, source: Path) -> dict:
@@ -192,12 +203,14 @@ def require_portable(ckpt_dir: Path) -> None:
         )
 
 
-def read_layout(ckpt_dir: Path, client_state: dict | None = None):
+def read_layout(ckpt_dir: Path, client_state: dict | None = None) -> ParallelLayout | None:
     """The parallel layout that wrote a checkpoint: from its portable copy, else from the client state
     saved with it (every checkpoint records it), else None (a checkpoint older than both)."""
     if has_portable(ckpt_dir):
-        return json.loads((ckpt_dir / PORTABLE / "meta.json").read_text())["layout"]
-    return (client_state or {}).get("layout")
+        saved = json.loads((ckpt_dir / PORTABLE / "meta.json").read_text())["layout"]
+    else:
+        saved = (client_state or {}).get("layout")
+    return None if saved is None else ParallelLayout.from_dict(saved)
 
 
 def resume_resharded(engine, model, scheduler, ckpt_dir: Path) -> dict:
