@@ -3,7 +3,7 @@
     python benchmarks/bench_checkpoint.py [--reps 3]
 
 Every checkpoint written during training is DeepSpeed's ``save_checkpoint`` plus ``save_portable``
-(``s2moe_ds/reshard.py``: the fp32 values and Adam moments each rank owns under ZeRO, written without
+(``s2moe_ds/checkpoint/portable.py``: the fp32 values and Adam moments each rank owns under ZeRO, written without
 any collective and tiled back together when read, one entry per global expert), which is what lets a
 run resume under another ``ep_size`` / world size with its optimizer state. This times both on 2
 processes (gloo, ZeRO 2) for a small and a larger model, with experts replicated and with ep=2, and

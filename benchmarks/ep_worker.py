@@ -68,7 +68,7 @@ def main():
     if args.ckpt_reps:
         import torch.distributed as dist
 
-        from s2moe_ds.reshard import save_portable
+        from s2moe_ds.checkpoint.portable import save_portable
 
         root = Path(args.ckpt_dir)
         ds_s, portable_s = [], []

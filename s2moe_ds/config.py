@@ -209,7 +209,7 @@ class TrainConfig:
     """Keep only the newest N verified checkpoints (0 keeps all); the newest valid one is never deleted."""
     portable_checkpoints: bool = True
     """Also write each checkpoint's full fp32 weights and Adam moments per parameter (per global expert),
-    so a run can resume under a different ep_size / world size / ZeRO stage (see s2moe_ds/reshard.py)."""
+    so a run can resume under a different ep_size / world size / ZeRO stage (see s2moe_ds/checkpoint/portable.py)."""
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Where rank 0 sends its numbers besides metrics.jsonl: any of 'tensorboard', 'csv' (metrics.csv),
     'wandb' (needs ``pip install wandb``; WANDB_MODE=offline works without an account)."""

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import check_compatible, load_for_eval
+from .checkpoint.export import load_for_eval
+from .checkpoint.resume import check_compatible
 from .config import config_from_dict
 from .data.loader import WindowSampler
 from .data.prepare import DataError, load_split, read_meta
@@ -39,7 +40,7 @@ def load_model(
     """(model in eval mode on ``device``, the data's meta.json or None, info) from a run, a checkpoint, an
     exported folder or a single exported file. ``info['tokenizer']`` is the tokenizer when it is at hand
     (an exported folder carries its own; a run's comes from its prepared data folder)."""
-    from .export import is_export, load_pretrained
+    from .checkpoint.export import is_export, load_pretrained
 
     device = device or default_device()
     if is_export(run):

@@ -138,3 +138,23 @@ def test_a_misspelt_backend_option_is_refused_with_the_valid_ones():
     assert "valid keys: impl, ep_size, ep_mode, capacity_factor, min_capacity" in str(e.value)
     with pytest.raises(ConfigError, match="'moe.backend_impl': got 'fastest'"):
         build_backend("local", ExpertSpec(4, 16, 32), impl="fastest")
+
+
+def test_backends_name_their_experts_the_same_global_way():
+    """``local`` (stacked ``[E, ...]``) and ``deepspeed`` (one module per expert) expose the same per-expert
+    global names, and a state moved through them lands on the same expert (s2moe_ds/moe/global_names.py)."""
+    spec = ExpertSpec(4, 8, 16, "swiglu")
+    torch.manual_seed(0)
+    local = build_backend("local", spec, impl="loop")
+    torch.manual_seed(1)
+    ds = build_backend("deepspeed", spec, ep_size=1)
+    names = {f"{w}#{e}" for w in ("w1", "w2", "w3") for e in range(4)}
+    assert set(local.global_state_dict()) == set(ds.global_state_dict()) == names
+    ds.load_global_state_dict(local.global_state_dict())
+    for e, expert in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+        for w in ("w1", "w2", "w3"):
+            torch.testing.assert_close(getattr(expert, w), getattr(local, w)[e], rtol=0, atol=0)
+    back = build_backend("local", spec, impl="loop")
+    back.load_global_state_dict(ds.global_state_dict())
+    for w in ("w1", "w2", "w3"):
+        torch.testing.assert_close(getattr(back, w), getattr(local, w), rtol=0, atol=0)

@@ -328,11 +328,11 @@ def test_a_preempted_run_exits_with_the_signal_code(world, tmp_path):
 
 
 def test_checkpoint_rotated_away_while_read_is_named_so(tmp_path):
-    from s2moe_ds.checkpoint import CheckpointError, _load, read_manifest
+    from s2moe_ds.checkpoint.store import CheckpointError, read_manifest, read_state_file
 
     gone = tmp_path / "checkpoints" / "step0000004"
     with pytest.raises(CheckpointError, match="removed while being read"):
-        _load(gone / "mp_rank_00_model_states.pt")
+        read_state_file(gone / "mp_rank_00_model_states.pt")
     gone.mkdir(parents=True)
     with pytest.raises(CheckpointError, match="never completed"):
         read_manifest(gone)

@@ -1,4 +1,4 @@
-"""The portable checkpoint copy (s2moe_ds/reshard.py) written without collectives: every rank saves the
+"""The portable checkpoint copy (s2moe_ds/checkpoint/portable.py) written without collectives: every rank saves the
 ZeRO fragments it owns; reading them back assembles exactly the full fp32 weights and Adam moments that
 DeepSpeed's own (collective) gather returns, for shared and expert parameters, on 2 real processes."""
 
@@ -14,10 +14,10 @@ def _portable_equals_gather(rank, world, out_dir, zero_stage, backend, ep_size):
 
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    from s2moe_ds.checkpoint.portable import MOMENTS, ParallelLayout, portable_keys, read_portable, save_portable
     from s2moe_ds.config import load_config
     from s2moe_ds.distributed import build_engine
     from s2moe_ds.model import MoELanguageModel
-    from s2moe_ds.reshard import MOMENTS, portable_keys, read_portable, save_portable
     from s2moe_ds.train.optim import build_optimizer
 
     cfg = load_config(
@@ -38,7 +38,7 @@ def _portable_equals_gather(rank, world, out_dir, zero_stage, backend, ep_size):
     engine.backward(out.loss + out.aux_loss)
     engine.step()
     ckpt = __import__("pathlib").Path(out_dir)
-    save_portable(engine, model, ckpt, {"world": world})
+    save_portable(engine, model, ckpt, ParallelLayout(world, ep_size, backend, zero_stage))
     torch.distributed.barrier()
     merged, meta = read_portable(ckpt)
     checked = 0

@@ -435,7 +435,7 @@ def test_xmoe_master_weights_stay_at_norm_one_and_a_half_under_zero2(tmp_path, d
     step: the portable checkpoint holds that copy, and its XMoE embeddings must be at norm 1.5."""
     import torch
 
-    from s2moe_ds.reshard import read_portable
+    from s2moe_ds.checkpoint.portable import read_portable
 
     out = tmp_path / "x"
     assert_ok(

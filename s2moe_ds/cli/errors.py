@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
-from ..checkpoint import CheckpointError
+from ..checkpoint.store import CheckpointError
 from ..configtools import ConfigError
 from ..data.tokenizers import DataError
 from ..train.hooks import NonFiniteLoss, Stopped

@@ -33,9 +33,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import export_safetensors
+    from ..checkpoint.export import export_pretrained, export_safetensors, parse_size
     from ..configtools import ConfigError
-    from ..export import export_pretrained, parse_size
 
     if not args.out.rstrip("/"):
         raise ConfigError(f"--out must name a folder to write, e.g. tiny-export; got {args.out!r}")

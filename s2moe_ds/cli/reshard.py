@@ -29,7 +29,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..reshard import reshard_run
+    from ..checkpoint.reshard import reshard_run
 
     reshard_run(args.src, args.dst, args.nproc, args.overrides)
     return 0

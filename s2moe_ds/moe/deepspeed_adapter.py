@@ -25,6 +25,7 @@ from . import kernels
 from .dispatch import RaggedDispatcher, fold_rows, routed
 from .dispatch.deepspeed import RoutedGate
 from .experts import ExpertSpec, draw_base_seed, init_expert
+from .global_names import GlobalNames, GlobalNaming, per_expert_names
 
 
 class ExpertFFN(nn.Module):
@@ -48,7 +49,7 @@ def _moe_base():
     return MoE
 
 
-class DeepSpeedEPBackend(_moe_base()):
+class DeepSpeedEPBackend(GlobalNaming, _moe_base()):
     """A ``deepspeed.moe.layer.MoE`` whose gate is driven by our router (see the module docstring)."""
 
     def __init__(
@@ -137,3 +138,8 @@ class DeepSpeedEPBackend(_moe_base()):
         rank = dist.get_rank(self.deepspeed_moe.ep_group) if self.deepspeed_moe.ep_group is not None else 0
         n = self.num_local_experts
         return range(rank * n, (rank + 1) * n)
+
+    def global_names(self) -> GlobalNames:
+        """``deepspeed_moe.experts.deepspeed_experts.{j}.w1`` is ``w1#{e}`` for this rank's j-th expert e
+        (``global_names.py``)."""
+        return per_expert_names(self.deepspeed_moe.experts.deepspeed_experts, self.local_expert_ids())

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..configtools import check_choice, check_positive
 from . import kernels
+from .global_names import GlobalNames, GlobalNaming, stacked_names
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -61,7 +62,7 @@ def draw_base_seed() -> int:
     return int(torch.randint(1 << 62, (), device="cpu"))  # the CPU stream even under a meta-device init
 
 
-class GroupedExperts(nn.Module):
+class GroupedExperts(GlobalNaming, nn.Module):
     """2-layer FFN experts (GELU, or SwiGLU with a third matrix), weights stacked per expert.
 
     ``kernel``: ``auto`` or one of ``kernels.KERNELS`` (``model.moe.backend_impl``)."""
@@ -92,6 +93,10 @@ class GroupedExperts(nn.Module):
 
     def params_per_expert(self) -> int:
         return sum(p[0].numel() for p in self.parameters())
+
+    def global_names(self) -> GlobalNames:
+        """``w1`` ``[E, D, F]`` holds ``w1#0`` ... ``w1#{E-1}`` (``global_names.py``)."""
+        return stacked_names(self)
 
     def flops_per_slot(self) -> int:
         """Forward FLOPs of one expert on one token (multiply-add = 2)."""

@@ -1,6 +1,6 @@
 """A run's checkpoints, seen from the trainer: which one to resume, loading it (or resharding it into this
 run's parallel layout), the run's records beside it, and saving (``{tag}.partial`` on every rank, then
-rank 0 verifies and publishes it). The file formats live in ``s2moe_ds.checkpoint`` and ``s2moe_ds.reshard``.
+rank 0 verifies and publishes it). The file formats live in the ``s2moe_ds.checkpoint`` package.
 """
 
 from __future__ import annotations
@@ -14,24 +14,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (
+from ..checkpoint.portable import ParallelLayout, has_portable, read_layout, resume_resharded, save_portable
+from ..checkpoint.resume import check_compatible, check_resume_config, resolve_resume, vocab_fingerprint
+from ..checkpoint.store import (
     PARTIAL,
     CheckpointError,
-    check_compatible,
-    check_resume_config,
     latest_tag,
     publish,
     read_client_state,
-    resolve_resume,
     run_id_of,
-    vocab_fingerprint,
     write_config,
     write_run_id,
 )
 from ..config import Config
 from ..configtools import ConfigError
 from ..distributed import broadcast_str
-from ..reshard import has_portable, read_layout, resume_resharded, save_portable
 from ..runlock import lock_run_dir
 from .hooks import NonFiniteLoss
 from .optim import apply_schedule
@@ -51,7 +48,7 @@ def global_batch_change(client: dict, t, world: int) -> list[str]:
     """A line when the global batch (windows per optimizer step) differs from the checkpoint's, with the
     ``train.grad_accum`` that would keep it."""
     saved_t = (client.get("config") or {}).get("train", {})
-    saved_world = (client.get("layout") or {}).get("world")
+    saved_world = ParallelLayout.from_dict(client.get("layout") or {}).world
     if not saved_world or "micro_batch_size" not in saved_t:
         return []
     old = saved_world * saved_t["micro_batch_size"] * saved_t.get("grad_accum", 1)
@@ -136,7 +133,7 @@ class Checkpointer:
         if self.cfg.train.resume == "auto" and not self.resume:
             set_aside_leftovers(self.out_dir, self.rank)
 
-    def attach(self, engine, model, scheduler, layout: dict) -> None:
+    def attach(self, engine, model, scheduler, layout: ParallelLayout) -> None:
         self.engine, self.model, self.scheduler, self.layout = engine, model, scheduler, layout
 
     @property
@@ -167,7 +164,7 @@ class Checkpointer:
         self.run_id = broadcast_str(run_id or run_id_of(self.out_dir) or uuid.uuid4().hex[:12])
         return start
 
-    def _reshard(self, ckpt: Path, saved: dict) -> dict:
+    def _reshard(self, ckpt: Path, saved: ParallelLayout) -> dict:
         if not has_portable(ckpt):
             raise CheckpointError(
                 f"{ckpt} was written with the parallel layout {saved} and this run has {self.layout}, but the "
@@ -228,7 +225,7 @@ class Checkpointer:
             "step": step,
             "config": self.resolved,
             "vocab_fingerprint": vocab_fingerprint(self.meta),
-            "layout": self.layout,
+            "layout": self.layout.to_dict(),
             "run_id": self.run_id,
             "data": self.data_id,
         }

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.portable import ParallelLayout
 from ..config import Config, validate
 from ..configtools import ConfigError
 from ..data.loader import WindowSampler, stream_seed
@@ -107,12 +108,9 @@ class Trainer:
         self.model.set_total_steps(t.steps, t.seed)
         optimizer, schedule = build_optimizer(self.model, cfg)
         self.engine, self.scheduler = build_engine(self.model, cfg, optimizer, schedule, ds_overrides)
-        self.layout = {
-            "world": world,
-            "ep_size": cfg.model.moe.ep_size,
-            "backend": cfg.model.moe.backend,
-            "zero_stage": self.engine.zero_optimization_stage(),
-        }
+        self.layout = ParallelLayout(
+            world, cfg.model.moe.ep_size, cfg.model.moe.backend, self.engine.zero_optimization_stage()
+        )
         self.can_skip = self.engine.zero_optimization_stage() >= 1
         self.bias_balancing = self.model.uses_selection_bias()
         if self.checkpointer:

@@ -7,8 +7,9 @@ A backend is grouped experts (``experts.py``, kernels in ``kernels.py``) behind 
 ``deepspeed`` and ``megablocks`` are both ``deepspeed.moe.layer.MoE`` instances with the same parameter
 names (``DS_LAYOUT_BACKENDS``): their checkpoints are interchangeable.
 
-Every backend implements ``forward(x_TD, ids_TK, weights_TK, num_out=None)``, ``forward_all(x_TD)`` and
-``params_per_expert()``. Distributed backends import their frameworks lazily, so choosing ``local``
+Every backend implements ``forward(x_TD, ids_TK, weights_TK, num_out=None)``, ``forward_all(x_TD)``,
+``params_per_expert()`` and ``global_names()``: its expert parameters under one canonical name per global
+expert (``w1#5``; ``global_names.py``), whence ``global_state_dict()`` / ``load_global_state_dict()``. Distributed backends import their frameworks lazily, so choosing ``local``
 never imports DeepSpeed.
 """
 

@@ -1,4 +1,6 @@
-"""A trained run as a self-contained folder in the Hugging Face layout, and loading it back anywhere.
+"""A checkpoint as weights anyone can load: the consolidated state dict (every expert, the local
+backend's layout) for evaluation, one ``.safetensors`` file, or a self-contained folder in the Hugging
+Face layout, and loading that folder back anywhere.
 
     s2moe export runs/tiny --out tiny-export          # any parallel layout; nothing else needed afterwards
     s2moe sample tiny-export --prompt "def "           # from any directory
@@ -27,9 +29,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, check_compatible, load_for_eval, vocab_fingerprint
-from .config import config_from_dict, model_config_from_dict
-from .configtools import ConfigError
+from ..config import config_from_dict, model_config_from_dict
+from ..configtools import ConfigError
+from ..moe.backends import DS_LAYOUT_BACKENDS
+from ..moe.global_names import from_per_expert_file, to_stacked
+from .resume import check_compatible, vocab_fingerprint
+from .store import CheckpointError, find_checkpoint, model_state_file, read_state_file, verify_checkpoint
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -49,6 +54,105 @@ def is_export(path: str | Path) -> bool:
         return json.loads(f.read_text()).get("model_type") == "s2moe"
     except (OSError, ValueError):
         return False
+
+
+def consolidated_state(ckpt_dir: Path, model_cfg: dict) -> dict:
+    """The model's full state dict in the *local* backend's layout (experts stacked ``[E, ...]``),
+    whatever expert-parallel layout wrote the checkpoint: DeepSpeed keeps expert weights out of
+    ``mp_rank_00_model_states.pt`` and writes ``layer_{L}_expert_{e}_..._model_states.pt`` per global expert,
+    read under the experts' global names and stacked (``s2moe_ds/moe/global_names.py``)."""
+    state = dict(read_state_file(model_state_file(ckpt_dir))["module"])
+    moe = model_cfg["moe"]
+    if moe.get("backend", "local") not in DS_LAYOUT_BACKENDS:
+        return state
+    n_layer = model_cfg["n_layer"]
+    layers = model_cfg["moe_layers"]
+    ids = (
+        sorted(layers)
+        if isinstance(layers, list)
+        else {"all": list(range(n_layer)), "every_other": list(range(1, n_layer, 2)), "none": []}[layers]
+    )
+    for moe_layer_id, block in enumerate(ids):
+        experts = {}  # this layer's experts under their global names (w1#e), one DeepSpeed file each
+        for e in range(moe["num_experts"]):
+            f = ckpt_dir / f"layer_{moe_layer_id}_expert_{e}_mp_rank_00_model_states.pt"
+            try:
+                experts.update(from_per_expert_file(read_state_file(f), e))
+            except KeyError as key:
+                raise CheckpointError(f"{f}: unexpected key {key}") from None
+        prefix = f"blocks.{block}.ffn.experts"
+        state.update({f"{prefix}.{name}": value for name, value in to_stacked(experts, moe["num_experts"]).items()})
+    return state
+
+
+def export_safetensors(run: str | Path, out: str | Path) -> Path:
+    """One consolidated file (local layout, every expert) + the config, loadable anywhere without DeepSpeed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    state, client, ckpt = load_for_eval(run)
+    if client["config"]["model"].get("tie_embeddings", True):
+        state.pop("head.weight", None)  # shares storage with tok_emb.weight; re-tied on load
+    meta = {
+        "config": json.dumps(client["config"]),
+        "step": str(client.get("step")),
+        "vocab_fingerprint": str(client.get("vocab_fingerprint", "")),
+        "source": str(ckpt),
+    }
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot create the folder of {out} ({e.strerror or e}); choose a writable --out"
+        ) from None
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    try:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+        tmp.replace(out)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"cannot write {out} ({getattr(e, 'strerror', None) or e}); nothing was left half-written: "
+            f"choose a writable --out with free space"
+        ) from None
+    return out
+
+
+def _load_safetensors(path: Path) -> tuple[dict, dict, Path]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); not a valid safetensors file") from None
+    if "config" not in meta:
+        raise CheckpointError(f"{path} has no s2moe config in its metadata: export it with `s2moe export`")
+    client = {
+        "config": json.loads(meta["config"]),
+        "step": int(meta["step"]) if meta.get("step", "None") != "None" else None,
+    }
+    if meta.get("vocab_fingerprint"):
+        client["vocab_fingerprint"] = meta["vocab_fingerprint"]
+    if client["config"]["model"].get("tie_embeddings", True) and "head.weight" not in state:
+        state["head.weight"] = state["tok_emb.weight"]
+    return state, client, path
+
+
+def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
+    """(state dict in the local layout, client state, source) from a run dir, checkpoints dir, tag dir
+    or an exported ``.safetensors`` file."""
+    if str(path).endswith(".safetensors"):
+        return _load_safetensors(Path(path))
+    ckpt = find_checkpoint(path)
+    verify_checkpoint(ckpt)
+    raw = read_state_file(model_state_file(ckpt))
+    client = {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint")}
+    if "config" not in client:
+        raise CheckpointError(f"{ckpt} has no s2moe config in its client state: not written by s2moe_ds")
+    return consolidated_state(ckpt, client["config"]["model"]), client, ckpt
 
 
 def parse_size(text: str) -> int:
@@ -131,8 +235,8 @@ def write_weights(folder: Path, weights: dict, max_shard_bytes: int) -> None:
 def export_pretrained(
     run: str | Path, out_dir: str | Path, data_dir: str | None = None, max_shard_bytes: int = 5 * 2**30
 ) -> Path:
-    from .data.prepare import DataError, read_meta
-    from .data.tokenizers import load_tokenizer
+    from ..data.prepare import DataError, read_meta
+    from ..data.tokenizers import load_tokenizer
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -189,8 +293,8 @@ def read_weights(folder: Path) -> dict:
 
 def load_pretrained(folder: str | Path, device: str | torch.device | None = None):
     """(model in eval mode, tokenizer) from an exported folder, with nothing else present."""
-    from .data.tokenizers import Tokenizer
-    from .model import MoELanguageModel
+    from ..data.tokenizers import Tokenizer
+    from ..model import MoELanguageModel
 
     folder = Path(folder)
     if not is_export(folder):
