@@ -123,7 +123,7 @@ def test_bf16_parameters_with_fp32_noise_buffers():
 def test_info_nce_gradient_is_autograd_of_its_forward():
     """InfoNCE's hand-written backward (``_InfoNCE``) against finite differences, and against autograd
     through the plain formula at float32 training size."""
-    from s2moe_ds.moe.s2moe import _InfoNCE
+    from s2moe_ds.moe.uncertainty import _InfoNCE
 
     torch.manual_seed(0)
     for T, M in ((12, 5), (12, 12)):
@@ -146,7 +146,7 @@ def test_info_nce_gradient_is_autograd_of_its_forward():
 
 def test_fixed_noise_skips_only_an_identity_guard():
     """With fixed sigma2 > 0 the variance guard (clamp, mask) is skipped: the same draw, bit for bit."""
-    from s2moe_ds.moe.s2moe import GaussianNoise
+    from s2moe_ds.moe.uncertainty import GaussianNoise
 
     noise = GaussianNoise(0.1, 0.1, 8, learnable=False)
     assert noise.floor_free
@@ -158,3 +158,71 @@ def test_fixed_noise_skips_only_an_identity_guard():
     torch.manual_seed(3)
     torch.testing.assert_close(fast, noise(x), rtol=0, atol=0)
     assert not GaussianNoise(0.1, 0.0, 8, learnable=False).floor_free
+
+
+@pytest.mark.parametrize("sigma1", [0.1, 0.0])
+@pytest.mark.parametrize("with_nce", [True, False])
+def test_noisy_pair_is_the_noise_the_concatenation_and_info_nce(sigma1, with_nce):
+    """``NoisyPair`` (the fixed-noise fast path) against its plain definition: ``GaussianNoise``'s draw,
+    ``torch.cat`` and ``info_nce`` through autograd; the same rows, loss, cosine and gradients."""
+    from s2moe_ds.moe.uncertainty import GaussianNoise, NoisyPair
+
+    noise = GaussianNoise(sigma1, 0.1, 16, learnable=False)
+    x = torch.randn(40, 16)
+    g_xx, g_loss = torch.randn(80, 16), torch.tensor(0.7)
+    results = []
+    for fast in (True, False):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(11)
+        if fast:
+            xx, loss, cos = NoisyPair.apply(xi, *noise.variances(xi.dtype), 8 if with_nce else None, 0.1)
+        else:
+            x_hat = noise(xi)
+            xx = torch.cat([xi, x_hat])
+            loss = info_nce(xi, x_hat, 0.1, 8) if with_nce else xi.new_zeros(())
+            cos = F.cosine_similarity(xi, x_hat, dim=-1).mean()
+        ((xx * g_xx).sum() + loss * g_loss).backward()
+        results.append((xx.detach(), loss.detach(), cos.detach(), xi.grad))
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(results[0][0][:40], results[0][0][40:])  # noise was drawn
+
+
+def test_noisy_pair_gradient_matches_finite_differences():
+    from s2moe_ds.moe.uncertainty import NoisyPair
+
+    x = torch.randn(12, 5, dtype=torch.double, requires_grad=True)
+    var1, var2 = torch.tensor([0.04], dtype=torch.double), torch.tensor([0.01], dtype=torch.double)
+
+    def f(x):
+        torch.manual_seed(2)  # the same noise and negatives at every evaluation
+        xx, loss, _ = NoisyPair.apply(x, var1, var2, 6, 0.1)
+        return xx, loss
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_s2moe_layer_fast_path_equals_the_step_by_step_path():
+    """The default layer (``NoisyPair``) and the same layer forced through the general path give the
+    same output, losses, metrics and gradients from the same seed."""
+    torch.manual_seed(0)
+    layer = build_moe_layer(s2_cfg(num_negatives=8), 16).train()
+    x = torch.randn(30, 16)
+    outs = []
+    for fast in (True, False):
+        layer.noise.floor_free = fast
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(4)
+        out = layer(xi)
+        (out.y.pow(2).sum() + sum(out.aux_losses.values())).backward()
+        outs.append((out, xi.grad, [p.grad.clone() for p in layer.parameters()]))
+    (fast, gx_fast, gp_fast), (plain, gx_plain, gp_plain) = outs
+    torch.testing.assert_close(fast.y, plain.y, rtol=1e-5, atol=1e-6)
+    assert fast.aux_losses.keys() == plain.aux_losses.keys()
+    for name in fast.aux_losses:
+        torch.testing.assert_close(fast.aux_losses[name], plain.aux_losses[name])
+    torch.testing.assert_close(fast.metrics["noise_cos"], plain.metrics["noise_cos"])
+    torch.testing.assert_close(gx_fast, gx_plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gp_fast, gp_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
