@@ -21,5 +21,5 @@ setup(
         "wandb": ["wandb"],
         "hf": ["transformers>=5"],
     },
-    entry_points={"console_scripts": ["s2moe=s2moe_ds.cli:main", "s2moe-train=s2moe_ds.train:main"]},
+    entry_points={"console_scripts": ["s2moe=s2moe_ds.cli:main", "s2moe-train=s2moe_ds.cli.train:main"]},
 )

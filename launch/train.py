@@ -3,7 +3,7 @@
 
 import sys
 
-from s2moe_ds.train import main
+from s2moe_ds.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Run s2moe_ds.train.main on a list of argument lists in this one process (one process group for all),
+"""Run s2moe_ds.cli.train.main on a list of argument lists in this one process (one process group for all),
 printing one JSON line per case: the exit code and what it wrote to stderr. Used by
 test_bad_inputs.py in a subprocess, so the process group never leaks into the test process."""
 
@@ -9,7 +9,7 @@ import sys
 
 
 def main():
-    from s2moe_ds.train import main as train_main
+    from s2moe_ds.cli.train import main as train_main
 
     for argv in json.loads(sys.stdin.read()):
         err = io.StringIO()

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from s2moe_ds.train import Hook, main
+from s2moe_ds.cli.train import main
+from s2moe_ds.train import Hook
 
 
 class NonFiniteLossAt(Hook):

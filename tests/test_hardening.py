@@ -171,7 +171,7 @@ def test_a_new_lr_on_resume_is_the_lr_applied(world, tmp_path):
 
 RUNNER = """
 import sys, torch
-from s2moe_ds.train import main
+from s2moe_ds.cli.train import main
 real = torch.optim.AdamW.step
 def step(self, *a, **k):  # a finite gradient with a non-finite update, from the third step on
     out = real(self, *a, **k)

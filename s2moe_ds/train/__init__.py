@@ -3,8 +3,9 @@
 - ``trainer.py``: ``Trainer`` (``build(cfg)``, ``train_step()``, ``evaluate()``, ``fit()``) and ``train(cfg)``;
 - ``checkpointer.py``: ``Checkpointer``, which checkpoint to resume, loading/resharding it, saving;
 - ``hooks.py``: the non-finite-step policy, stop signals, and the ``Hook`` interface (tests add faults);
-- ``main``: ``python -m s2moe_ds.train`` / ``deepspeed --module s2moe_ds.train``, the ``s2moe train``
-  command (its parser and exit codes live in ``s2moe_ds/cli``).
+- ``__main__.py``: ``python -m s2moe_ds.train`` / ``deepspeed --module s2moe_ds.train``, an entry point
+  to the ``s2moe train`` command (``s2moe_ds/cli/train.py``: its parser and exit codes); the library
+  itself never imports the command line.
 
     deepspeed --num_gpus 2 --module s2moe_ds.train --config configs/tiny.yaml train.steps=200
     python -m s2moe_ds.train --config tiny
@@ -13,15 +14,6 @@
 from .checkpointer import Checkpointer, describe_os_error, global_batch_change
 from .hooks import Hook, NonFiniteLoss, Stopped
 from .trainer import StepResult, Trainer, train
-
-
-def main(argv=None, hooks=()) -> int:
-    """``s2moe train`` with the same arguments and exit codes; ``hooks``: extra ``Hook`` objects for the loop
-    (the tests' fault injection)."""
-    from ..cli.train import main as train_main
-
-    return train_main(argv, hooks=hooks)
-
 
 __all__ = [
     "Checkpointer",
@@ -32,6 +24,5 @@ __all__ = [
     "Trainer",
     "describe_os_error",
     "global_batch_change",
-    "main",
     "train",
 ]

@@ -1,7 +1,7 @@
-"""``python -m s2moe_ds.train`` (and ``deepspeed --module s2moe_ds.train``)."""
+"""``python -m s2moe_ds.train`` (and ``deepspeed --module s2moe_ds.train``): the ``s2moe train`` command."""
 
 import sys
 
-from . import main
+from ..cli.train import main
 
 sys.exit(main())
