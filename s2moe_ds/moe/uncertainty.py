@@ -47,12 +47,14 @@ def _nce_backward(saved: tuple, temperature: float, grad: Tensor) -> tuple[Tenso
     # (the clamp at 1e-8 never binds on real tokens)
     s_T = g_pos_T * logits[:, 0] + torch.where(torch.isinf(logits[:, 1:]), 0.0, g_neg_TM * logits[:, 1:]).sum(-1)
     c_T = g_pos_T * inv_p_T / temperature
-    ga = torch.addcmul(g_neg_TM @ q_MD, p_TD, c_T.unsqueeze(-1)).mul_(inv_a_T.unsqueeze(-1))
-    ga.sub_(a_TD * (inv_a_T.square() * s_T).unsqueeze(-1))
+    # the row scalings go into [T, M] or [T] factors, so each [T, D] term costs one fused pass
+    g_neg_TM = g_neg_TM * inv_a_T.unsqueeze(-1)
+    ga = (g_neg_TM @ q_MD).addcmul_(p_TD, (c_T * inv_a_T).unsqueeze(-1))
+    ga.addcmul_(a_TD, (inv_a_T.square() * s_T).neg_().unsqueeze(-1))
     # d/dp: p_t through pos_t; the sampled rows through q_m = p_j |p_j|^-1 / tau
     gp = a_TD * (c_T * inv_a_T).unsqueeze(-1)
-    gp.sub_(p_TD * (inv_p_T.square() * g_pos_T * logits[:, 0]).unsqueeze(-1))
-    gq_MD = (g_neg_TM * inv_a_T.unsqueeze(-1)).t() @ a_TD
+    gp.addcmul_(p_TD, (inv_p_T.square() * g_pos_T * logits[:, 0]).neg_().unsqueeze(-1))
+    gq_MD = g_neg_TM.t() @ a_TD
     p_MD, inv_p_M = p_TD[idx_M], inv_p_T[idx_M]
     dot_M = (p_MD * gq_MD).sum(-1) * inv_p_M.square()
     gp_MD = (gq_MD - p_MD * dot_M.unsqueeze(-1)) * (inv_p_M / temperature).unsqueeze(-1)
@@ -160,7 +162,7 @@ class NoisyPair(torch.autograd.Function):
         xx = x_TD.new_empty(2 * T, *x_TD.shape[1:])
         xx[:T].copy_(x_TD)
         eps_TD = xx[T:].normal_()
-        sd_TD = torch.addcmul(var2, x_TD.square(), var1).sqrt_()
+        sd_TD = x_TD.square().mul_(var1).add_(var2).sqrt_()
         factor_TD = torch.mul(x_TD, eps_TD).mul_(var1).div_(sd_TD) if var1.any() else None
         x_hat_TD = torch.addcmul(x_TD, sd_TD, eps_TD, out=eps_TD)
         del sd_TD
