@@ -954,13 +954,7 @@ def prepare_corpus(
     bounded by a few blocks per worker (and the longest .jsonl line), whatever the corpus size."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if txt_document not in ("file", "line"):
-        raise DataError(f"data.txt_document must be 'file' or 'line', got {txt_document!r}")
-    if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-        raise DataError(
-            f"data.val_fraction ({val_fraction}) must be > 0, data.test_fraction ({test_fraction}) >= 0, "
-            f"and together below 1 (train takes the rest)"
-        )
+    _check_corpus_options(txt_document, val_fraction, test_fraction)
     files = resolve_sources(source)
     workers = resolve_workers(workers)
     use_eod = bool(eod) and (len(files) > 1 or any(f.kind == "jsonl" for f in files) or txt_document == "line")
@@ -985,17 +979,8 @@ def prepare_corpus(
             )
         for name, data in tok.model_files().items():
             staging.write_bytes(name, data)
-        meta = tokenizer_meta(tok, tok_source)
+        meta = _corpus_meta(tok, tok_source, source, files, hasher, writer, names, use_eod)
         meta.update(
-            dataset="corpus",
-            source=source,
-            source_files=len(files),
-            source_bytes=hasher.n,
-            source_sha256=hasher.hexdigest(),
-            dtype=np.dtype(token_dtype(tok.vocab_size)).name,
-            splits={s: writer.tokens[i] for i, s in enumerate(names)},
-            documents={s: writer.docs[i] for i, s in enumerate(names)},
-            eod=use_eod,
             split_rule=f"document i -> val if u(i) < {val_fraction}, test if u(i) < "
             f"{round(val_fraction + test_fraction, 12)}, else train; u = SplitMix64(i ^ {SPLIT_SALT:#x}) / 2**64 "
             f"(s2moe_ds.data.prepare.split_of_documents)",
@@ -1007,6 +992,33 @@ def prepare_corpus(
             prepare_seconds=round(time.time() - t0, 1),
         )
         staging.commit(meta)
+    return meta
+
+
+def _check_corpus_options(txt_document: str, val_fraction: float, test_fraction: float) -> None:
+    if txt_document not in ("file", "line"):
+        raise DataError(f"data.txt_document must be 'file' or 'line', got {txt_document!r}")
+    if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise DataError(
+            f"data.val_fraction ({val_fraction}) must be > 0, data.test_fraction ({test_fraction}) >= 0, "
+            f"and together below 1 (train takes the rest)"
+        )
+
+
+def _corpus_meta(tok, tok_source, source, files, hasher, writer, names, use_eod) -> dict:
+    """meta.json's description of the corpus: tokenizer, source and its hash, token and document counts."""
+    meta = tokenizer_meta(tok, tok_source)
+    meta.update(
+        dataset="corpus",
+        source=source,
+        source_files=len(files),
+        source_bytes=hasher.n,
+        source_sha256=hasher.hexdigest(),
+        dtype=np.dtype(token_dtype(tok.vocab_size)).name,
+        splits={s: writer.tokens[i] for i, s in enumerate(names)},
+        documents={s: writer.docs[i] for i, s in enumerate(names)},
+        eod=use_eod,
+    )
     return meta
 
 
