@@ -132,8 +132,12 @@ def test_report_has_the_table_claims_and_loadable_plots(smoke, tmp_path):
 
     _, out, _ = smoke
     report = tmp_path / "results.md"
-    assert_ok(cli("report", str(out), "--out", str(report)))
+    notes = tmp_path / "notes.md"
+    notes.write_text("## What changed\n\nA hand-written paragraph.\n")
+    assert_ok(cli("report", str(out), "--out", str(report), "--notes", str(notes)))
     text = report.read_text()
+    assert f"s2moe report {out} --out {report} --notes {notes}" in text  # the command that reproduces the page
+    assert text.index("## What the numbers say") < text.index("A hand-written paragraph.") < text.index("## Repr")
     assert "S2MoE claim (top-1 at inference within 1% bpc of SMoE top-2)" in text
     assert "Dense baseline:" in text and "| s2moe-top1 | train_k (k=1, clean) |" in text
     assert f"s2moe experiment {out.parent / 'smoke.yaml'} --out {out}" in text

@@ -37,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
             f"of `s2moe experiment`, e.g. results/cpu-shakespeare"
         )
     notes = Path(args.notes).read_text() if args.notes else ""
-    out = report.write_report(folder, Path(args.out or "docs/results.md"), args.command, notes)
+    out = report.write_report(folder, Path(args.out or "docs/results.md"), args.command, notes, args.notes or "")
     print(f"[s2moe report] wrote {out}")
     return 0

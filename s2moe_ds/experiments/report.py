@@ -80,7 +80,7 @@ ANALYSIS_TEXT = (
 )
 
 
-def header(folder: Path, out: Path, runs: list[Result], meta: dict, command: str) -> list[str]:
+def header(folder: Path, out: Path, runs: list[Result], meta: dict, command: str, notes_file: str = "") -> list[str]:
     """Title, the commands that reproduce the folder, and what the runs were."""
     import torch
 
@@ -89,7 +89,8 @@ def header(folder: Path, out: Path, runs: list[Result], meta: dict, command: str
     text += [
         "Produced by (from the repository root; the experiment command is resumable and runs only what is missing):"
     ]
-    text += ["", "```", shown, f"s2moe report {folder} --out {out}", "```", ""]
+    notes = f" --notes {notes_file}" if notes_file else ""
+    text += ["", "```", shown, f"s2moe report {folder} --out {out}{notes}", "```", ""]
     history = [c for c in meta.get("commands", []) if c != shown]
     if history:
         text += ["The runs were made, in this order, by:", "", "```", *history, "```", ""]
@@ -117,7 +118,9 @@ def statements(rows: list[dict], runs: list[Result], suite: Suite | None) -> tup
     return [f"- {c}" for c in claims(rows, suite)], [f"- {c}" for c in collapse_claims(runs, suite)]
 
 
-def write_report(folder: Path, out: Path, command: str = "", notes: str = "") -> Path:
+def write_report(folder: Path, out: Path, command: str = "", notes: str = "", notes_file: str = "") -> Path:
+    """``docs/results.md``-style report of ``folder``; ``notes`` (Markdown, read from ``notes_file``) goes after
+    the computed statements."""
     runs = load_runs(folder)
     rows = read_json(folder / "results.json")
     meta = read_json(folder / "suite.json") if (folder / "suite.json").exists() else {}
@@ -126,7 +129,7 @@ def write_report(folder: Path, out: Path, command: str = "", notes: str = "") ->
     img_dir = out.parent / out.stem
     images = plots(runs, img_dir, metric)
     rel = lambda p: Path(p).relative_to(out.parent) if Path(p).is_relative_to(out.parent) else p  # noqa: E731
-    text = header(folder, out, runs, meta, command)
+    text = header(folder, out, runs, meta, command, notes_file)
     text += [f"## Validation {metric} (mean ± std over seeds) and inference cost", ""]
     text += [
         "`train_k` is each model at its training top-k; `topN` overrides the inference top-k; "
