@@ -89,3 +89,23 @@ def test_the_periodic_validation_is_the_first_batches_of_the_eval_walk(data_dir,
     line = next(x for x in proc.stdout.splitlines() if "val: loss" in x)
     evaluated = float(line.split("loss ")[1].split()[0])
     assert evaluated == pytest.approx(got["result"]["val_loss"], abs=5e-5)
+
+
+def test_a_signal_after_the_stop_collective_is_acted_on_at_the_next_step():
+    """The loop stops on the ranks' agreed answer, not on a rank's own flag: a SIGTERM landing between
+    the collective and the check used to stop that rank alone, without the checkpoint its message named."""
+    import os
+    import signal
+
+    from s2moe_ds.train.hooks import StopOnSignal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = StopOnSignal()
+        assert not stop.stop_requested()
+        os.kill(os.getpid(), signal.SIGTERM)  # after this step's collective
+        assert stop.signum == signal.SIGTERM and not stop.agreed  # this step goes on, on every rank
+        assert stop.stop_requested() and stop.agreed  # the next collective stops (and saves) everywhere
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

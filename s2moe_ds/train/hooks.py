@@ -87,6 +87,7 @@ class StopOnSignal(Hook):
     def __init__(self):
         self.name = None
         self.signum = 0
+        self.agreed = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -95,13 +96,16 @@ class StopOnSignal(Hook):
         self.signum = int(signum)
 
     def stop_requested(self) -> bool:
+        """Whether any rank has had a signal, agreed by all ranks (``agreed`` keeps the answer: a signal
+        arriving after this collective is acted on at the next step, never by one rank alone)."""
         flag = torch.tensor([float(self.signum)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and not self.name:
             self.name = "a stop signal (on another rank)"
             self.signum = int(flag.item())
-        return bool(flag.item())
+        self.agreed = bool(flag.item())
+        return self.agreed
 
     def stopped(self, step: int) -> Stopped:
         return Stopped(

@@ -269,7 +269,7 @@ class Trainer:
                 if self.checkpointer.due(result.done, self.end) or any(asked):
                     self.save(result.done)
                 self.monitor.flush()
-                if stop.signum:
+                if stop.agreed:  # not stop.signum: a signal after the collective would stop this rank alone, unsaved
                     raise stop.stopped(result.done)
                 if any(asked):  # another hook ended the run early: saved, a normal end
                     break
