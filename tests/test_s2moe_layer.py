@@ -175,7 +175,9 @@ def test_noisy_pair_is_the_noise_the_concatenation_and_info_nce(sigma1, with_nce
         xi = x.clone().requires_grad_()
         torch.manual_seed(11)
         if fast:
-            xx, loss, cos = NoisyPair.apply(xi, *noise.variances(xi.dtype), 8 if with_nce else None, 0.1)
+            xx, loss, cos = NoisyPair.apply(
+                xi, *noise.variances(xi.dtype), noise.scales_x, 8 if with_nce else None, 0.1
+            )
         else:
             x_hat = noise(xi)
             xx = torch.cat([xi, x_hat])
@@ -196,7 +198,7 @@ def test_noisy_pair_gradient_matches_finite_differences():
 
     def f(x):
         torch.manual_seed(2)  # the same noise and negatives at every evaluation
-        xx, loss, _ = NoisyPair.apply(x, var1, var2, 6, 0.1)
+        xx, loss, _ = NoisyPair.apply(x, var1, var2, True, 6, 0.1)
         return xx, loss
 
     assert torch.autograd.gradcheck(f, (x,))

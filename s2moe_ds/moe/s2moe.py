@@ -98,7 +98,8 @@ class S2MoELayer(MoELayer):
         nce_on_inputs = self.training and s.uncertainty_coef > 0 and s.uncertainty_on == "inputs"
         if self.noise.floor_free:
             num_negatives = s.num_negatives if nce_on_inputs else None
-            xx, nce, cos = NoisyPair.apply(x_TD, *self.noise.variances(x_TD.dtype), num_negatives, s.temperature)
+            var1, var2 = self.noise.variances(x_TD.dtype)
+            xx, nce, cos = NoisyPair.apply(x_TD, var1, var2, self.noise.scales_x, num_negatives, s.temperature)
             return NoisyInputs(xx, nce if nce_on_inputs else None, None, cos)
         x_hat_TD = self.noise(x_TD)
         level_loss = self.training and s.uncertainty_coef > 0 and s.noise == "learnable" and s.noise_target_coef > 0

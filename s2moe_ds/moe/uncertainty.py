@@ -112,6 +112,9 @@ class GaussianNoise(nn.Module):
         self.floor_free = not learnable and sigma2 >= 1e-5
         """Fixed sigma2 >= 1e-5: the variance is at least sigma2^2 > 1e-12 everywhere, so the guard below
         is the identity and is skipped (the same numbers, three fewer passes forward and two backward)."""
+        self.scales_x = learnable or sigma1 > 0
+        """Whether N1 is random (sigma1 > 0): known here, so ``NoisyPair`` never asks the device (a host sync
+        per layer on a GPU)."""
 
     def sigmas(self) -> tuple[Tensor, Tensor]:
         return self.log_sigma1.exp(), self.log_sigma2.exp()
@@ -150,20 +153,23 @@ class NoisyPair(torch.autograd.Function):
 
     ``x_hat = x + sqrt(var1 x^2 + var2) * eps`` (``GaussianNoise.forward``'s draw, the same random numbers)
     is written into the second half of the returned ``[2T, D]`` rows, so no concatenation copies it; its
-    derivative ``1 + eps var1 x / sqrt(var1 x^2 + var2)`` is kept as one ``[T, D]`` factor. InfoNCE runs
+    derivative ``1 + eps var1 x / sqrt(var1 x^2 + var2)`` is kept as one ``[T, D]`` factor (none when
+    ``scales_x`` is False: var1 = 0, the derivative is 1). InfoNCE runs
     only with ``num_negatives`` (``info_nce``'s; None: the loss is returned as 0), and its positive
     logits give the mean cosine for free. Backward: ``d/dx = g_clean + dInfoNCE/da + (g_noisy +
     dInfoNCE/dp) * factor``.
     """
 
     @staticmethod
-    def forward(ctx, x_TD: Tensor, var1: Tensor, var2: Tensor, num_negatives: int | None, temperature: float):
+    def forward(
+        ctx, x_TD: Tensor, var1: Tensor, var2: Tensor, scales_x: bool, num_negatives: int | None, temperature: float
+    ):
         T = len(x_TD)
         xx = x_TD.new_empty(2 * T, *x_TD.shape[1:])
         xx[:T].copy_(x_TD)
         eps_TD = xx[T:].normal_()
         sd_TD = x_TD.square().mul_(var1).add_(var2).sqrt_()
-        factor_TD = torch.mul(x_TD, eps_TD).mul_(var1).div_(sd_TD) if var1.any() else None
+        factor_TD = torch.mul(x_TD, eps_TD).mul_(var1).div_(sd_TD) if scales_x else None
         x_hat_TD = torch.addcmul(x_TD, sd_TD, eps_TD, out=eps_TD)
         del sd_TD
         wide = torch.promote_types(x_TD.dtype, torch.float32)
@@ -197,5 +203,5 @@ class NoisyPair(torch.autograd.Function):
             g_clean_TD = g_clean_TD + ga_TD.to(g_xx.dtype)
             g_noisy_TD = gp_TD.to(g_xx.dtype).add_(g_noisy_TD)
         if factor_TD is None:
-            return g_clean_TD + g_noisy_TD, None, None, None, None
-        return torch.addcmul(g_clean_TD, g_noisy_TD, factor_TD).add_(g_noisy_TD), None, None, None, None
+            return g_clean_TD + g_noisy_TD, None, None, None, None, None
+        return torch.addcmul(g_clean_TD, g_noisy_TD, factor_TD).add_(g_noisy_TD), None, None, None, None, None
