@@ -36,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
             f"{folder} is not an experiment folder (no results.json); pass the --out folder "
             f"of `s2moe experiment`, e.g. results/cpu-shakespeare"
         )
-    notes = Path(args.notes).read_text() if args.notes else ""
-    out = report.write_report(folder, Path(args.out or "docs/results.md"), args.command, notes, args.notes or "")
+    out = report.write_report(folder, Path(args.out or "docs/results.md"), args.command, args.notes or "")
     print(f"[s2moe report] wrote {out}")
     return 0

@@ -118,9 +118,10 @@ def statements(rows: list[dict], runs: list[Result], suite: Suite | None) -> tup
     return [f"- {c}" for c in claims(rows, suite)], [f"- {c}" for c in collapse_claims(runs, suite)]
 
 
-def write_report(folder: Path, out: Path, command: str = "", notes: str = "", notes_file: str = "") -> Path:
-    """``docs/results.md``-style report of ``folder``; ``notes`` (Markdown, read from ``notes_file``) goes after
-    the computed statements."""
+def write_report(folder: Path, out: Path, command: str = "", notes_file: str = "") -> Path:
+    """``docs/results.md``-style report of ``folder``; the Markdown of ``notes_file`` goes after the computed
+    statements."""
+    notes = Path(notes_file).read_text() if notes_file else ""
     runs = load_runs(folder)
     rows = read_json(folder / "results.json")
     meta = read_json(folder / "suite.json") if (folder / "suite.json").exists() else {}
