@@ -25,6 +25,11 @@ competition), on a random sample of real tokens (the inputs its sublayer receive
   authors' StableMoE embeddings; VQMoE's codebook), so routers of different routing widths compare.
 - ``routing_entropy`` / ``load_imbalance`` / ``tokens_per_expert``: of the inference routing on the sample.
 
+S2MoE layers also get the figures of the path that runs at inference (the clean pathway alone, at the
+layer's inference top-k): ``clean_jacobian_effective_rank``, ``clean_routing_jacobian_effective_rank``;
+and what the noise does on the sample (one fixed draw): ``noise_cos`` (mean cosine between a token and its
+noisy copy) and ``pathway_disagreement`` (share of tokens whose top-1 expert differs between the pathways).
+
 Dense FFNs get the whole-layer Jacobian only. The sublayers act on each token independently, so one
 backward pass per output dimension gives every sampled token's Jacobian row at once.
 """
@@ -63,11 +68,16 @@ def _ffn_out(ffn, x_TD: Tensor) -> Tensor:
     return out.y if isinstance(ffn, MoELayer) else out
 
 
-def trained_layer_fn(layer: MoELayer, routing_only: bool, noise_seed: int = 0) -> Callable[[Tensor], Tensor]:
-    """The MoE layer as trained, as a function of its input; ``routing_only`` holds expert outputs constant."""
+def trained_layer_fn(
+    layer: MoELayer, routing_only: bool, noise_seed: int = 0, clean: bool = False
+) -> Callable[[Tensor], Tensor]:
+    """The MoE layer as trained, as a function of its input; ``routing_only`` holds expert outputs constant.
+    ``clean``: the layer as it runs at inference instead (S2MoE: the clean pathway alone, at its inference
+    top-k)."""
+    k = layer.inference_k if clean else layer.cfg.k
 
     def slots(xx_TD: Tensor):
-        route = layer.route(xx_TD, k=layer.cfg.k)
+        route = layer.route(xx_TD, k=k)
         ones = xx_TD.new_ones(len(xx_TD), 1)
         out_TKD = torch.stack(
             [
@@ -85,16 +95,35 @@ def trained_layer_fn(layer: MoELayer, routing_only: bool, noise_seed: int = 0) -
         return y_TD
 
     def fn(x_TD: Tensor) -> Tensor:
-        if not (isinstance(layer, S2MoELayer) and layer.cfg.s2moe.enabled):
+        if clean or not (isinstance(layer, S2MoELayer) and layer.cfg.s2moe.enabled):
             return slots(x_TD)
-        with torch.random.fork_rng():
-            torch.manual_seed(noise_seed)
-            x_hat_TD = layer.noise(x_TD)
+        x_hat_TD = noisy_copy(layer, x_TD, noise_seed)
         g_T1 = layer.gate_values(x_TD)
         yy = slots(torch.cat([x_TD, x_hat_TD]))
         return g_T1 * yy[: len(x_TD)] + (1 - g_T1) * yy[len(x_TD) :]
 
     return fn
+
+
+def noisy_copy(layer: S2MoELayer, x_TD: Tensor, noise_seed: int) -> Tensor:
+    """One fixed draw of the layer's noisy copy of ``x_TD`` (the global RNG is left as it was)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(noise_seed)
+        return layer.noise(x_TD)
+
+
+@torch.no_grad()
+def noise_effect(layer: S2MoELayer, x_TD: Tensor, noise_seed: int) -> dict:
+    """How far the noise moves the tokens (mean cosine to the noisy copy) and their top-1 expert (share of
+    tokens routed to another expert), at the layer's training top-k."""
+    x_hat_TD = noisy_copy(layer, x_TD, noise_seed)
+    clean = layer.route(x_TD, k=layer.cfg.k).expert_ids_TK
+    noisy = layer.route(x_hat_TD, k=layer.cfg.k).expert_ids_TK
+    moved = (clean[:, 0] != noisy[:, 0]).float().mean() if clean.shape[1] else torch.tensor(float("nan"))
+    return {
+        "noise_cos": float(F.cosine_similarity(x_TD.float(), x_hat_TD.float(), dim=-1).mean()),
+        "pathway_disagreement": float(moved),
+    }
 
 
 def router_vectors(router) -> Tensor | None:
@@ -188,6 +217,12 @@ def analyse(model, idx_BL: Tensor, jacobian_tokens: int = 128, seed: int = 0) ->
             ffn.router.token_ids_T = idx_BL.reshape(-1)[sel]  # routers that route by token id see the sample's
             rec.update(_spectrum_summary(jacobian_spectra(trained_layer_fn(ffn, False, seed), xs), "jacobian_"))
             rec.update(_spectrum_summary(jacobian_spectra(trained_layer_fn(ffn, True, seed), xs), "routing_jacobian_"))
+            if isinstance(ffn, S2MoELayer):  # the path inference runs, and what the noise does
+                for routing_only, prefix in ((False, "clean_jacobian_"), (True, "clean_routing_jacobian_")):
+                    fn = trained_layer_fn(ffn, routing_only, seed, clean=True)
+                    rec.update(_spectrum_summary(jacobian_spectra(fn, xs), prefix))
+                ffn.router.token_ids_T = idx_BL.reshape(-1)
+                rec.update(noise_effect(ffn, x_TD, seed))
             ffn.router.token_ids_T = idx_BL.reshape(-1)
             rec["expert_output_similarity"] = expert_output_similarity(ffn, x_TD)
             vecs = router_vectors(ffn.router)

@@ -38,6 +38,26 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
+class UniformityConfig:
+    """A uniformity (InfoNCE) loss on every FFN's input (dense or MoE), without S2MoE's noisy pathway: the
+    control for the ingredient S2MoE's ablations credit. It is S2MoE's L_u with ``x_hat = x`` (what the
+    no-noise ablation trains with): ``coef * InfoNCE(h, h)`` over the micro-batch's tokens, anchors and
+    positives both the FFN input ``h``, ``num_negatives`` sampled tokens as negatives, cosine / temperature;
+    its gradient pushes tokens' FFN inputs apart. Defaults are S2MoE's (beta 0.1, tau 0.1, 64 negatives)."""
+
+    coef: float = 0.0
+    """Weight of the loss (0: off)."""
+    temperature: float = 0.1
+    num_negatives: int = 64
+    """Negatives per anchor, sampled from the micro-batch's tokens; 0 uses all of them."""
+
+    def validate(self, prefix: str = "model.uniformity") -> None:
+        check_positive(f"{prefix}.coef", self.coef, allow_zero=True)
+        check_positive(f"{prefix}.temperature", self.temperature)
+        check_positive(f"{prefix}.num_negatives", self.num_negatives, allow_zero=True)
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 0
     """Vocabulary size; 0 takes it from the prepared dataset's meta.json."""
@@ -58,6 +78,8 @@ class ModelConfig:
     moe_layers: str | list[int] = "all"
     """Which FFN blocks are MoE: 'all', 'every_other' (1, 3, ...), 'none' (dense baseline), or a list."""
     moe: MoEConfig = field(default_factory=MoEConfig)
+    uniformity: UniformityConfig = field(default_factory=UniformityConfig)
+    """An InfoNCE uniformity loss on every FFN's input (off by default; a control for S2MoE's L_u)."""
 
     def moe_layer_ids(self) -> list[int]:
         if isinstance(self.moe_layers, list):
@@ -82,6 +104,7 @@ class ModelConfig:
         elif len(set(self.moe_layers)) != len(self.moe_layers):
             fail("model.moe_layers", f"lists a layer twice: {self.moe_layers}; give each MoE layer once")
         self.moe.validate("model.moe", world_size)
+        self.uniformity.validate("model.uniformity")
 
 
 @dataclass

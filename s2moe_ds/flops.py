@@ -8,6 +8,7 @@ Per layer, forward:
   under S2MoE in training both pathways route and run (twice the router and experts), plus the gate
   ``2 d`` and the InfoNCE negatives ``2 M d`` (M = ``num_negatives``, or every token of the micro-batch
   when it is 0: ``batch_tokens``); at inference with the clean pathway only, one pass;
+- the uniformity loss (``model.uniformity``, training only): InfoNCE's ``2 M d + 2 d`` per FFN;
 - the LM head ``2 d V``.
 Training FLOPs are 3x forward (backward costs twice the forward).
 """
@@ -36,16 +37,21 @@ def moe_layer_flops(cfg: ModelConfig, training: bool, k: int = 0, batch_tokens: 
         return per_pass
     extra = 2 * d
     if training and m.s2moe.uncertainty_coef > 0:
-        negatives = m.s2moe.num_negatives
-        if negatives == 0 or (batch_tokens and negatives > batch_tokens):
-            if not batch_tokens:
-                raise ValueError(
-                    "model.moe.s2moe.num_negatives is 0 (every token of the micro-batch is a "
-                    "negative): pass batch_tokens (micro_batch_size x context) to count its FLOPs"
-                )
-            negatives = batch_tokens
-        extra += 2 * negatives * d + 2 * d  # negatives + the positive's dot product
+        extra += info_nce_flops(d, m.s2moe.num_negatives, batch_tokens, "model.moe.s2moe.num_negatives")
     return 2 * per_pass + extra
+
+
+def info_nce_flops(d: int, negatives: int, batch_tokens: int, field: str) -> float:
+    """InfoNCE per anchor token: its ``negatives`` dot products and the positive's (``negatives`` 0: every
+    token of the micro-batch, which needs ``batch_tokens``)."""
+    if negatives == 0 or (batch_tokens and negatives > batch_tokens):
+        if not batch_tokens:
+            raise ValueError(
+                f"{field} is 0 (every token of the micro-batch is a negative): pass batch_tokens "
+                f"(micro_batch_size x context) to count its FLOPs"
+            )
+        negatives = batch_tokens
+    return 2 * negatives * d + 2 * d
 
 
 def flops_per_token(cfg: ModelConfig, training: bool, k: int = 0, batch_tokens: int = 0, pathways: str = "") -> float:
@@ -61,5 +67,8 @@ def flops_per_token(cfg: ModelConfig, training: bool, k: int = 0, batch_tokens: 
         total += (
             moe_layer_flops(cfg, training, k, batch_tokens, pathways) if i in moe_ids else 4 * d * (cfg.d_ff or 4 * d)
         )
+        if training and cfg.uniformity.coef > 0:
+            u = cfg.uniformity
+            total += info_nce_flops(d, u.num_negatives, batch_tokens, "model.uniformity.num_negatives")
     total += 2 * d * cfg.vocab_size
     return 3 * total if training else total

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .moe import MoELayer, build_moe_layer
+from .moe.uncertainty import info_nce
 
 
 class CausalSelfAttention(nn.Module):
@@ -73,6 +74,15 @@ class Block(nn.Module):
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
+        self.uniformity = cfg.uniformity
+
+    def uniformity_loss(self, h: Tensor) -> dict:
+        """``{'uniformity': coef * InfoNCE(h, h)}`` on the FFN input in training (``model.uniformity``)."""
+        u = self.uniformity
+        if not (self.training and u.coef > 0):
+            return {}
+        h_TD = h.reshape(-1, h.shape[-1])
+        return {"uniformity": u.coef * info_nce(h_TD, h_TD, u.temperature, u.num_negatives)}
 
     def forward(self, x: Tensor, cache: list | None = None) -> tuple[Tensor, dict, dict]:
         if self.training and torch.is_grad_enabled() and self.checkpointing == "all":
@@ -82,13 +92,14 @@ class Block(nn.Module):
     def _forward(self, x: Tensor, cache: list | None = None) -> tuple[Tensor, dict, dict]:
         x = x + self.attn(self.ln1(x), cache)
         h = self.ln2(x)
+        uniformity = self.uniformity_loss(h)
         if isinstance(self.ffn, MoELayer):
             if self.training and torch.is_grad_enabled() and self.checkpointing == "moe":
                 out = checkpoint(self.ffn, h, use_reentrant=False)
             else:
                 out = self.ffn(h)
-            return x + self.drop(out.y), out.aux_losses, out.metrics
-        return x + self.ffn(h), {}, {}
+            return x + self.drop(out.y), {**out.aux_losses, **uniformity}, out.metrics
+        return x + self.ffn(h), uniformity, {}
 
 
 @dataclass

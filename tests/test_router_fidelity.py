@@ -370,10 +370,10 @@ def test_competition_schedule_caps_layers_per_step_as_the_release():
 # --- giangdip2410/CompeteSMoE @ cacb77e, custom_layers_opt.py (FMoEOpt, 2024) ---
 
 
-def ref_compete_2024(logits, outs_TED, k):
-    """Competition (L262-404, act_experts 'linear', opt_blance on): L2-norm responses; winners weighted by
-    the softmax of their norms; target = that softmax at the winners, 0 elsewhere (not detached); MSE to
-    softmax(logits) plus E * sum f P with f, P over T*k on softmax(norms)."""
+def ref_compete_2024(logits, outs_TED, k, opt_blance=True):
+    """Competition (L262-404, act_experts 'linear'): L2-norm responses; winners weighted by the softmax of
+    their norms; target = that softmax at the winners, 0 elsewhere (not detached); MSE to softmax(logits),
+    plus with ``opt_blance`` E * sum f P with f, P over T*k on softmax(norms)."""
     r = outs_TED.norm(dim=-1)
     val, idx = r.topk(k, -1)
     s = torch.full_like(r, -1e10).scatter(-1, idx, val)
@@ -382,22 +382,30 @@ def ref_compete_2024(logits, outs_TED, k):
     T = r.shape[0]
     f = torch.zeros(r.shape[1]).scatter_add_(0, idx.reshape(-1), torch.ones(T * k)) / (T * k)
     P = r.softmax(-1).sum(0) / (T * k)
-    return idx, val.softmax(-1), mse + r.shape[1] * (f * P).sum()
+    return idx, val.softmax(-1), mse + (r.shape[1] * (f * P).sum() if opt_blance else 0.0)
 
 
-def test_competesmoe_2024_competition_matches_the_release():
+@pytest.mark.parametrize("opt_blance", [False, True])
+def test_competesmoe_2024_competition_matches_the_release(opt_blance):
+    """Their text8/enwik8 scripts run without --opt_blance (our v2024 default: no competition balance);
+    competition_balance_coef = router_loss_coef reproduces the flag."""
     torch.manual_seed(0)
     experts = build_backend("local", ExpertSpec(E, D, 16), impl="reference")
-    r = build_router("competesmoe", {"variant": "v2024", "compete_prob": 1.0, "router_loss_coef": 1.0}, D, E)
+    args = {"variant": "v2024", "compete_prob": 1.0, "router_loss_coef": 1.0}
+    if opt_blance:
+        args["competition_balance_coef"] = 1.0
+    r = build_router("competesmoe", args, D, E)
     assert r.proj.bias is not None
     r.train()
     x = torch.randn(12, D)
     out = r(x, 2, experts=experts)
-    idx, w, loss = ref_compete_2024(r.proj(x).detach(), experts.forward_all(x).detach(), 2)
+    idx, w, loss = ref_compete_2024(r.proj(x).detach(), experts.forward_all(x).detach(), 2, opt_blance)
     assert torch.equal(out.expert_ids_TK, idx)
     torch.testing.assert_close(out.weights_TK, w)
-    torch.testing.assert_close(out.aux_losses["compete_router"], loss)
-    out.aux_losses["compete_router"].backward()  # the target is not detached: the experts learn from it
+    assert ("balance" in out.aux_losses) == opt_blance
+    total = sum(out.aux_losses.values())
+    torch.testing.assert_close(total, loss)
+    total.backward()  # the target is not detached: the experts learn from it
     assert experts.w1.grad.abs().sum() > 0
 
 

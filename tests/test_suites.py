@@ -19,17 +19,18 @@ def test_the_published_suites_are_there():
 @pytest.mark.parametrize("name", SUITES)
 def test_every_run_of_every_suite_is_a_valid_config(name):
     suite = load_suite(find_suite(name))
-    assert len(suite.seeds) >= (1 if "smoke" in name else 3)
-    for variant in suite.variants:
+    assert len(suite.seeds) >= (1 if "smoke" in name else 2 if "sweep" in name else 3)
+    for variant in suite.variants:  # (a `tuned` variant's own overrides; the tuned point adds lr/init)
         spec = run_spec(suite, variant, suite.seeds[0], None)
         cfg = load_config(spec.config, spec.overrides)
         moe = bool(cfg.model.moe_layer_ids())
-        assert moe == (not variant.name.startswith("dense")), variant
-        if variant.name.startswith("s2moe"):
+        method = variant.method or variant.name  # a grid point is named <method>-<labels>
+        assert moe == (not method.startswith("dense")), variant
+        if method.startswith("s2moe"):
             assert cfg.model.moe.s2moe.enabled and cfg.model.moe.k == 1 and cfg.model.moe.eval_k == 1
-        elif variant.name.startswith("vqmoe"):  # top-1 plus the codebook's expert: two per token, as top-2
+        elif method.startswith("vqmoe"):  # top-1 plus the codebook's expert: two per token, as top-2
             assert cfg.model.moe.router == "vqmoe" and cfg.model.moe.k == 1 and not cfg.model.moe.s2moe.enabled
-        elif variant.name == "smoe-top1":  # the control for S2MoE: SMoE trained top-1, no second pathway
+        elif method == "smoe-top1":  # the control for S2MoE: SMoE trained top-1, no second pathway
             assert cfg.model.moe.router == "smoe" and cfg.model.moe.k == 1 and not cfg.model.moe.s2moe.enabled
         elif moe:  # baselines: top-2, the same expert FLOPs per training token as S2MoE's two top-1 pathways
             assert not cfg.model.moe.s2moe.enabled and cfg.model.moe.k == 2

@@ -59,9 +59,10 @@ def parse_seeds(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from ..experiments.suite import find_suite, load_suite
+    from ..experiments.tuning import resolve_tuned
 
     shard = parse_shard(args.shard)
-    suite = load_suite(find_suite(args.suite))
+    suite = resolve_tuned(load_suite(find_suite(args.suite)))
     if args.seeds is not None:
         suite.seeds, suite.seeds_given = parse_seeds(args.seeds), True
     if args.only is not None and not [v for v in args.only.split(",") if v.strip()]:

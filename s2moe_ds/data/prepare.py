@@ -3,7 +3,8 @@
 Datasets (``data.dataset``):
 - ``pydoc``: built in, no download: the Python documentation topics shipped with every CPython
   (``pydoc_data.topics``), characters, 90/5/5 split;
-- ``shakespeare``: Tiny Shakespeare, characters, 90/10 (train/val) split;
+- ``shakespeare``: Tiny Shakespeare, characters, 90/5/5 split by position (before 2026-12-02: 90/10
+  train/val; the train part is the same, the old val is now val + test);
 - ``text8`` / ``enwik8``: the standard 90M/5M/5M character splits (enwik8 as bytes), from the zip archive;
 - ``wikitext103``: the wiki.{train,valid,test}.tokens files (folder or zip), SentencePiece subwords;
 - ``text``: any one UTF-8 text file, read into memory, split 90/5/5 by position;
@@ -187,8 +188,7 @@ def load_corpus(dataset: str, source: str = "") -> Corpus:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text ({e})") from None
-    fractions = (0.9, 0.1) if dataset == "shakespeare" else (0.9, 0.05, 0.05)
-    return Corpus(proportional_split(text, fractions), "char", str(path), digest)
+    return Corpus(proportional_split(text), "char", str(path), digest)
 
 
 def codepoints(part) -> np.ndarray:
@@ -1090,6 +1090,12 @@ def read_meta(data_dir: str | Path) -> dict:
     if missing:
         raise DataError(
             f"{path} lacks {', '.join(missing)} (written by another tool or damaged); re-run `s2moe prepare`"
+        )
+    if meta["dataset"] == "shakespeare" and "test" not in meta["splits"]:
+        raise DataError(
+            f"{data_dir} holds Tiny Shakespeare prepared with the old 90/10 train/val split; the split is "
+            f"90/5/5 now (the same train part; the old val became val + test), so its val numbers would not "
+            f"match today's: move the folder away and run `s2moe prepare` again"
         )
     return meta
 

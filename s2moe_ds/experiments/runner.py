@@ -89,14 +89,16 @@ def inference_settings(cfg, ev: EvalSpec) -> list[tuple]:
     return settings
 
 
-def eval_row(res, cfg, k: int | None, label: str, weights: str, step: int) -> dict:
-    """One results row (the results.json format) of an evaluation ``res`` at inference top-k ``k``."""
+def eval_row(res, cfg, k: int | None, label: str, weights: str, step: int, split: str) -> dict:
+    """One results row (the results.json format) of an evaluation ``res`` on ``split`` at inference top-k
+    ``k``."""
     from ..flops import flops_per_token, moe_layer_flops
 
     n_moe = len(cfg.model.moe_layer_ids())
     is_moe = bool(n_moe)
     batch_tokens = cfg.train.micro_batch_size * cfg.model.context
     return {
+        "split": split,
         "inference": label,
         "k": res.k if is_moe else 0,
         "pathways": res.pathways if cfg.model.moe.s2moe.enabled and is_moe else "",
@@ -140,7 +142,9 @@ def evaluate_run(run_dir: Path, suite: Suite) -> tuple[list[dict], list[dict]]:
         if is_moe:
             model.set_inference(k=k, pathways=pathways or ("clean" if moe.s2moe.enabled else None), weights=weights)
         res = evaluate_model(model, meta, cfg.data.data_dir, ev.split)
-        rows.append(eval_row(res, cfg, k, label, weights, info["step"]))
+        rows.append(eval_row(res, cfg, k, label, weights, info["step"], ev.split))
+    if ev.analysis_tokens == 0:  # a tuning sweep reads only the table
+        return rows, []
     if is_moe:  # inference routing statistics at the training top-k and rule, clean pathway
         model.set_inference(k=moe.k, pathways="clean" if moe.s2moe.enabled else None, weights="train")
     val = load_split(cfg.data.data_dir, ev.split, meta)
@@ -205,7 +209,7 @@ def run_one(run_dir: Path, spec: RunSpec, suite: Suite, code: dict) -> Result:
     write_atomic(run_dir / "result.json", result.to_json())
     for r in rows:
         print(
-            f"[s2moe experiment]   {r['inference']}: val {r['metric']} {r[r['metric']]:.4f}, "
+            f"[s2moe experiment]   {r['inference']}: {r['split']} {r['metric']} {r[r['metric']]:.4f}, "
             f"{r['inference_mflops_per_token']:.3f} MFLOPs/token",
             flush=True,
         )

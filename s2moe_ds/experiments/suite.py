@@ -8,6 +8,7 @@ unknown key or a wrong type is a ``ConfigError`` naming the suite file and the d
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ class EvalSpec:
 
     split: str = "val"  # the data split every table number is measured on
     extra_k: list[int] = field(default_factory=lambda: [1])  # inference top-k values besides the training one
-    analysis_tokens: int = 512  # validation tokens of the collapse analysis
+    analysis_tokens: int = 512  # tokens of the split for the collapse analysis (0: no analysis)
     jacobian_tokens: int = 128  # of those, how many get their Jacobians taken
     s2moe_both_pathways: bool = True  # also evaluate S2MoE models with both pathways at inference
 
@@ -39,6 +40,15 @@ class Variant:
     overrides: list[str] = field(default_factory=list)  # applied after the suite's overrides
     seeds: list[int] | None = None  # its own seed list (default: the suite's)
     label: str = ""  # how the report's statements call it, e.g. "SMoE top-2" (default: name)
+    # a tuning grid {override key: {label: value}}: the variant becomes one variant per point, named
+    # <name>-<label>[-<label>...] (keys in the order given), each of method <name>
+    grid: dict = field(default_factory=dict)
+    # take the point that the suite's `tuning` sweep selected for this method (a gridded variant's name
+    # there): the point's overrides go before this variant's own
+    tuned: str = ""
+    method: str = field(default="", init=False)  # a grid point's method (the gridded variant's name)
+    point: list[str] = field(default_factory=list, init=False)  # a grid point's overrides
+    tuned_point: str = field(default="", init=False)  # the sweep variant `tuned` resolved to
 
     @property
     def display(self) -> str:
@@ -77,6 +87,14 @@ class Claim:
 
 
 @dataclass
+class TuningSpec:
+    """Where the settings of ``tuned`` variants come from: a sweep suite and its results folder."""
+
+    suite: str = ""  # the sweep suite (a name in experiments/ or a .yaml path)
+    folder: str = ""  # its results folder (default: results/<sweep suite name>)
+
+
+@dataclass
 class Suite:
     """A suite file: a base config, shared overrides, seeds, the evaluation, the variants and the claims."""
 
@@ -86,6 +104,7 @@ class Suite:
     seeds: list[int] = field(default_factory=lambda: [0])
     nproc: int = 1  # processes per run (>1: the deepspeed launcher)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    tuning: TuningSpec = field(default_factory=TuningSpec)
     variants: list[Variant] = field(default_factory=list)
     claims: list[Claim] = field(default_factory=list)
     name: str = field(default="", init=False)  # the file's stem: the default results folder
@@ -177,12 +196,45 @@ def suite_from_dict(data: dict | None, path: Path | str) -> Suite:
     suite.name, suite.path = Path(path).stem, Path(path)
     if not suite.variants:
         raise ConfigError(f"suite {path}: 'variants' must list at least one variant (name + config/overrides)")
+    suite.variants = [point for v in suite.variants for point in expand_grid(v, f"suite {path}")]
     names = [v.name for v in suite.variants]
     if any(not n for n in names) or len(set(names)) != len(names):
         raise ConfigError(f"suite {path}: every variant needs a unique 'name'; got {names}")
     for i, claim in enumerate(suite.claims):
         check_claim(claim, f"suite {path}: claims[{i}]", names)
+    tuned = [v.name for v in suite.variants if v.tuned]
+    if tuned and not suite.tuning.suite:
+        raise ConfigError(
+            f"suite {path}: variants {tuned} name a 'tuned' method but the suite has no 'tuning: {{suite: ...}}' "
+            f"to take it from"
+        )
     return suite
+
+
+def format_value(value) -> str:
+    """A grid value as an override's right-hand side (parsed back as a YAML scalar)."""
+    return "true" if value is True else "false" if value is False else str(value)
+
+
+def expand_grid(variant: Variant, where: str) -> list[Variant]:
+    """A variant with a ``grid`` as one variant per grid point (itself when it has none)."""
+    if not variant.grid:
+        return [variant]
+    axes = []
+    for key, choices in variant.grid.items():
+        if not isinstance(choices, dict) or not choices:
+            raise ConfigError(
+                f"{where}: variant {variant.name!r} grid key {key!r} must map labels to values, e.g. "
+                f"{{lr1e-3: 1.0e-3, lr2e-3: 2.0e-3}}; got {choices!r}"
+            )
+        axes.append([(str(label), f"{key}={format_value(value)}") for label, value in choices.items()])
+    points = []
+    for combo in itertools.product(*axes):
+        point = dataclasses.replace(variant, grid={}, overrides=list(variant.overrides) + [o for _, o in combo])
+        point.name = "-".join([variant.name, *(label for label, _ in combo)])
+        point.method, point.point = variant.name, [o for _, o in combo]
+        points.append(point)
+    return points
 
 
 def check_claim(claim: Claim, where: str, variants: list[str]) -> None:

@@ -10,6 +10,7 @@ holds it, starts from ``init_expert`` of its global id.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from . import kernels
 from .global_names import GlobalNames, GlobalNaming, stacked_names
 
 ACTIVATIONS = ("gelu", "swiglu")
+EXPERT_INITS = ("dense", "fan_in")
 
 
 @dataclass
@@ -32,28 +34,37 @@ class ExpertSpec:
     """Std of the input matrices (w1, w3) at initialisation: the dense FFN's (GPT-2's) 0.02."""
     out_init_std: float = 0.02
     """Std of the output matrix w2; the model passes the dense FFN's residual scaling 0.02/sqrt(2 n_layer)."""
+    init: str = "dense"
+    """'dense': Normal(0, init_std) inputs and Normal(0, out_init_std) outputs, as the dense FFN; 'fan_in':
+    Normal(0, 1/fan_in) for every matrix (1/sqrt(D) in, 1/sqrt(F) out), the project's rule before 5a0b4d4."""
 
     def validate(self, prefix: str = "moe") -> None:
         check_positive(f"{prefix}.num_experts", self.num_experts)
         check_positive(f"{prefix}.d_ff", self.d_ff)
         check_choice(f"{prefix}.activation", self.activation, ACTIVATIONS)
+        check_choice(f"{prefix}.expert_init", self.init, EXPERT_INITS)
 
 
 def init_expert(spec: ExpertSpec, base_seed: int, expert: int) -> dict:
     """Initial weights of global expert ``expert``, from its own generator: the same whichever backend,
     process or expert-parallel layout holds it (so ep=1 and ep=2 runs start identical).
 
-    Normal(0, init_std) inputs and Normal(0, out_init_std) outputs, as the dense FFN is initialised, so an
-    MoE-vs-dense comparison compares architectures, not initialisations (a 1/sqrt(fan_in) init made the
-    MoE output ~25x the dense FFN's at step 0)."""
+    ``spec.init`` 'dense' (default): Normal(0, init_std) inputs and Normal(0, out_init_std) outputs, as the
+    dense FFN is initialised, so an MoE-vs-dense comparison compares architectures, not initialisations.
+    'fan_in': std 1/sqrt(fan_in) (the rule before 5a0b4d4; the MoE output then starts ~25x the dense FFN's).
+    Both draw the same standard normals in the same order: only the scale differs."""
     g = torch.Generator().manual_seed((base_seed * 1_000_003 + expert) % (1 << 63))
     D, Fh = spec.d_model, spec.d_ff
+    if spec.init == "fan_in":
+        std_in, std_out = 1 / math.sqrt(D), 1 / math.sqrt(Fh)
+    else:
+        std_in, std_out = spec.init_std, spec.out_init_std
     w = {
-        "w1": torch.randn(D, Fh, generator=g) * spec.init_std,
-        "w2": torch.randn(Fh, D, generator=g) * spec.out_init_std,
+        "w1": torch.randn(D, Fh, generator=g) * std_in,
+        "w2": torch.randn(Fh, D, generator=g) * std_out,
     }
     if spec.activation == "swiglu":
-        w["w3"] = torch.randn(D, Fh, generator=g) * spec.init_std
+        w["w3"] = torch.randn(D, Fh, generator=g) * std_in
     return w
 
 

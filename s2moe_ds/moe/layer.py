@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..configtools import ConfigError, check_choice, check_positive, check_range, fail
 from .backends import BACKENDS, BackendConfig, ExpertSpec, backend_entry, build_backend
-from .experts import ACTIVATIONS
+from .experts import ACTIVATIONS, EXPERT_INITS
 from .routers import ROUTERS, RouterConfig, RouterOutput, build_router, parse_router_config
 from .routers.base import EVAL_WEIGHTS
 
@@ -101,6 +101,10 @@ class MoEConfig:
     """Expert hidden width; 0 means 4 x d_model."""
     activation: str = "gelu"
     """Expert activation: 'gelu' (2 matrices) or 'swiglu' (3 matrices)."""
+    expert_init: str = "dense"
+    """Expert weights at initialisation: 'dense' (as the dense FFN: std 0.02 in, 0.02/sqrt(2 n_layer) out)
+    or 'fan_in' (std 1/sqrt(fan_in) for every matrix: the rule before commit 5a0b4d4, kept for the tuning
+    sweep and to reproduce older runs)."""
     router: str = "smoe"
     """Router name: one of the registry's (smoe, xmoe, stablemoe, competesmoe, vqmoe)."""
     router_args: dict = field(default_factory=dict)
@@ -161,6 +165,7 @@ class MoEConfig:
         check_choice(f"{prefix}.backend", self.backend, BACKENDS)
         self.backend_config().validate(prefix, self.num_experts, world_size)
         check_choice(f"{prefix}.activation", self.activation, ACTIVATIONS)
+        check_choice(f"{prefix}.expert_init", self.expert_init, EXPERT_INITS)
         self.s2moe.validate(f"{prefix}.s2moe")
 
 
@@ -203,7 +208,14 @@ class MoELayer(nn.Module):
             eval_weights=cfg.eval_weights,
             vocab_size=vocab_size,
         )
-        spec = ExpertSpec(cfg.num_experts, d_model, cfg.d_ff or 4 * d_model, cfg.activation, out_init_std=out_init_std)
+        spec = ExpertSpec(
+            cfg.num_experts,
+            d_model,
+            cfg.d_ff or 4 * d_model,
+            cfg.activation,
+            out_init_std=out_init_std,
+            init=cfg.expert_init,
+        )
         self.experts = build_backend(cfg.backend, spec, cfg.backend_config())
 
     def set_inference(self, k: int | None = None, pathways: str | None = None, weights: str | None = None) -> None:

@@ -67,6 +67,15 @@ def merge_metrics(a: dict, b: dict) -> dict:
     return out
 
 
+@torch.no_grad()
+def pathway_disagreement(clean_ids_TK: Tensor, noisy_ids_TK: Tensor) -> dict:
+    """``{'pathway_disagreement': share of tokens whose top-1 expert differs between the pathways}`` (how
+    much the noise changes routing); empty when a router selects no slots (VQMoE's codebook-only routing)."""
+    if clean_ids_TK.shape[1] == 0:
+        return {}
+    return {"pathway_disagreement": (clean_ids_TK[:, 0] != noisy_ids_TK[:, 0]).float().mean()}
+
+
 class S2MoELayer(MoELayer):
     def __init__(
         self,
@@ -115,10 +124,12 @@ class S2MoELayer(MoELayer):
         if self.fused_dispatch:
             route = self.route(xx)
             yy = self.dispatch(xx, route)
-            return yy[:T], yy[T:], dict(route.aux_losses), route.metrics
+            ids = route.expert_ids_TK
+            return yy[:T], yy[T:], dict(route.aux_losses), {**route.metrics, **pathway_disagreement(ids[:T], ids[T:])}
         r1, r2 = self.route(xx[:T]), self.route(xx[T:])
         losses = {n: (r1.aux_losses[n] + r2.aux_losses[n]) / 2 for n in r1.aux_losses}
-        return self.dispatch(xx[:T], r1), self.dispatch(xx[T:], r2), losses, merge_metrics(r1.metrics, r2.metrics)
+        metrics = {**merge_metrics(r1.metrics, r2.metrics), **pathway_disagreement(r1.expert_ids_TK, r2.expert_ids_TK)}
+        return self.dispatch(xx[:T], r1), self.dispatch(xx[T:], r2), losses, metrics
 
     def gated_fused(self, xx: Tensor, g_T1: Tensor) -> tuple[Tensor, dict, dict] | None:
         """The mixed output of ``xx = [x; x_hat]`` in one dispatch with the gate folded into the combine
@@ -131,15 +142,16 @@ class S2MoELayer(MoELayer):
             return None
         T = len(xx) // 2
         route = self.route(xx)
+        metrics = {**route.metrics, **pathway_disagreement(route.expert_ids_TK[:T], route.expert_ids_TK[T:])}
         if route.precomputed_TD is not None or route.expert_ids_TK.shape[1] == 0:
             yy = self.dispatch(xx, route)
-            return g_T1 * yy[:T] + (1 - g_T1) * yy[T:], dict(route.aux_losses), route.metrics
+            return g_T1 * yy[:T] + (1 - g_T1) * yy[T:], dict(route.aux_losses), metrics
         gate_2T = torch.cat([g_T1, 1 - g_T1]).to(route.weights_TK.dtype)
         y_TD = self.experts(xx, route.expert_ids_TK, route.weights_TK * gate_2T, num_out=T)
         if route.extra_TD is not None:  # the router's own term (VQMoE's discrete branch), gated alike
             e = route.extra_TD
             y_TD = y_TD + g_T1.to(e.dtype) * e[:T] + (1 - g_T1.to(e.dtype)) * e[T:]
-        return y_TD, dict(route.aux_losses), route.metrics
+        return y_TD, dict(route.aux_losses), metrics
 
     def forward(self, x: Tensor) -> MoEOutput:
         s = self.cfg.s2moe

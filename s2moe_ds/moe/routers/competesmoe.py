@@ -26,11 +26,13 @@ Default (``variant: v2025``) follows Fsoft-AIC/CompeteSMoE (arXiv 2505.13380), t
 ``variant: v2024`` follows giangdip2410/CompeteSMoE (arXiv 2402.02526; ``custom_layers_opt.py``): the
 response is the L2 norm of the expert output; winners are weighted by a softmax over their norms; the
 router target is that softmax placed at the winners' positions (0 elsewhere) and is **not** detached (so
-the loss also trains the experts); the competition balance is ``E * sum_e f_e P_e`` over all K winners
-with ``P = softmax(norms)``, ``f`` and ``P`` both divided by T*K; router loss and that balance are scaled
-by ``router_loss_coef`` together (0.05: their ``alpha * load_balance`` = 5 x 0.01 in the scripts). No
-warm-up, no per-step cap, no diversity loss; competition on every training step (``compete_prob`` 1.0, as
-their scripts), otherwise an independent draw per (seed, layer, step). Differences: on ordinary steps (only
+the loss also trains the experts), scaled by ``router_loss_coef`` (0.05: their ``alpha * load_balance`` =
+5 x 0.01 in the scripts). Their competition balance term (``--opt_blance``: ``E * sum_e f_e P_e`` over all K
+winners with ``P = softmax(norms)``, ``f`` and ``P`` both divided by T*K, added to the router loss before
+the scaling) is off in their text8/enwik8 scripts, so off by default here: ``competition_balance_coef``
+equal to ``router_loss_coef`` (0.05) reproduces ``--opt_blance``. No warm-up, no per-step cap, no
+diversity loss; competition on every training step (``compete_prob`` 1.0, as their scripts), otherwise an
+independent draw per (seed, layer, step). Differences: on ordinary steps (only
 with ``compete_prob`` < 1) ours adds the balance loss every router here trains with (``balance_coef``), where
 theirs has none; their unsorted top-k that may permute the router distribution in the loss, and a stale
 competition loss carried into a following ordinary step, are not reproduced.
@@ -54,8 +56,20 @@ VARIANTS = ("v2025", "v2024")
 
 # the released defaults of each variant, for every field left unset (None)
 VARIANT_DEFAULTS = {
-    "v2025": {"compete_prob": 0.05, "warmup_fraction": 0.05, "max_compete_layers": 3, "router_loss_coef": 0.01},
-    "v2024": {"compete_prob": 1.0, "warmup_fraction": 0.0, "max_compete_layers": 0, "router_loss_coef": 0.05},
+    "v2025": {
+        "compete_prob": 0.05,
+        "warmup_fraction": 0.05,
+        "max_compete_layers": 3,
+        "router_loss_coef": 0.01,
+        "competition_balance_coef": 0.01,
+    },
+    "v2024": {
+        "compete_prob": 1.0,
+        "warmup_fraction": 0.0,
+        "max_compete_layers": 0,
+        "router_loss_coef": 0.05,
+        "competition_balance_coef": 0.0,
+    },
 }
 
 
@@ -76,8 +90,10 @@ class CompeteSMoEConfig(RouterConfig):
     also scales its competition balance)."""
     diversity_coef: float = 0.01
     """'v2025': weight of the diversity loss on the winners' outputs (0 disables)."""
-    competition_balance_coef: float = 0.01
-    """'v2025': weight of the balance loss on competition steps (top-1 winner, P = softmax(responses))."""
+    competition_balance_coef: float | None = None
+    """Weight of the balance loss on competition steps (unset: v2025 0.01, on the top-1 winner with
+    P = softmax(responses); v2024 0, as its scripts without ``--opt_blance``: over all K winners with
+    P = softmax(norms), and 0.05 = ``router_loss_coef`` reproduces that flag)."""
     z_loss_coef: float = 0.001
     """'v2025': router z-loss on ordinary steps."""
 
@@ -227,13 +243,9 @@ class CompeteSMoERouter(Router):
         weights_TK = top_TK.softmax(-1)
         _, output_TD = self._winners(out_TED, ids_TK, weights_TK)
         target_TE = torch.zeros_like(norms_TE).scatter(-1, ids_TK, weights_TK)  # not detached, as theirs
-        loss = F.mse_loss(probs_TE, target_TE)
-        # E * sum_e f_e P_e with f and P both over T*K (theirs): switch_balance_loss / K
-        loss = loss + switch_balance_loss(norms_TE.softmax(-1), ids_TK, self.num_experts) / k
-        return RouterOutput(
-            weights_TK.to(out_TED.dtype),
-            ids_TK,
-            probs_TE,
-            {"compete_router": self.cfg.router_loss_coef * loss},
-            precomputed_TD=output_TD,
-        )
+        losses = {"compete_router": self.cfg.router_loss_coef * F.mse_loss(probs_TE, target_TE)}
+        if self.cfg.competition_balance_coef > 0:  # --opt_blance
+            # E * sum_e f_e P_e with f and P both over T*K (theirs): switch_balance_loss / K
+            balance = switch_balance_loss(norms_TE.softmax(-1), ids_TK, self.num_experts) / k
+            losses["balance"] = self.cfg.competition_balance_coef * balance
+        return RouterOutput(weights_TK.to(out_TED.dtype), ids_TK, probs_TE, losses, precomputed_TD=output_TD)
