@@ -36,10 +36,11 @@ def test_enwik8_is_byte_level(tmp_path):
     assert dec.decode(load_split(tmp_path / "out", "train")[:30]) == data[:30].decode("utf-8", errors="replace")
 
 
-def test_shakespeare_from_shared_data_is_90_10(tmp_path, shakespeare_path):
+def test_shakespeare_from_shared_data_is_90_5_5(tmp_path, shakespeare_path):
     meta = prepare("shakespeare", tmp_path, source=str(shakespeare_path))
     assert meta["vocab_size"] == 65
-    assert meta["splits"] == {"train": 1003854, "val": 111540}
+    # the train part is the old 90/10 split's; its 111,540 val characters are now val + test
+    assert meta["splits"] == {"train": 1003854, "val": 55769, "test": 55771}
     assert meta["source_sha256"] == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 
@@ -110,8 +111,15 @@ def test_bad_archive_and_missing_split(tmp_path):
     src = tmp_path / "s.txt"
     src.write_text("to be or not to be " * 200)
     prepare("shakespeare", tmp_path / "sh", source=str(src))
-    with pytest.raises(DataError, match="no 'test' split"):
-        load_split(tmp_path / "sh", "test")
+    with pytest.raises(DataError, match=r"no 'dev' split \(it has \['train', 'val', 'test'\]\)"):
+        load_split(tmp_path / "sh", "dev")
+    # a folder prepared before the 90/5/5 split (no test part) is refused, not read with other val numbers
+    meta_path = tmp_path / "sh" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["splits"]["test"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="old 90/10 train/val split.*run `s2moe prepare` again"):
+        load_split(tmp_path / "sh", "val")
 
 
 def test_decoder_is_the_data_folders_tokenizer(tmp_path):

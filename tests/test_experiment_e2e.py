@@ -48,7 +48,7 @@ def test_suite_writes_one_table_with_every_variant_and_inference_setting(smoke):
     }
     by = {(r["variant"], r["inference"]): r for r in rows}
     for r in rows:
-        assert r["step"] == 8 and 1.0 < r["bpc"] < 8.0 and r["tokens"] > 100_000
+        assert r["step"] == 8 and 1.0 < r["bpc"] < 8.0 and r["tokens"] > 50_000  # val: 5% of 1.1M characters
     # the cost columns follow the inference top-k: S2MoE top-1 costs what SMoE run at top-1 costs
     assert by[("s2moe-top1", "train_k")]["inference_mflops_per_token"] == pytest.approx(
         by[("smoe-top2", "top1")]["inference_mflops_per_token"]
