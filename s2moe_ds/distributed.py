@@ -250,6 +250,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, optimizer, lr_scheduler, d
             f"settings filled in ({type(e).__name__}: {' '.join(str(e).split())[:400]}); fix that "
             f"entry or start from ds_configs/zero2.json"
         ) from None
+    from .checkpoint.deepspeed_private import skip_lone_allreduce
+
+    skip_lone_allreduce(engine, dist.get_world_size() if dist.is_initialized() else 1)
     return engine, scheduler
 
 

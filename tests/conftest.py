@@ -15,6 +15,17 @@ def shakespeare_path() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def pydoc_dir(tmp_path_factory) -> Path:
+    """The built-in Python docs corpus prepared once for the whole session (configs/tiny.yaml's data)."""
+    from s2moe_ds.config import load_config
+    from s2moe_ds.data.prepare import prepare_config
+
+    d = tmp_path_factory.mktemp("shared-data") / "pydoc"
+    prepare_config(load_config(REPO / "configs" / "tiny.yaml", [f"data.data_dir={d}"]).data)
+    return d
+
+
 @pytest.fixture
 def bin_dir() -> Path:
     """Folder of the interpreter running the tests (deepspeed / s2moe console scripts live there)."""

@@ -11,7 +11,8 @@ in docs/benchmarks.md, ``benchmarks/bench_moe_layer.py``):
 - ``padded_bmm``: rows scattered into an ``[E, C_max, D]`` buffer, batched matmul;
 - ``gmm``: MegaBlocks' grouped GEMM (``grouped_gemm.ops.gmm``, CUDA only: the ``megablocks`` backend).
 Weights are stacked ``[E, in, out]`` tensors or, for ``loop``, any per-expert sequences of ``[in, out]``
-matrices (``stacked`` builds the former from the latter). ``auto`` is ``loop`` on CPU, ``grouped_mm`` on CUDA.
+matrices (``stacked`` builds the former from the latter). ``auto`` is ``grouped_mm`` on CUDA; on CPU ``grouped_mm`` for small expert groups and ``loop`` for large
+(``GROUPED_MM_MAX_ROWS``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,20 @@ def ffn(x: Tensor, w1, w2, w3=None, mm: Callable = torch.matmul) -> Tensor:
     return mm(h, w2)
 
 
-def resolve(kernel: str, device: torch.device) -> str:
+GROUPED_MM_MAX_ROWS = 512
+"""``auto`` on CPU: ``grouped_mm`` while the experts average at most this many rows, ``loop`` above. Both
+give the same numbers; grouped_mm saves the per-expert autograd nodes and the stacking of gradients (15%
+faster at 192 rows of width 128, the experiment scale), loop's MKL products win at large groups (20% faster
+at 1024 rows of width 256; ``benchmarks/bench_moe_layer.py``, docs/benchmarks.md)."""
+
+
+def resolve(kernel: str, device: torch.device, rows_per_expert: float = 0.0) -> str:
+    """The kernel ``auto`` stands for: ``grouped_mm`` on CUDA; on CPU by the rows per expert."""
     if kernel != "auto":
         return kernel
-    return "grouped_mm" if device.type == "cuda" else "loop"
+    if device.type == "cuda":
+        return "grouped_mm"
+    return "grouped_mm" if 0 < rows_per_expert <= GROUPED_MM_MAX_ROWS else "loop"
 
 
 def stacked(w: Sequence[Tensor] | Tensor | None) -> Tensor | None:
@@ -89,7 +100,9 @@ def gmm(xs_ND: Tensor, counts_E: Tensor, w1, w2, w3=None) -> Tensor:
 def run(kernel: str, xs_ND: Tensor, counts_E: Tensor, w1, w2, w3=None) -> Tensor:
     """Kernel ``kernel`` (``auto`` resolved on the rows' device) on expert-sorted rows."""
     fn = {"loop": loop, "grouped_mm": grouped_mm, "padded_bmm": padded_bmm, "gmm": gmm}
-    return fn[resolve(kernel, xs_ND.device)](xs_ND, counts_E, w1, w2, w3)
+    if kernel == "auto" and not isinstance(w1, Tensor) and xs_ND.device.type == "cpu":
+        kernel = "loop"  # per-expert weight sequences (DeepSpeed's modules) on CPU: no stacking per call
+    return fn[resolve(kernel, xs_ND.device, len(xs_ND) / max(len(counts_E), 1))](xs_ND, counts_E, w1, w2, w3)
 
 
 def _all_experts_mm(a: Tensor, w_E: Tensor) -> Tensor:

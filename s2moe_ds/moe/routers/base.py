@@ -174,15 +174,16 @@ class Router(nn.Module):
             return "renorm" if (self.train_k or k) >= 2 else "prob"
         return rule
 
-    def select(self, scores_TE: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def select(self, scores_TE: Tensor, k: int, probs_TE: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Top-k experts by score (plus the selection bias, when aux-loss-free balancing is on) and their
-        combine weights under ``weight_rule(k)`` from the unbiased scores."""
+        combine weights under ``weight_rule(k)`` from the unbiased scores. ``probs_TE``: the scores'
+        softmax when the caller has it (the 'prob' rule reads it instead of computing it again)."""
         if self.cfg.bias_update_rate <= 0:
-            return topk_weights(scores_TE, k, self.weight_rule(k))
+            return topk_weights(scores_TE, k, self.weight_rule(k), probs_TE)
         ids_TK = (scores_TE.detach().float() + self.selection_bias_E).topk(k, dim=-1).indices
         if self.weight_rule(k) == "renorm":
-            return scores_TE.gather(-1, ids_TK).softmax(dim=-1), ids_TK
-        return scores_TE.softmax(dim=-1).gather(-1, ids_TK), ids_TK
+            return softmax_last(scores_TE.gather(-1, ids_TK)), ids_TK
+        return (softmax_last(scores_TE) if probs_TE is None else probs_TE).gather(-1, ids_TK), ids_TK
 
     @classmethod
     def flops_per_token(cls, cfg: RouterConfig, d_model: int, num_experts: int) -> float:
@@ -195,18 +196,29 @@ class Router(nn.Module):
         return k
 
 
-def topk_weights(scores_TE: Tensor, k: int, rule: str) -> tuple[Tensor, Tensor]:
+def softmax_last(x: Tensor) -> Tensor:
+    """``x.softmax(-1)`` for the short last dimensions of routing (experts, selected slots). torch's CPU
+    kernel is slow on a short last dimension (8 experts x 1536 tokens: 4x slower forward and backward than
+    along the first dimension), so on CPU the softmax runs along dim 0 of the transpose: the same function,
+    equal up to rounding (summation order)."""
+    if x.dim() == 2 and x.device.type == "cpu" and x.shape[-1] <= 64:
+        return x.t().softmax(0).t()
+    return x.softmax(-1)
+
+
+def topk_weights(scores_TE: Tensor, k: int, rule: str, probs_TE: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Top-k experts by score; combine weights by ``rule``.
 
     'renorm': softmax over the k selected scores (sums to 1; constantly 1 at k = 1, so the router then
     gets no gradient from the task loss). 'prob': each selected expert's probability under the softmax
-    over *all* scores (Switch's top-1 rule; sums to less than 1).
+    over *all* scores (Switch's top-1 rule; sums to less than 1); ``probs_TE`` is that softmax when the
+    caller has it.
     """
     top_TK, ids_TK = scores_TE.topk(k, dim=-1)
     if rule == "renorm":
-        return top_TK.softmax(dim=-1), ids_TK
+        return softmax_last(top_TK), ids_TK
     if rule == "prob":
-        return scores_TE.softmax(dim=-1).gather(-1, ids_TK), ids_TK
+        return (softmax_last(scores_TE) if probs_TE is None else probs_TE).gather(-1, ids_TK), ids_TK
     raise ValueError(f"unknown combine-weight rule {rule!r}; valid: 'renorm', 'prob'")
 
 

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...configtools import check_choice, check_positive, check_range
-from .base import Router, RouterConfig, RouterOutput, router_z_loss, switch_balance_loss, with_balance
+from .base import Router, RouterConfig, RouterOutput, router_z_loss, softmax_last, switch_balance_loss, with_balance
 
 VARIANTS = ("v2025", "v2024")
 
@@ -190,7 +190,7 @@ class CompeteSMoERouter(Router):
 
     def route(self, x_TD, k, experts=None) -> RouterOutput:
         logits_TE = self.proj(x_TD)
-        probs_TE = logits_TE.float().softmax(-1)
+        probs_TE = softmax_last(logits_TE.float())
         if not self.competes():
             weights_TK, ids_TK = self.select(logits_TE, k)
             losses: dict = {}
@@ -225,7 +225,7 @@ class CompeteSMoERouter(Router):
         top_TK, ids_TK = resp_TE.topk(k, dim=-1)
         weights_TK = top_TK / top_TK.sum(-1, keepdim=True)
         winners_TKD, output_TD = self._winners(out_TED, ids_TK, weights_TK)
-        affinity_TE = resp_TE.float().softmax(-1)
+        affinity_TE = softmax_last(resp_TE.float())
         c, losses = self.cfg, {}
         if c.router_loss_coef > 0:
             losses["compete_router"] = c.router_loss_coef * F.mse_loss(probs_TE, affinity_TE.detach())
@@ -240,12 +240,12 @@ class CompeteSMoERouter(Router):
     def _compete_2024(self, out_TED: Tensor, probs_TE: Tensor, k: int) -> RouterOutput:
         norms_TE = out_TED.float().norm(dim=-1)
         top_TK, ids_TK = norms_TE.topk(k, dim=-1)
-        weights_TK = top_TK.softmax(-1)
+        weights_TK = softmax_last(top_TK)
         _, output_TD = self._winners(out_TED, ids_TK, weights_TK)
         target_TE = torch.zeros_like(norms_TE).scatter(-1, ids_TK, weights_TK)  # not detached, as theirs
         losses = {"compete_router": self.cfg.router_loss_coef * F.mse_loss(probs_TE, target_TE)}
         if self.cfg.competition_balance_coef > 0:  # --opt_blance
             # E * sum_e f_e P_e with f and P both over T*K (theirs): switch_balance_loss / K
-            balance = switch_balance_loss(norms_TE.softmax(-1), ids_TK, self.num_experts) / k
+            balance = switch_balance_loss(softmax_last(norms_TE), ids_TK, self.num_experts) / k
             losses["balance"] = self.cfg.competition_balance_coef * balance
         return RouterOutput(weights_TK.to(out_TED.dtype), ids_TK, probs_TE, losses, precomputed_TD=output_TD)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...configtools import check_choice, check_positive, fail
-from .base import Router, RouterConfig, RouterOutput, switch_balance_loss
+from .base import Router, RouterConfig, RouterOutput, softmax_last, switch_balance_loss
 
 EMBED_GAIN = 0.32  # orthogonal init gain of the authors' (and torchscale's) expert embeddings
 EMBED_NORM = 1.5  # XMoE rescales its expert embeddings to this norm before every forward
@@ -93,7 +93,7 @@ def authors_gate(router: Router, scores_TE: Tensor, k: int) -> RouterOutput:
     """Steps 4-5 of the authors' gates: top-k on the raw scores, weights by the router's rule, the balance
     loss on ``softmax(scores / balance_temperature)``."""
     weights_TK, ids_TK = router.select(scores_TE, k)
-    probs_TE = (scores_TE.float() / router.cfg.balance_temperature).softmax(-1)
+    probs_TE = softmax_last(scores_TE.float() / router.cfg.balance_temperature)
     losses = {}
     if router.cfg.balance_coef > 0:
         losses["balance"] = router.cfg.balance_coef * switch_balance_loss(probs_TE, ids_TK, router.num_experts)
@@ -202,7 +202,7 @@ class XMoERouter(Router):
         return authors_gate(self, scores_TE, k)
 
     def _torchscale(self, scores_TE: Tensor, k: int) -> RouterOutput:
-        probs_TE = scores_TE.float().softmax(-1)
+        probs_TE = softmax_last(scores_TE.float())
         top_TK, ids_TK = probs_TE.topk(k, dim=-1)
         weights_TK = (
             top_TK if k == 1 else top_TK / top_TK.sum(-1, keepdim=True).clamp_min(torch.finfo(top_TK.dtype).eps)
@@ -295,7 +295,7 @@ class StableMoERouter(Router):
             )
             if self.cfg.distill_coef > 0:
                 losses["distill"] = self.cfg.distill_coef * F.cross_entropy(distill_TE.float(), ids_T1[:, 0])
-        probs_TE = s_TE.detach().float().softmax(-1)
+        probs_TE = softmax_last(s_TE.detach().float())
         out = RouterOutput(weights_TK, ids_T1, probs_TE, losses)
         out.metrics["stage2"] = torch.tensor(float(self.stage2()))
         return out

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ...configtools import check_positive, fail
-from .base import Router, RouterConfig, RouterOutput, router_z_loss, with_balance
+from .base import Router, RouterConfig, RouterOutput, router_z_loss, softmax_last, with_balance
 
 
 @dataclass
@@ -48,8 +48,8 @@ class SMoERouter(Router):
             eps = self.cfg.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - eps, 1 + eps)
         logits_TE = self.proj(x_TD)
-        weights_TK, ids_TK = self.select(logits_TE, k)
-        probs_TE = logits_TE.softmax(-1)
+        probs_TE = softmax_last(logits_TE)
+        weights_TK, ids_TK = self.select(logits_TE, k, probs_TE)
         losses = with_balance(self.cfg, probs_TE, ids_TK, self.num_experts, {})
         if self.cfg.z_loss_coef > 0:
             losses["z"] = self.cfg.z_loss_coef * router_z_loss(logits_TE)

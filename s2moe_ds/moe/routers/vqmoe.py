@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...configtools import check_positive, check_range, fail
-from .base import Router, RouterConfig, RouterOutput, switch_balance_loss
+from .base import Router, RouterConfig, RouterOutput, softmax_last, switch_balance_loss
 from .cosine import EMBED_GAIN, embedding_scores, orthogonal_embeddings
 
 
@@ -105,7 +105,7 @@ class VQMoERouter(Router):
         u_TD = self.norm(x_TD * (1 - c.contrib_rate) + (q_TD - x_TD).detach() * c.contrib_rate)
         discrete_TD = self.norm(experts(u_TD, vq_ids_T1, torch.ones_like(vq_ids_T1, dtype=u_TD.dtype)))
         scores_TE = embedding_scores(x_TD, self.embeddings)
-        probs_TE = (scores_TE.float() / c.balance_temperature).softmax(-1)
+        probs_TE = softmax_last(scores_TE.float() / c.balance_temperature)
         losses = {}
         if c.beta_vq > 0:
             losses["vq"] = c.beta_vq * vq_losses(x_TD, q_TD, c.commitment)
@@ -115,7 +115,7 @@ class VQMoERouter(Router):
                 empty_T0.to(x_TD.dtype), empty_T0, probs_TE, losses, extra_value_TD=discrete_TD, extra_ids_TK=vq_ids_T1
             )
         sparse_w_TK, sparse_ids_TK = self.select(scores_TE, k)
-        mix_T2 = self.mix(x_TD).softmax(-1)
+        mix_T2 = softmax_last(self.mix(x_TD))
         if c.balance_coef > 0:
             losses["balance"] = c.balance_coef * switch_balance_loss(probs_TE, sparse_ids_TK, self.num_experts)
         out = RouterOutput(
