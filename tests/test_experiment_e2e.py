@@ -64,7 +64,7 @@ def test_suite_writes_one_table_with_every_variant_and_inference_setting(smoke):
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == 8 and "s2moe-top1 | top1-both (k=1, both)" in md
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 9 and csv_lines[0].startswith("variant,seed,train_wall_s,inference")
+    assert len(csv_lines) == 9 and csv_lines[0].startswith("variant,seed,train_wall_s,split,inference")
     res = json.loads((out / "runs" / "s2moe-top1-seed0" / "result.json").read_text())
     assert [la["kind"] for la in res["analysis"]] == ["moe"] * 4
     assert len(res["code"]["fingerprint"]) == 16 and res["code"]["commit"]
@@ -163,3 +163,28 @@ def test_a_run_stopped_early_is_not_recorded_as_finished(smoke, tmp_path):
     (run / "checkpoints" / "latest").write_text("step0000004")  # as if stopped at step 4 of 8
     with pytest.raises(RuntimeError, match="step 4 of 8 .*rerun the same command to resume"):
         evaluate_run(run, load_suite(find_suite(str(path))))
+
+
+def test_report_reads_each_runs_result_not_the_cached_table(smoke, tmp_path):
+    """The report's numbers come from runs/*/result.json: an edit to the cached results.json does not reach
+    it, an edit to a run's own result does; the notes sit under a heading that marks them hand-written."""
+    import shutil
+
+    _, out, _ = smoke
+    folder = tmp_path / "copy"
+    shutil.copytree(out, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    cached = json.loads((folder / "results.json").read_text())
+    for row in cached:
+        row["bpc"] = 7.1234  # not what any run measured
+    (folder / "results.json").write_text(json.dumps(cached))
+    result_file = folder / "runs" / "dense-seed0" / "result.json"
+    result = json.loads(result_file.read_text())
+    result["rows"][0]["bpc"] = 6.5432
+    result_file.write_text(json.dumps(result))
+    notes = tmp_path / "notes.md"
+    notes.write_text("A hand-written paragraph.\n")
+    report = tmp_path / "r.md"
+    assert_ok(cli("report", str(folder), "--out", str(report), "--notes", str(notes)))
+    text = report.read_text()
+    assert "7.1234" not in text and "| dense | train_k | 6.5432 | 1 |" in text
+    assert f"## Notes (hand-written: `{notes}`" in text and "Top-2-trained models run at top-1" in text

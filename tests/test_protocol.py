@@ -18,6 +18,7 @@ from s2moe_ds.data.prepare import DataError, prepare_config, read_meta
 from s2moe_ds.experiments.results import code_version, record_command
 from s2moe_ds.experiments.suite import find_suite, load_suite, run_spec, suite_from_dict
 from s2moe_ds.experiments.tuning import resolve_tuned, selections
+from s2moe_ds.experiments.tuning_report import sweep_section, tuned_section
 from s2moe_ds.flops import flops_per_token
 from s2moe_ds.model import MoELanguageModel
 from s2moe_ds.moe.experts import ExpertSpec, init_expert
@@ -219,6 +220,15 @@ def test_tuned_variants_take_the_point_with_the_lowest_mean_and_refuse_a_partial
     assert final.overrides == ["train.lr=0.002", "model.moe.expert_init=dense", "train.steps=7"]
     assert final.tuned_point == "a-lr2-d" and resolved.variant("other").overrides == []
     assert suite.variant("a-final").overrides == ["train.steps=7"]  # the loaded suite is not changed
+    # the reports say it: the sweep's grid with its pick, the final suite's setting and the sweep's code
+    grid = "\n".join(sweep_section(sweep, folder))
+    assert (
+        "| a | a-lr2-d | `train.lr=0.002 model.moe.expert_init=dense` | 2.0750 ± 0.0354 | 2/2 | **selected** |" in grid
+    )
+    assert "| a | a-lr1-d | `train.lr=0.001 model.moe.expert_init=dense` | 2.1000 ± 0.1414 | 2/2 |  |" in grid
+    setting = "\n".join(tuned_section(suite, resolved))
+    assert "| a-final | a | a-lr2-d | `train.lr=0.002 model.moe.expert_init=dense` |" in setting
+    assert f"made by code {code_version()['commit']}" in setting and "other" not in setting.split("|---|")[-1]
     cfg = load_config(*(lambda s: (s.config, s.overrides))(run_spec(resolved, final, 100, None)))
     assert cfg.train.lr == 0.002 and cfg.train.steps == 7 and cfg.train.seed == 100
     bad = suite_from_dict({**tuned, "variants": [{"name": "x", "tuned": "plain"}]}, tmp_path / "bad.yaml")

@@ -19,18 +19,25 @@ from pathlib import Path
 from ..configtools import ConfigError
 from .claims import claims, collapse_claims
 from .plots import plots, variants_of
-from .results import Result, git_commit, read_json
+from .results import Result, finished_runs, git_commit, read_json
 from .suite import SUITE_DIR, Suite, load_suite
-from .tables import summary_markdown
+from .tables import split_of, summary_markdown
+from .tuning import resolve_tuned
+from .tuning_report import sweep_section, tuned_section
 
 
-def load_runs(folder: Path) -> list[Result]:
-    """Finished runs in the order of the results table (the suite's variant order, then seed)."""
-    rows = read_json(folder / "results.json")
-    runs = [
-        Result.load(folder / "runs" / f"{v}-seed{s}" / "result.json")
-        for v, s in dict.fromkeys((r["variant"], r["seed"]) for r in rows)
-    ]
+def load_runs(folder: Path, suite: Suite | None, meta: dict) -> list[Result]:
+    """The finished runs, read from each ``runs/*/result.json`` (not the cached results.json): with the suite
+    file, every run that matches its spec (``results.finished_runs``: one code version, tuned variants at
+    their selected points); without it, the runs results.json lists. In the suite's variant order, then seed."""
+    if suite is not None:
+        runs = finished_runs(folder, resolve_tuned(suite), meta.get("steps"))
+    else:
+        rows = read_json(folder / "results.json")
+        runs = [
+            Result.load(folder / "runs" / f"{v}-seed{s}" / "result.json")
+            for v, s in dict.fromkeys((r["variant"], r["seed"]) for r in rows)
+        ]
     if not runs:
         raise ConfigError(f"{folder} has no finished runs (no runs/*/result.json); run `s2moe experiment` first")
     return runs
@@ -66,18 +73,51 @@ def analysis_table(runs: list[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
-ANALYSIS_TEXT = (
-    "Measured on 512 validation tokens (Jacobians on 128 of them, drawn at random), each MoE layer as it was "
-    "trained: its training top-k, and for S2MoE both pathways (one fixed noise draw) mixed by its gate. "
-    "Means over layers and seeds; definitions in `s2moe_ds/analysis.py`. **Routing-Jacobian effective rank**: "
-    "the effective rank of the part of the layer's Jacobian that goes through the routing weights (and "
-    "S2MoE's gate) with the experts' outputs held fixed: the term the representation-collapse argument is "
-    "about; low = the routing moves the representation along few directions. **Jacobian effective rank**: "
-    "the same for the whole layer. **Expert-output cos sim**: how alike the experts' outputs are on the same "
-    "tokens (1 = identical experts). **Router vector |cos|**: how alike the routers' per-expert directions "
-    "are, in the d_model input space for every router (XMoE's 8-dim embeddings mapped back through its "
-    "projection; VQMoE's codebook). Dense rows have only the whole-layer Jacobian."
+def analysis_text(suite: Suite | None, split: str) -> str:
+    ev = suite.eval if suite is not None else None
+    tokens = (
+        f"{ev.analysis_tokens} {split} tokens (Jacobians on {ev.jacobian_tokens}"
+        if ev
+        else f"{split} tokens (Jacobians"
+    )
+    return (
+        f"Measured on {tokens} of them, drawn at random), each MoE layer as it was "
+        "trained: its training top-k, and for S2MoE both pathways (one fixed noise draw) mixed by its gate. "
+        "Means over layers and seeds; definitions in `s2moe_ds/analysis.py`. **Routing-Jacobian effective rank**: "
+        "the effective rank of the part of the layer's Jacobian that goes through the routing weights (and "
+        "S2MoE's gate) with the experts' outputs held fixed: the term the representation-collapse argument is "
+        "about; low = the routing moves the representation along few directions. **Jacobian effective rank**: "
+        "the same for the whole layer. **Expert-output cos sim**: how alike the experts' outputs are on the same "
+        "tokens (1 = identical experts). **Router vector |cos|**: how alike the routers' per-expert directions "
+        "are, in the d_model input space for every router (XMoE's 8-dim embeddings mapped back through its "
+        "projection; VQMoE's codebook). Dense rows have only the whole-layer Jacobian."
+    )
+
+
+CLEAN_TEXT = (
+    "S2MoE at inference runs the clean pathway alone, so its collapse figures are also taken on that path "
+    "(the layer at its inference top-k, no noise), beside what the noise does on the same tokens: the mean "
+    "cosine between a token and its noisy copy (**noise cos**) and the share of tokens whose top-1 expert "
+    "differs between the two pathways (**moved**)."
 )
+
+
+def clean_path_table(runs: list[Result]) -> str:
+    """S2MoE runs only: the clean-path collapse figures and the noise's effect (absent in older runs)."""
+    keys = (
+        ("clean_routing_jacobian_effective_rank", "clean path: routing-Jacobian effective rank"),
+        ("clean_jacobian_effective_rank", "clean path: Jacobian effective rank"),
+        ("noise_cos", "noise cos"),
+        ("pathway_disagreement", "moved (top-1 expert differs)"),
+    )
+    lines = ["| variant | " + " | ".join(name for _, name in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for v in variants_of(runs):
+        layers = [la for r in runs if r.variant == v for la in r.analysis if la.get("noise_cos") is not None]
+        if layers:
+            lines.append(
+                f"| {v} | " + " | ".join(f"{statistics.fmean(la[k] for la in layers):.3f}" for k, _ in keys) + " |"
+            )
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def header(folder: Path, out: Path, runs: list[Result], meta: dict, command: str, notes_file: str = "") -> list[str]:
@@ -120,18 +160,21 @@ def statements(rows: list[dict], runs: list[Result], suite: Suite | None) -> tup
 
 def write_report(folder: Path, out: Path, command: str = "", notes_file: str = "") -> Path:
     """``docs/results.md``-style report of ``folder``; the Markdown of ``notes_file`` goes after the computed
-    statements."""
+    statements, under a heading that marks it as hand-written."""
     notes = Path(notes_file).read_text() if notes_file else ""
-    runs = load_runs(folder)
-    rows = read_json(folder / "results.json")
     meta = read_json(folder / "suite.json") if (folder / "suite.json").exists() else {}
-    said, collapse = statements(rows, runs, suite_of(folder, meta))  # a bad suite file fails before the plots
-    metric = rows[0]["metric"]
+    suite = suite_of(folder, meta)
+    runs = load_runs(folder, suite, meta)
+    rows = [row for r in runs for row in r.table_rows()]
+    said, collapse = statements(rows, runs, suite)  # a bad suite file fails before the plots
+    metric, split = rows[0]["metric"], {"val": "validation"}.get(split_of(rows), split_of(rows))
     img_dir = out.parent / out.stem
     images = plots(runs, img_dir, metric)
     rel = lambda p: Path(p).relative_to(out.parent) if Path(p).is_relative_to(out.parent) else p  # noqa: E731
     text = header(folder, out, runs, meta, command, notes_file)
-    text += [f"## Validation {metric} (mean ± std over seeds) and inference cost", ""]
+    if suite is not None:
+        text += tuned_section(suite, resolve_tuned(suite)) + sweep_section(suite, folder)
+    text += [f"## {split.capitalize()} {metric} (mean ± std over seeds) and inference cost", ""]
     text += [
         "`train_k` is each model at its training top-k; `topN` overrides the inference top-k; "
         "`-both` runs both S2MoE pathways at inference.",
@@ -142,9 +185,13 @@ def write_report(folder: Path, out: Path, command: str = "", notes_file: str = "
         *said,
     ]
     if notes:
-        text += ["", notes.strip()]
-    text += ["", "## Representation collapse (at the end of training, on validation tokens)", "", ANALYSIS_TEXT, ""]
-    text += [analysis_table(runs), *collapse, "", "## Plots", ""]
+        text += ["", f"## Notes (hand-written: `{notes_file}`; every number above is computed from the runs)", ""]
+        text += [notes.strip()]
+    text += ["", f"## Representation collapse (at the end of training, on {split} tokens)", ""]
+    text += [analysis_text(suite, split), "", analysis_table(runs)]
+    clean = clean_path_table(runs)
+    text += [CLEAN_TEXT, "", clean] if clean else []
+    text += [*collapse, "", "## Plots", ""]
     text += [f"![{name}]({rel(img_dir / name)})" for name in images]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(text) + "\n")

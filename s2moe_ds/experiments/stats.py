@@ -78,4 +78,4 @@ def sign_verdict(g: Paired, lower: str, higher: str) -> str:
         return lower
     if g.lo > 0:
         return higher
-    return "no difference established (the 95% interval contains 0)"
+    return "not detected (the 95% interval contains 0)"

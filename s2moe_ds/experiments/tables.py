@@ -41,12 +41,19 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def split_of(rows: list[dict]) -> str:
+    """The split the rows were measured on ('val' for rows written before it was recorded); several
+    splits in one table are named together."""
+    splits = list(dict.fromkeys(r.get("split", "val") for r in rows))
+    return "/".join(splits) if splits else "val"
+
+
 def summary_markdown(rows: list[dict]) -> str:
     if not rows:
         return "No finished runs yet.\n"
-    metric = rows[0]["metric"]
+    metric, split = rows[0]["metric"], split_of(rows)
     lines = [
-        f"| variant | inference | val {metric} (mean ± std) | seeds | train MFLOPs/token | "
+        f"| variant | inference | {split} {metric} (mean ± std) | seeds | train MFLOPs/token | "
         f"inference MFLOPs/token | eval tokens/s | train wall s/run |",
         "|---|---|---|---|---|---|---|---|",
     ]
