@@ -2,7 +2,8 @@
 # Shared by the launch/ scripts: print every command before running it, fail early and clearly.
 # Environment overrides understood by all scripts:
 #   CONFIG        training config (default configs/tiny.yaml)
-#   MASTER_ADDR   address of rank 0            MASTER_PORT   its TCP port (default 29500)
+#   MASTER_ADDR   address of rank 0            MASTER_PORT   its TCP port (default: a free port of this
+#                 machine, where rank 0 runs; a port that is set and in use here is refused at once)
 #   GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME    network interface for the collectives
 #   DIST_TIMEOUT  seconds before a collective with a dead or stuck peer fails (train.dist_timeout_s)
 #   DRY_RUN=1     print the command and exit without running it
@@ -10,7 +11,7 @@ set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CONFIG=${CONFIG:-configs/tiny.yaml}
-MASTER_PORT=${MASTER_PORT:-29500}
+MASTER_PORT=${MASTER_PORT:-}
 DIST_TIMEOUT=${DIST_TIMEOUT:-600}
 PYTHON=${PYTHON:-$(command -v python || command -v python3 || echo python3)}
 
@@ -66,8 +67,35 @@ require_config() {
     || die "config '$CONFIG' does not exist; pass CONFIG=configs/<name>.yaml or a shipped name such as CONFIG=tiny (see configs/)"
 }
 
+# is_local ADDR: whether ADDR (empty: unset) names this machine
+is_local() {
+  case "$1" in
+    "" | 127.* | localhost | ::1 | "$(hostname)" | "$(hostname -s 2> /dev/null)" | "$(hostname -f 2> /dev/null)") return 0 ;;
+  esac
+  hostname -I 2> /dev/null | tr ' ' '\n' | grep -qxF -- "$1"
+}
+
+# choose_port DEFAULT: MASTER_PORT unset -> DEFAULT: 'free' (a free port of this machine) or a fixed port (when
+# every node picks its own and all must agree); the port, with rank 0 on this machine, is refused at once when
+# a process here already listens on it (a second job on one port died minutes later in gloo, naming no port)
+choose_port() {
+  if [ -z "$MASTER_PORT" ] && [ "$1" = "free" ]; then
+    MASTER_PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])') \
+      || die "could not pick a free TCP port; set MASTER_PORT"
+    return 0
+  fi
+  MASTER_PORT=${MASTER_PORT:-$1}
+  if is_local "${MASTER_ADDR:-}" && ! "$PYTHON" -c '
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", int(sys.argv[1])))' "$MASTER_PORT" 2> /dev/null; then
+    die "MASTER_PORT $MASTER_PORT is already in use on this machine (another job or a leftover process listens on it); unset MASTER_PORT to pick a free port, or choose another"
+  fi
+}
+
 check_common() {
   require_config
-  [[ "$MASTER_PORT" =~ ^[0-9]+$ ]] || die "MASTER_PORT must be a TCP port number, got '$MASTER_PORT'"
+  [ -z "$MASTER_PORT" ] || [[ "$MASTER_PORT" =~ ^[0-9]+$ ]] || die "MASTER_PORT must be a TCP port number, got '$MASTER_PORT'"
   [[ "$DIST_TIMEOUT" =~ ^[0-9]+$ ]] || die "DIST_TIMEOUT must be whole seconds, got '$DIST_TIMEOUT'"
 }

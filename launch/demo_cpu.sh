@@ -10,10 +10,11 @@ cd "$REPO_ROOT"
 NPROC=${NPROC:-2}
 OUT=${OUT:-runs/tiny}
 check_common
+choose_port free
 
 run s2moe prepare --config "$CONFIG"
-# a demo reruns from scratch: move an earlier demo run aside instead of deleting it
-if [ -e "$OUT/checkpoints/latest" ]; then
+# a demo reruns from scratch: move an earlier demo run (finished or not) aside instead of deleting it
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
   run mv "$OUT" "$OUT.previous.$(date +%Y%m%d-%H%M%S)"
 fi
 run deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --module s2moe_ds.train --config "$CONFIG" train.out_dir="$OUT" "$@"

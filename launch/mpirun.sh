@@ -10,6 +10,7 @@ NP=${NP:-2}
 HOSTS=${HOSTS:-}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 check_common
+choose_port free
 [[ "$NP" =~ ^[1-9][0-9]*$ ]] || die "NP must be a positive number of ranks, got '$NP'"
 require_cmd mpirun "install OpenMPI (apt-get install openmpi-bin libopenmpi-dev)"
 "$PYTHON" -c "import mpi4py" 2> /dev/null || die "mpi4py is not installed; pip install -r requirements-mpi.txt"

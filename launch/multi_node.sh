@@ -37,6 +37,12 @@ done < "$HOSTFILE"
 [ "$NODES" -ge 1 ] || die "hostfile '$HOSTFILE' has no '<host> slots=<N>' line"
 [ -n "${MASTER_ADDR:-}" ] || die "set MASTER_ADDR to the address of the first host (rank 0), reachable from every node"
 require_cmd deepspeed "install the package first: pip install -r requirements.txt -e ."
+if [ "$NO_SSH" = "1" ]; then
+  # every node runs this script itself and all must name one port: a fixed default, checked on node 0
+  if [ "${NODE_RANK:-}" = "0" ]; then choose_port 29500; else MASTER_PORT=${MASTER_PORT:-29500}; fi
+else
+  choose_port free  # run on the first node (rank 0's)
+fi
 args=(--hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 if [ "$NO_SSH" = "1" ]; then
   [[ "${NODE_RANK:-}" =~ ^[0-9]+$ ]] || die "NO_SSH=1 needs NODE_RANK (0..$((NODES - 1))) for this node"

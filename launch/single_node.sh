@@ -6,6 +6,7 @@
 source "$(dirname "$0")/common.sh"
 NPROC=${NPROC:-2}
 check_common
+choose_port free
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive number of processes, got '$NPROC'"
 require_cmd deepspeed "install the package first: pip install -r requirements.txt -e ."
 require_data "$@"

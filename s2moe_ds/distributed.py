@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .comm_op import prepare_comm_op
 from .config import DS_CONFIG_DIR, Config, resolve_path
 from .configtools import ConfigError
 
@@ -20,6 +21,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> str:
+    return (
+        f"port {port} on {os.environ.get('MASTER_ADDR', '127.0.0.1')} (MASTER_PORT) is already in use: another "
+        f"job or a leftover process listens on it. Unset MASTER_PORT (the launch/ scripts and a single process "
+        f"then pick a free port) or set it to a free one (deepspeed --master_port N)"
+    )
+
+
+def check_port_free(port: int) -> None:
+    """Refuse, in one line, a rendezvous port another process listens on. Without this, ranks of a second
+    job could join the first job's store and die minutes later in a gloo size mismatch."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed socket in TIME_WAIT is no conflict
+        try:
+            s.bind(("", port))
+        except OSError:
+            raise ConfigError(port_in_use(port)) from None
 
 
 def init_distributed(timeout_s: int) -> tuple[int, int]:
@@ -59,16 +79,15 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     # under mpirun, DeepSpeed's mpi4py discovery sets RANK/WORLD_SIZE/LOCAL_RANK and rank 0's address;
     # the port is the one the user exported (launch/mpirun.sh passes MASTER_PORT), 29500 otherwise
     port = int(os.environ.get("MASTER_PORT", 29500))
+    rank0 = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK"))) == "0"
+    if rank0 and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's agent hosts the store on the port itself
+        check_port_free(port)  # rank 0 hosts the rendezvous: a busy port fails here, not in a peer's collective
     prepare_comm_op()
     try:
         deepspeed.init_distributed(auto_mpi_discovery=mpi, distributed_port=port, verbose=False, timeout=timeout)
     except RuntimeError as e:
         if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
-            raise ConfigError(
-                f"port {port} on {os.environ.get('MASTER_ADDR', '127.0.0.1')} is already in use (another "
-                f"job or a leftover process holds it): set MASTER_PORT to a free port "
-                f"(deepspeed --master_port N)"
-            ) from None
+            raise ConfigError(port_in_use(port)) from None
         raise
     release_shm_name()
     set_cpu_threads()
@@ -101,72 +120,6 @@ def set_cpu_threads():
             flush=True,
         )
     return threads
-
-
-BUILD_LOCK = "s2moe-build.lock"
-BUILD_WAIT_S = 1200
-
-
-def extensions_root() -> Path:
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-
-
-def prepare_comm_op(wait_s: float = BUILD_WAIT_S, log=print) -> list:
-    """Build (or load) DeepSpeed's CPU shared-memory comm op under a lock of ours; returns the torch build
-    locks it removed as stale.
-
-    torch guards each JIT build with a ``lock`` file and waits for it forever, silently, and a build that
-    was killed leaves that file behind: every later start then hung. Every s2moe process builds the op
-    while holding an exclusive ``flock`` on ``{TORCH_EXTENSIONS_DIR}/s2moe-build.lock``, which the kernel
-    releases when its holder dies. So whoever holds the flock knows no other s2moe builder is alive, and
-    a torch ``lock`` file still present then was left by a dead one: it is removed (a non-s2moe process
-    building the same op at that very moment is the one case this cannot tell apart). Waiting for the
-    flock is reported every 30 s and gives up after ``wait_s``."""
-    import fcntl
-    import time
-
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
-        return []
-    root = extensions_root()
-    root.mkdir(parents=True, exist_ok=True)
-    lock_path = root / BUILD_LOCK
-    removed = []
-    with open(lock_path, "a") as fh:
-        start = time.monotonic()
-        last_note = None
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - start
-                if waited > wait_s:
-                    raise ConfigError(
-                        f"waited {waited:.0f} s for {lock_path}: another process on this machine is "
-                        f"building DeepSpeed's CPU comm op and has not finished; check that process "
-                        f"(`fuser {lock_path}`) or point TORCH_EXTENSIONS_DIR to another folder"
-                    ) from None
-                if last_note is None or time.monotonic() - last_note >= 30:
-                    log(
-                        f"[s2moe] waiting for another process building DeepSpeed's CPU comm op ({lock_path}; "
-                        f"{waited:.0f} s so far, giving up after {wait_s:.0f} s)",
-                        flush=True,
-                    )
-                    last_note = time.monotonic()
-                time.sleep(0.5)
-        try:
-            for stale in root.glob("**/lock"):
-                stale.unlink(missing_ok=True)
-                removed.append(stale)
-                log(f"[s2moe] removed a torch extension build lock left by a killed build: {stale}", flush=True)
-            from deepspeed.comm.torch import build_shm_op
-
-            build_shm_op()
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    return removed
 
 
 def release_shm_name() -> None:

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import yaml
 
+from .configtools import ConfigError
+
 TRACKERS = ("tensorboard", "csv", "wandb")
 
 
@@ -64,13 +66,9 @@ class WandbTracker:
     a resumed or requeued job continues the same W&B run."""
 
     def __init__(self, out_dir: Path, config: dict, run_id: str = "", **_):
-        try:
-            import wandb
-        except ImportError:
-            raise ImportError(
-                "train.trackers lists 'wandb' but the wandb package is not installed: "
-                "pip install wandb (or drop 'wandb' from train.trackers)"
-            ) from None
+        check_trackers(["wandb"])
+        import wandb
+
         self.wandb = wandb
         t = config.get("train", {})
         self.run = wandb.init(
@@ -98,6 +96,20 @@ class WandbTracker:
 
 
 TRACKER_CLASSES = {"tensorboard": TensorBoardTracker, "csv": CSVTracker, "wandb": WandbTracker}
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_trackers(trackers) -> None:
+    """Refuse, before anything is built, a tracker whose package is not installed."""
+    import importlib.util
+
+    for name in trackers:
+        package = TRACKER_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"train.trackers lists {name!r} but the {package} package is not installed: "
+                f"pip install {package} (or drop {name!r} from train.trackers)"
+            )
 
 
 class Monitor:

@@ -75,36 +75,7 @@ def test_auto_resume_without_a_checkpoint_sets_the_dead_runs_logs_aside(world, t
     assert '"train/loss": 9.0' not in (out / "metrics.jsonl").read_text()
 
 
-def test_a_stale_build_lock_of_a_killed_build_does_not_hang_the_next_start(world, tmp_path):
-    """A build killed while holding torch's lock left it behind: the next start waited forever, silently."""
-    root, data, _ = world
-    ext = Path(env().get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    built = next(ext.glob("**/deepspeed_shm_comm"), None)
-    if built is None:
-        pytest.skip(f"DeepSpeed's CPU comm op is not built under {ext} (CI builds it first)")
-    lock = built / "lock"
-    lock.write_text("")  # fresh mtime: the old age-based cleanup kept it
-    try:
-        proc = T(data, tmp_path / "run", "train.steps=1", timeout=180)
-    finally:
-        lock.unlink(missing_ok=True)
-    assert_ok(proc)
-    assert "removed a torch extension build lock left by a killed build" in proc.stdout
-
-
-def test_waiting_for_a_live_builder_is_reported_and_bounded(tmp_path, monkeypatch):
-    import fcntl
-
-    from s2moe_ds.configtools import ConfigError
-    from s2moe_ds.distributed import BUILD_LOCK, prepare_comm_op
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lines = []
-    with open(tmp_path / BUILD_LOCK, "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # another process building right now
-        with pytest.raises(ConfigError, match="waited .* building DeepSpeed's CPU comm op"):
-            prepare_comm_op(wait_s=1.0, log=lambda *a, **k: lines.append(a[0]))
-    assert lines and "waiting for another process building" in lines[0] and "giving up after 1 s" in lines[0]
+# (the comm op's build locks: tests/test_first_start.py)
 
 
 # --- silently wrong ---

@@ -11,7 +11,8 @@ relies on here, none of it a public interface, so check each when DeepSpeed is u
 - ``optimizer._link_all_hp_params()``, ``_hp_optimizer_states_linked``,
   ``_lazy_init_hp_params_optimizer_state()``: (re)linking those fragments to the optimizer state;
 - ``deepspeed.utils.groups._get_expert_data_parallel_rank(group_name)``;
-- ``engine.enable_backward_allreduce`` (``skip_lone_allreduce``).
+- ``engine.enable_backward_allreduce`` (``skip_lone_allreduce``);
+- ``deepspeed.comm.torch.build_shm_op``, which ``TorchBackend.__init__`` calls (``skip_shm_comm_op``).
 """
 
 from __future__ import annotations
@@ -99,3 +100,14 @@ def skip_lone_allreduce(engine, world_size: int) -> bool:
         return False
     engine.enable_backward_allreduce = False
     return True
+
+
+def skip_shm_comm_op() -> None:
+    """A process group of one: DeepSpeed's CPU backend still builds (or waits for, or loads) its shared-memory
+    comm op when the group starts, though there is no peer to share memory with. Have its builder return
+    None, DeepSpeed's own answer where the op is unavailable: the collectives then go through torch.distributed."""
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: that reads the attribute `torch` of deepspeed.comm,
+    # which is the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

@@ -18,6 +18,7 @@ from .store import (
     ckpt_root,
     latest_tag,
     manifest_run_id,
+    never_trained,
     newest_valid,
     run_id_of,
     run_leftovers,
@@ -68,12 +69,13 @@ def resolve_resume(resume: str, out_dir: str) -> tuple[Path, str] | None:
     """(checkpoint root, tag) to resume from, or None to start fresh.
 
     '' starts fresh and refuses any directory a run has written to (checkpoints, logs, config), so a
-    forgotten ``train.resume=auto`` never overwrites or mixes into a run. 'auto' follows ``latest``; only
+    forgotten ``train.resume=auto`` never overwrites or mixes into a run; a start that failed before its
+    first step (``never_trained``) is no run: the trainer moves its logs aside. 'auto' follows ``latest``; only
     when it is missing or fails verification does it fall back to the newest verified checkpoint of the
     same run (never one copied in from another run), and it says why."""
     if resume == "":
         found = run_leftovers(out_dir)
-        if found:
+        if found and not never_trained(out_dir):
             shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
             raise ConfigError(
                 f"train.out_dir {out_dir!r} already holds a run ({shown}); pass train.resume=auto "

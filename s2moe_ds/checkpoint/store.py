@@ -173,6 +173,23 @@ def run_leftovers(out_dir: str | Path) -> list[str]:
     return found
 
 
+def never_trained(out_dir: str | Path) -> bool:
+    """Whether what a run wrote into ``out_dir`` is only a start that failed before its first step: no
+    checkpoint (published or partial) and no training or validation record in ``metrics.jsonl``. Such a
+    folder blocks nothing: a rerun moves its logs aside and starts."""
+    out_dir = Path(out_dir)
+    if (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir()):
+        return False
+    metrics = out_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return True
+    try:
+        lines = metrics.read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    return not any('"kind": "train"' in line or '"kind": "val"' in line for line in lines)
+
+
 def model_state_file(ckpt_dir: Path) -> Path:
     files = sorted(ckpt_dir.glob("mp_rank_*_model_states.pt"))
     if not files:

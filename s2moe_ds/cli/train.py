@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import inspect
 import os
+import shlex
 import textwrap
 
 from .errors import run_command
@@ -71,8 +72,22 @@ def run(args: argparse.Namespace, hooks=()) -> int:
     from ..config import load_config
     from ..train.trainer import train
 
-    train(load_config(args.config, args.overrides), hooks=hooks)
+    cfg = load_config(args.config, args.overrides)
+    check_prepared(cfg.data.data_dir, args)
+    train(cfg, hooks=hooks)
     return 0
+
+
+def check_prepared(data_dir: str, args: argparse.Namespace) -> None:
+    """A missing data folder, in one line naming the ``s2moe prepare`` command for this very command line."""
+    from pathlib import Path
+
+    from ..configtools import ConfigError
+
+    if not (Path(data_dir) / "meta.json").exists():
+        command = ["s2moe", "prepare", *(["--config", args.config] if args.config else [])]
+        command += [o for o in args.overrides if o.startswith("data.")]
+        raise ConfigError(f"no prepared data at {data_dir} (no meta.json): run `{shlex.join(command)}` first")
 
 
 def prog() -> str:

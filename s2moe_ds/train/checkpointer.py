@@ -82,8 +82,9 @@ def check_writable(out_dir: Path) -> None:
 
 
 def set_aside_leftovers(out_dir: Path, rank: int) -> None:
-    """``train.resume=auto`` with no checkpoint to resume but logs of a run that died before its first
-    checkpoint: move them into ``abandoned-N/`` (rank 0) so the new run's logs do not mix with them."""
+    """Starting fresh in a folder with logs of a run that died before its first checkpoint
+    (``train.resume=auto``) or before its first step (any start): move them into ``abandoned-N/`` (rank 0)
+    so the new run's logs do not mix with them."""
     names = ("metrics.jsonl", "config.yaml", "run.json", "tensorboard", "checkpoints")
     leftovers = [n for n in names if (out_dir / n).exists()] if rank == 0 else []
     if leftovers:
@@ -130,7 +131,7 @@ class Checkpointer:
         check_writable(self.out_dir)
         self._lock = lock_run_dir(self.out_dir, self.rank)
         self.resume = resolve_resume(self.cfg.train.resume, str(self.out_dir))
-        if self.cfg.train.resume == "auto" and not self.resume:
+        if self.cfg.train.resume in ("", "auto") and not self.resume:
             set_aside_leftovers(self.out_dir, self.rank)
 
     def attach(self, engine, model, scheduler, layout: ParallelLayout) -> None:

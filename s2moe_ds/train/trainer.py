@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.portable import ParallelLayout
+from ..checkpoint.resume import resolve_resume
 from ..config import Config, validate
 from ..configtools import ConfigError
 from ..data.loader import WindowSampler, stream_seed
@@ -25,7 +26,7 @@ from ..distributed import MasterWeights, all_reduce_mean, build_engine, device, 
 from ..evaluate import quality, summed_loss
 from ..flops import flops_per_token
 from ..model import MoELanguageModel
-from ..monitor import Monitor, StepMoEMetrics
+from ..monitor import Monitor, StepMoEMetrics, check_trackers
 from ..progress import Progress, device_peak_flops
 from .checkpointer import Checkpointer
 from .hooks import Hook, NonFinitePolicy, StopOnSignal
@@ -79,6 +80,15 @@ def load_data(cfg: Config) -> tuple[dict, WindowSampler, WindowSampler]:
     return meta, WindowSampler(splits["train"], cfg.model.context), WindowSampler(splits["val"], cfg.model.context)
 
 
+def preflight(cfg: Config) -> None:
+    """The checks that read a few files, run before any build, process group or model: a start fails in one
+    line within seconds. Every rank runs them before it joins the group, so none sees another's writes."""
+    read_meta(cfg.data.data_dir)
+    check_trackers(cfg.train.trackers)
+    if cfg.train.resume == "":
+        resolve_resume("", cfg.train.out_dir)  # refuses a folder that holds a run
+
+
 class Trainer:
     def __init__(self, cfg: Config, rank: int, world: int, meta: dict, windows: tuple, hooks: list[Hook]):
         self.cfg, self.rank, self.world, self.meta = cfg, rank, world, meta
@@ -96,6 +106,8 @@ class Trainer:
         """Everything a step needs. ``run_dir=False`` (benchmarks) takes no lock, resumes nothing and
         writes nothing; ``ds_overrides`` are merged into the DeepSpeed config."""
         t = cfg.train
+        if run_dir:
+            preflight(cfg)
         rank, world = init_distributed(t.dist_timeout_s)
         validate(cfg, world_size=world)  # the rules that need the world size (model.moe.ep_size)
         meta, *windows = load_data(cfg)
