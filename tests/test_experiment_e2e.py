@@ -118,8 +118,10 @@ def test_an_unfinished_run_of_other_code_is_not_resumed(smoke):
 
 def test_a_changed_spec_is_refused_and_nothing_is_lost(smoke):
     path, out, _ = smoke
+    before = (out / "suite.json").read_text()
     proc = cli("experiment", str(path), "--out", str(out), "--steps", "9", timeout=300)
     assert proc.returncode == 2 and "different spec" in proc.stderr and "another --out" in proc.stderr
+    assert (out / "suite.json").read_text() == before  # the refused command is not recorded as the runs' maker
     assert (out / "runs" / "dense-seed0" / "result.json").exists()
     bad = cli("experiment", "no-such-suite")
     assert bad.returncode == 2 and "known suites: " in bad.stderr and "cpu-shakespeare" in bad.stderr

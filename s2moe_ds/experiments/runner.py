@@ -238,14 +238,16 @@ def run_suite(
     data_source: str = "",
 ) -> list[dict]:
     variants = select_variants(suite, only)
-    out.mkdir(parents=True, exist_ok=True)
-    record_command(out, suite, steps, command, full_command)
-    prepare_data(suite, data_source)
     code = code_version()
     # seed-major: an interrupted or time-boxed suite has every variant on the first seeds
     seeds = sorted({s for v in variants for s in suite.variant_seeds(v)})
     todo = [(v, s) for s in seeds for v in variants if s in suite.variant_seeds(v)]
     todo = todo[shard[0] :: shard[1]]
+    for variant, seed in todo:  # a command refused for any of its runs changes nothing, suite.json included
+        check_run_dir(out / "runs" / f"{variant.name}-seed{seed}", run_spec(suite, variant, seed, steps), code)
+    out.mkdir(parents=True, exist_ok=True)
+    record_command(out, suite, steps, command, full_command)
+    prepare_data(suite, data_source)
     for n, (variant, seed) in enumerate(todo, 1):
         spec = run_spec(suite, variant, seed, steps)
         run_dir = out / "runs" / f"{variant.name}-seed{seed}"
