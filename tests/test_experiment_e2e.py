@@ -141,6 +141,7 @@ def test_report_has_the_table_claims_and_loadable_plots(smoke, tmp_path):
     assert f"s2moe report {out} --out {report} --notes {notes}" in text  # the command that reproduces the page
     assert text.index("## What the numbers say") < text.index("A hand-written paragraph.") < text.index("## Repr")
     assert "S2MoE claim (top-1 at inference within 1% bpc of SMoE top-2)" in text
+    assert "**Not evidence:** one seed per variant" in text  # a smoke suite is marked as one
     assert "Dense baseline:" in text and "| s2moe-top1 | train_k (k=1, clean) |" in text
     assert f"s2moe experiment {out.parent / 'smoke.yaml'} --out {out}" in text
     for name in ("val_curves", "expert_load", "routing_over_training", "collapse"):

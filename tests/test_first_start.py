@@ -191,3 +191,33 @@ def test_a_start_that_never_trained_is_moved_aside_by_a_plain_rerun(data, tmp_pa
     assert f"moved them to {out / 'abandoned-1'}" in proc.stdout
     assert (out / "abandoned-1" / "run.json").read_text() == '{"run_id": "abc"}'
     assert '"kind": "train"' in (out / "metrics.jsonl").read_text()
+
+
+# --- small things of the first hour ---
+
+
+def test_extending_a_cosine_run_says_how_far_the_learning_rate_jumps(data, tmp_path):
+    out = tmp_path / "run"
+    base = [f"data.data_dir={data}", f"train.out_dir={out}", "train.warmup_steps=1", *COMMON]
+    assert_ok(single_train([*base, "train.steps=4", "train.save_interval=4"], timeout=120))
+    proc = single_train([*base, "train.steps=8", "train.resume=auto"], timeout=120)
+    assert_ok(proc)
+    from s2moe_ds.config import load_config
+    from s2moe_ds.schedule import lr_at
+
+    t = load_config("configs/tiny.yaml", ["train.warmup_steps=1", "train.steps=8"]).train
+    assert lr_at(3, t) != t.min_lr  # the end of the 4-step run is mid-way down the 8-step cosine
+    assert f"the learning rate at step 4 jumps from {t.min_lr:.3g} to {lr_at(4, t):.3g}" in proc.stdout
+    assert "train.lr_schedule=wsd" in proc.stdout
+
+
+def test_print_config_and_help_show_what_a_run_will_use():
+    proc = cli("train", "--config", "tiny", "train.steps=7", "--print-config")
+    assert_ok(proc)
+    assert "  steps: 7\n" in proc.stdout and "  lr_schedule: cosine\n" in proc.stdout and "model:\n" in proc.stdout
+    helped = cli("train", "--help")
+    assert "steps=200 (int)" in helped.stdout and "lr_schedule='cosine' (str)" in helped.stdout
+    from s2moe_ds.cli import command_parser
+
+    undescribed = [a.dest for a in command_parser("sample")._actions if not a.help]
+    assert not undescribed, f"`s2moe sample --help` gives no description for {undescribed}"

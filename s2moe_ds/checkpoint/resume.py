@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from ..configtools import ConfigError
@@ -197,4 +198,24 @@ def check_resume_config(client_state: dict, cfg, data_id: dict, source: str, own
         f"{k} {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
         if k not in SILENT_FIELDS and k not in SHAPE_FIELDS and old.get(k) != new.get(k)
+    ] + lr_jump(saved.get("train") or {}, t, step)
+
+
+def lr_jump(saved_train: dict, t, step: int) -> list[str]:
+    """A new ``train.steps`` under a schedule that decays over the whole run moves the learning rate at the
+    resumed step: say by how much, and what extends a run smoothly."""
+    from types import SimpleNamespace
+
+    from ..schedule import lr_at
+
+    if not saved_train.get("steps") or saved_train["steps"] == t.steps or t.lr_schedule == "wsd":
+        return []
+    before = lr_at(step, SimpleNamespace(**{**vars(t), **saved_train}))
+    after = lr_at(step, t)
+    if math.isclose(before, after, rel_tol=1e-6):
+        return []
+    return [
+        f"the learning rate at step {step} jumps from {before:.3g} to {after:.3g} (the {t.lr_schedule} schedule is "
+        f"recomputed for train.steps {saved_train['steps']} -> {t.steps}; train.lr_schedule=wsd, a constant phase "
+        f"before the decay, extends a run without a jump)"
     ]

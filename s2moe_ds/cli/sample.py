@@ -12,10 +12,15 @@ DESCRIPTION = "Generate text from a trained run or an exported folder."
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("run")
-    ap.add_argument("--prompt", default="\n")
-    ap.add_argument("--tokens", type=arg_int(1), default=200)
-    ap.add_argument("--temperature", type=arg_float(0.0, inclusive=False), default=0.8)
+    ap.add_argument("run", help="a run directory, a checkpoint folder in it, or an exported folder")
+    ap.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
+    ap.add_argument("--tokens", type=arg_int(1), default=200, help="how many tokens to generate (default: 200)")
+    ap.add_argument(
+        "--temperature",
+        type=arg_float(0.0, inclusive=False),
+        default=0.8,
+        help="divide the logits by this before sampling: lower is more conservative (default: 0.8)",
+    )
     ap.add_argument("--top-k", type=arg_int(0), default=0, help="sample among the k likeliest tokens (0: all)")
     ap.add_argument(
         "--top-p",
@@ -27,7 +32,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     ap.add_argument("--k", type=arg_int(1), default=None, help="inference top-k experts")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
-    ap.add_argument("--seed", type=arg_int(0), default=0)
+    ap.add_argument("--seed", type=arg_int(0), default=0, help="the sampling seed: the same seed, the same text")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,15 +40,25 @@ def config_sections() -> list[tuple[str, type]]:
     return walk("", Config())
 
 
+def field_type(f) -> str:
+    """A field's type as written in its dataclass (``from __future__ import annotations`` keeps it a string)."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
 def sections_help() -> str:
     """The epilog of ``--help``: every config section, its fields, and where they are documented."""
-    lines = ["config sections (override any field as SECTION.FIELD=VALUE):"]
+    lines = ["config sections (override any field as SECTION.FIELD=VALUE; each shown as field=default (type)):"]
     for name, cls in config_sections():
         source = inspect.getsourcefile(cls) or cls.__module__
         where = source[source.rfind("s2moe_ds") :] if "s2moe_ds" in source else source
         lines.append(f"  {name:<16} {cls.__name__} in {where}")
-        fields = ", ".join(f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.default_factory))
-        lines += textwrap.wrap(fields, 100, initial_indent=" " * 19, subsequent_indent=" " * 19)
+        defaults = cls()
+        fields = [
+            f"{f.name}={getattr(defaults, f.name)!r} ({field_type(f)})"
+            for f in dataclasses.fields(cls)
+            if not dataclasses.is_dataclass(getattr(defaults, f.name))
+        ]
+        lines += textwrap.wrap("; ".join(fields), 100, initial_indent=" " * 19, subsequent_indent=" " * 19)
     lines.append("  model.moe.router_args: the chosen router's config (s2moe_ds/moe/routers/*.py)")
     lines += [
         "",
@@ -63,6 +73,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--config", help="a YAML/JSON config file, or a shipped config by name (tiny); built-in defaults if omitted"
     )
+    ap.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (the file, the overrides and the defaults: what config.yaml will hold) and exit",
+    )
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.moe.router=xmoe")
 
@@ -73,6 +88,11 @@ def run(args: argparse.Namespace, hooks=()) -> int:
     from ..train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     check_prepared(cfg.data.data_dir, args)
     train(cfg, hooks=hooks)
     return 0

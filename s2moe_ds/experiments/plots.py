@@ -46,7 +46,7 @@ def plots(runs: list[Result], img_dir: Path, metric: str) -> list[str]:
 
 
 def val_curves(plt, runs: list[Result], metric: str):
-    """Validation curves, mean over seeds."""
+    """Validation curves of the in-loop evaluation (its first ``train.eval_iters`` batches), mean over seeds."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v in variants_of(runs):
         curves = {}
@@ -58,7 +58,8 @@ def val_curves(plt, runs: list[Result], metric: str):
             steps = sorted(curves)
             ax.plot(steps, [statistics.fmean(curves[s]) for s in steps], marker="o", ms=3, label=v)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"validation {metric} (mean over seeds, training top-k)")
+    ax.set_ylabel(f"in-loop validation {metric} (a subset, mean over seeds)")
+    ax.set_title("train.eval_iters batches of validation, training top-k: not the full split of the tables", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -120,6 +120,9 @@ def clean_path_table(runs: list[Result]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
+SMOKE_STEPS = 500  # below this a suite's models are far from trained: a pipeline check, not a comparison
+
+
 def header(folder: Path, out: Path, runs: list[Result], meta: dict, command: str, notes_file: str = "") -> list[str]:
     """Title, the commands that reproduce the folder, and what the runs were."""
     import torch
@@ -146,6 +149,15 @@ def header(folder: Path, out: Path, runs: list[Result], meta: dict, command: str
         f"runs sharing its cores: treat them as rough.",
         "",
     ]
+    seeds = max(sum(r.variant == v for r in runs) for v in variants_of(runs))
+    steps = max(r.rows[0]["step"] for r in runs)
+    if seeds < 2 or steps < SMOKE_STEPS:
+        why = "one seed per variant" if seeds < 2 else f"{steps} training steps"
+        text += [
+            f"**Not evidence:** {why}, so no difference below is established; this suite checks that the pipeline "
+            "runs end to end.",
+            "",
+        ]
     return text
 
 

@@ -158,14 +158,17 @@ def prepare_data(suite: Suite, data_source: str = "") -> None:
     """Prepare the suite's data once (skipped when ``data.data_dir`` holds it), from ``data_source`` when
     given (``--data-source``: where the corpus file sits is not part of a run's spec)."""
     from ..config import load_config
-    from ..data.prepare import prepare_config
+    from ..data.prepare import DataError, prepare_config
 
     extra = [f"data.source={data_source}"] if data_source else []
     cfg = load_config(suite.base or suite.variants[0].config, list(suite.overrides) + extra).data
     if (Path(cfg.data_dir) / "meta.json").exists():
         return
     print(f"[s2moe experiment] preparing {cfg.dataset} into {cfg.data_dir}", flush=True)
-    prepare_config(cfg)
+    try:
+        prepare_config(cfg)
+    except DataError as e:  # the experiment command's own way to name the corpus file
+        raise DataError(str(e).replace("pass data.source=PATH", "pass --data-source PATH")) from None
 
 
 def check_run_dir(run_dir: Path, spec: RunSpec, code: dict) -> str | None:
@@ -245,9 +248,9 @@ def run_suite(
     todo = todo[shard[0] :: shard[1]]
     for variant, seed in todo:  # a command refused for any of its runs changes nothing, suite.json included
         check_run_dir(out / "runs" / f"{variant.name}-seed{seed}", run_spec(suite, variant, seed, steps), code)
+    prepare_data(suite, data_source)
     out.mkdir(parents=True, exist_ok=True)
     record_command(out, suite, steps, command, full_command)
-    prepare_data(suite, data_source)
     for n, (variant, seed) in enumerate(todo, 1):
         spec = run_spec(suite, variant, seed, steps)
         run_dir = out / "runs" / f"{variant.name}-seed{seed}"
