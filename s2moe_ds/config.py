@@ -284,6 +284,8 @@ class TrainConfig:
             fail("train.lr", f"must be at most 1 (AdamW moves every weight by about lr per step), got {self.lr!r}")
         if self.min_lr > self.lr:
             fail("train.min_lr", f"must not exceed train.lr ({self.lr}), got {self.min_lr!r}")
+        if not self.out_dir.strip():
+            fail("train.out_dir", "is empty; give the run's directory (an empty one would train into the current one)")
         check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
         check_choice("train.lr_schedule", self.lr_schedule, SCHEDULES)
@@ -321,7 +323,14 @@ def read_config_file(path: str | Path) -> dict:
     if not path.exists():
         shipped = ", ".join(p.stem for p in sorted(CONFIG_DIR.glob("*.yaml")))
         raise ConfigError(f"config file {str(path)!r} does not exist (the shipped configs, by name: {shipped})")
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML or JSON file")
     text = path.read_text()
+    if not text.strip():
+        raise ConfigError(
+            f"config file {str(path)!r} is empty; give a file with model/data/train sections, or leave --config "
+            f"out to train the built-in defaults"
+        )
     try:
         data = json.loads(text) if path.suffix == ".json" else load_yaml(text, f"config file {str(path)!r}")
     except (json.JSONDecodeError, yaml.YAMLError) as e:

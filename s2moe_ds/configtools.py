@@ -97,6 +97,8 @@ def _coerce(field: str, tp: Any, value: Any) -> Any:
             fail(field, f"expected an integer, got {value!r}")
         return value
     if tp is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"  # a quoted "false" (JSON configs, shell quoting) means false
         if not isinstance(value, bool):
             fail(field, f"expected true or false, got {value!r}")
         return value

@@ -24,6 +24,7 @@ import torch
 from .checkpoint.export import load_for_eval
 from .checkpoint.resume import check_compatible
 from .config import config_from_dict
+from .configtools import ConfigError
 from .data.loader import WindowSampler
 from .data.prepare import DataError, load_split, read_meta
 from .flops import flops_per_token
@@ -34,6 +35,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """A ``--device`` this machine has, or one line saying why not and what to give instead."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a torch device; give cpu or cuda (cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = (
+            "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+        )
+        raise ConfigError(
+            f"--device {device}: this machine has no usable CUDA GPU (torch {torch.__version__}, {build}); use --device cpu"
+        )
+    return device
+
+
 def load_model(
     run: str, data_dir: str | None = None, device: str | None = None
 ) -> tuple[MoELanguageModel, dict | None, dict]:
@@ -42,7 +59,7 @@ def load_model(
     (an exported folder carries its own; a run's comes from its prepared data folder)."""
     from .checkpoint.export import is_export, load_pretrained
 
-    device = device or default_device()
+    device = check_device(device or default_device())
     if is_export(run):
         model, tokenizer = load_pretrained(run, device)
         config = json.loads((Path(run) / "config.json").read_text())

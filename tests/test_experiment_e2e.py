@@ -149,6 +149,14 @@ def test_report_has_the_table_claims_and_loadable_plots(smoke, tmp_path):
         assert f"](results/{name}.png)" in text
         img = mpimg.imread(png)
         assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0  # a real, non-blank picture
+    mine = tmp_path / "mine.md"
+    mine.write_text("# My notes\n")  # a user's file: never replaced without --force
+    refused = cli("report", str(out), "--out", str(mine))
+    assert refused.returncode == 2 and "is not a report this command wrote" in refused.stderr
+    assert mine.read_text() == "# My notes\n" and not (tmp_path / "mine").exists()
+    assert_ok(cli("report", str(out), "--out", str(report)))  # an earlier report is brought up to date
+    assert_ok(cli("report", str(out)))  # by default into the folder itself
+    assert (out / "report.md").read_text().startswith("# Results: ")
     bad = cli("report", str(tmp_path))
     assert bad.returncode == 2 and "not an experiment folder" in bad.stderr
 

@@ -90,6 +90,12 @@ def export_safetensors(run: str | Path, out: str | Path) -> Path:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    if Path(out).exists() or Path(out).is_symlink():
+        what = "a folder" if Path(out).is_dir() else "a file"
+        raise CheckpointError(
+            f"--out {out} already exists ({what}); the export never replaces what is there: choose another "
+            f"--out, or move that one away first"
+        )
     state, client, ckpt = load_for_eval(run)
     if client["config"]["model"].get("tie_embeddings", True):
         state.pop("head.weight", None)  # shares storage with tok_emb.weight; re-tied on load

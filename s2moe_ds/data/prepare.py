@@ -167,6 +167,9 @@ def load_corpus(dataset: str, source: str = "") -> Corpus:
     path = fetch_source(dataset, source) if dataset != "text" else Path(source)
     if not path.exists():
         raise DataError(f"data.source {source!r} does not exist")
+    if not path.is_file() and not (dataset == "wikitext103" and path.is_dir()):
+        kind = "a directory" if path.is_dir() else "not a regular file (a pipe, socket or device)"
+        raise DataError(f"data.source {source!r} is {kind}; give the corpus file")
     digest = sha256_of(path)
     if dataset in ("text8", "enwik8"):
         archive = path.suffix == ".zip" or zipfile.is_zipfile(path)
@@ -430,6 +433,11 @@ def _prepare_in_memory(dataset: str, out: Path, source: str, tokenizer: str, use
         tok, meta = tokenize_chars(corpus)
     dtype = token_dtype(tok.vocab_size)
     ids = {s: tok.encode_array(p if tok.kind == "char" else _text_of(p), dtype=dtype) for s, p in corpus.splits.items()}
+    if tok.vocab_size == 0 or not len(ids["train"]):
+        raise DataError(
+            f"{corpus.source} holds no text ({', '.join(f'{s} {len(a)}' for s, a in ids.items())} tokens): nothing to "
+            f"train on; give a corpus with text in it ({out} is left as it was)"
+        )
     meta = {**tokenizer_meta(tok, tokenizer if user_tok is not None else ""), **meta}
     meta.update(
         dataset=dataset,

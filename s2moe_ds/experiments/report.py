@@ -1,7 +1,7 @@
 """Write a results report (Markdown + matplotlib PNGs) from an experiment folder.
 
-    s2moe report results/cpu-shakespeare                       # -> docs/results.md, docs/results/*.png
-    s2moe report results/quick --out /tmp/report.md
+    s2moe report results/cpu-shakespeare                       # -> results/cpu-shakespeare/report.md (+ report/*.png)
+    s2moe report results/cpu-shakespeare --out docs/results.md # -> docs/results.md, docs/results/*.png
 
 Every number in the report is read from the folder's runs (``result.json`` and ``metrics.jsonl``);
 the statements are computed from those numbers, whichever way they come out, for the claims the suite

@@ -73,9 +73,10 @@ def load_data(cfg: Config) -> tuple[dict, WindowSampler, WindowSampler]:
     splits = {name: load_split(cfg.data.data_dir, name, meta) for name in ("train", "val")}
     for name, tokens in splits.items():
         if len(tokens) <= cfg.model.context + 1:
+            lower = f"lower model.context below {len(tokens) - 1} or " if len(tokens) > 2 else ""
             raise ConfigError(
                 f"config field 'model.context' is {cfg.model.context} but the {name} split of {cfg.data.data_dir} "
-                f"has only {len(tokens)} tokens; lower model.context below {len(tokens) - 1} or prepare more data"
+                f"has only {len(tokens)} tokens; {lower}prepare more data"
             )
     return meta, WindowSampler(splits["train"], cfg.model.context), WindowSampler(splits["val"], cfg.model.context)
 

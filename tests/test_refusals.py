@@ -1,0 +1,73 @@
+"""Bad input gets one clear line, and a refused command leaves what was there as it was (issue 24 §3-4):
+empty or wrong-kind paths, values of the wrong kind, a device the machine lacks, an empty corpus."""
+
+import os
+
+import pytest
+from e2e import cli, snapshot
+
+from s2moe_ds.config import load_config
+from s2moe_ds.configtools import ConfigError
+from s2moe_ds.data.prepare import DataError, prepare
+
+
+def test_an_empty_out_dir_is_refused_not_the_current_directory():
+    with pytest.raises(ConfigError, match=r"'train.out_dir': is empty; give the run's directory"):
+        load_config("configs/tiny.yaml", ["train.out_dir="])
+
+
+def test_an_empty_or_folder_config_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match=r"is empty; give a file with model/data/train sections"):
+        load_config(empty)
+    with pytest.raises(ConfigError, match=r"is a directory; give a YAML or JSON file"):
+        load_config(tmp_path)
+
+
+def test_a_quoted_boolean_is_read_as_the_boolean(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"model": {"tie_embeddings": "false"}, "train": {"progress": "True"}}')
+    loaded = load_config(cfg)
+    assert loaded.model.tie_embeddings is False and loaded.train.progress is True
+    with pytest.raises(ConfigError, match=r"'model.tie_embeddings': expected true or false, got 'no'"):
+        load_config("configs/tiny.yaml", ["model.tie_embeddings='no'"])
+
+
+def test_a_device_the_machine_lacks_is_named(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for command in ("sample", "eval"):
+        proc = cli(command, str(tmp_path), "--device", "cuda")
+        assert proc.returncode == 2 and "no usable CUDA GPU" in proc.stderr and "use --device cpu" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = cli("sample", str(tmp_path), "--device", "gpu")
+    assert proc.returncode == 2 and "'gpu' is not a torch device" in proc.stderr
+
+
+def test_an_empty_corpus_or_a_pipe_is_refused_and_the_data_folder_kept(tmp_path):
+    data = tmp_path / "data"
+    prepare("text", data, source=str(_write(tmp_path / "ok.txt", "some text to learn from. " * 40)))
+    before = snapshot(data)
+    with pytest.raises(DataError, match=r"holds no text \(train 0, val 0, test 0 tokens\).*is left as it was"):
+        prepare("text", data, source=str(_write(tmp_path / "empty.txt", "")))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=r"is not a regular file \(a pipe, socket or device\)"):
+        prepare("text", data, source=str(fifo))  # reading it would block forever
+    assert snapshot(data) == before
+
+
+def test_a_single_file_export_never_replaces_a_file(tmp_path):
+    target = tmp_path / "weights.safetensors"
+    target.write_bytes(b"another run's weights")
+    proc = cli("export", str(tmp_path / "no-run"), "--out", str(target))
+    assert proc.returncode == 2 and "already exists (a file); the export never replaces" in proc.stderr
+    assert target.read_bytes() == b"another run's weights"
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path
