@@ -4,7 +4,7 @@ empty or wrong-kind paths, values of the wrong kind, a device the machine lacks,
 import os
 
 import pytest
-from e2e import cli, snapshot
+from e2e import assert_ok, cli, single_train, snapshot
 
 from s2moe_ds.config import load_config
 from s2moe_ds.configtools import ConfigError
@@ -71,3 +71,21 @@ def test_a_single_file_export_never_replaces_a_file(tmp_path):
 def _write(path, text: str):
     path.write_text(text)
     return path
+
+
+def test_reshard_writes_only_into_a_new_or_empty_folder_outside_the_source(tmp_path, pydoc_dir):
+    run = tmp_path / "run"
+    assert_ok(
+        single_train([f"data.data_dir={pydoc_dir}", f"train.out_dir={run}", "train.steps=1", "train.progress=false"])
+    )
+    taken = tmp_path / "export"
+    taken.mkdir()
+    (taken / "config.json").write_text("{}")  # an export folder, a data folder: not a run to write into
+    before = snapshot(tmp_path)
+    proc = cli("reshard", str(run), str(taken))
+    assert (
+        proc.returncode == 2 and "already holds something (config.json); s2moe reshard writes a new run" in proc.stderr
+    )
+    proc = cli("reshard", str(run), str(run / "checkpoints" / "copy"))
+    assert proc.returncode == 2 and "is inside the source run" in proc.stderr
+    assert snapshot(tmp_path) == before

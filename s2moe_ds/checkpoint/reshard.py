@@ -58,6 +58,14 @@ def reshard_run(src: str, dst: str, nproc: int, overrides: list[str]) -> Path:
     out = Path(dst)
     if checkpoint_tags(out / "checkpoints"):
         raise ConfigError(f"{out} already holds checkpoints; give s2moe reshard a new run directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        held = "a file" if not out.is_dir() else ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise ConfigError(
+            f"{out} already holds something ({held}); s2moe reshard writes a new run: give a new or empty folder"
+        )
+    source_run = ckpt.resolve().parent.parent if ckpt.resolve().parent.name == "checkpoints" else ckpt.resolve()
+    if out.resolve().is_relative_to(source_run):
+        raise ConfigError(f"{out} is inside the source run {source_run}; give a folder outside it")
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
     out.mkdir(parents=True, exist_ok=True)
