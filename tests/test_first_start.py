@@ -221,3 +221,23 @@ def test_print_config_and_help_show_what_a_run_will_use():
 
     undescribed = [a.dest for a in command_parser("sample")._actions if not a.help]
     assert not undescribed, f"`s2moe sample --help` gives no description for {undescribed}"
+
+
+def test_train_loss_is_the_mean_over_the_logging_interval(data, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    args = [f"data.data_dir={data}", f"train.out_dir={out}", "train.steps=4", "train.eval_iters=2"]
+    assert_ok(single_train([*args, "train.log_interval=2", "train.progress=false"], timeout=120))
+    every = tmp_path / "every"
+    assert_ok(
+        single_train([*args, f"train.out_dir={every}", "train.log_interval=1", "train.progress=false"], timeout=120)
+    )
+    rec = lambda d: {
+        r["step"]: r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"
+    }  # noqa: E731
+    two, one = rec(out), rec(every)
+    assert sorted(two) == [2, 4] and sorted(one) == [1, 2, 3, 4]
+    for step in (2, 4):  # the same steps, so the same losses; logged every 2, the record is their mean
+        assert two[step]["train/loss"] == pytest.approx((one[step - 1]["train/loss"] + one[step]["train/loss"]) / 2)
+        assert two[step]["train/loss_step"] == pytest.approx(one[step]["train/loss"])

@@ -101,6 +101,7 @@ class Trainer:
         self.monitor: Monitor | None = None
         self._bar = None
         self.result: dict = {}
+        self._interval_losses: list[float] = []
 
     @classmethod
     def build(cls, cfg: Config, hooks=(), run_dir: bool = True, ds_overrides: dict | None = None) -> Trainer:
@@ -240,13 +241,23 @@ class Trainer:
         if self._bar:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{r.loss:.3f}")
+        if not r.skipped:
+            self._interval_losses.append(r.loss)
         if r.skipped or not (r.done % self.cfg.train.log_interval == 0 or r.done == self.end):
             return
+        # train/loss: the mean over the steps since the last record (since the start, after a resume), so a
+        # curve logged every N steps is not one noisy batch in N; the logged step's own loss is train/loss_step
+        loss = sum(self._interval_losses) / len(self._interval_losses)
+        self._interval_losses = []
         aux_by_layer, metrics = r.reduced or r.moe.reduce()
         lr = self.scheduler.get_last_lr()[0]
-        line, timing = self.progress.report(r.done, r.loss, lr, grad_norm(self.engine))
+        line, timing = self.progress.report(r.done, loss, lr, grad_norm(self.engine))
         q = self.quality_name
-        values = {"train/loss": r.loss, f"train/{q}": quality(r.loss, self.meta["tokenizer"])[1]}
+        values = {
+            "train/loss": loss,
+            "train/loss_step": r.loss,
+            f"train/{q}": quality(loss, self.meta["tokenizer"])[1],
+        }
         self.monitor.scalars(r.done, {**values, "train/aux_loss": r.aux, "train/lr": lr, **timing})
         self.monitor.moe(r.done, aux_by_layer, metrics)
         self.say(line)
