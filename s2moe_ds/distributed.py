@@ -80,7 +80,8 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     # the port is the one the user exported (launch/mpirun.sh passes MASTER_PORT), 29500 otherwise
     port = int(os.environ.get("MASTER_PORT", 29500))
     rank0 = os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK"))) == "0"
-    if rank0 and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun's agent hosts the store on the port itself
+    # not when torchrun's agent hosts the store on the port itself, nor when this process already holds it
+    if rank0 and "TORCHELASTIC_RUN_ID" not in os.environ and not dist.is_initialized():
         check_port_free(port)  # rank 0 hosts the rendezvous: a busy port fails here, not in a peer's collective
     prepare_comm_op()
     try:

@@ -107,7 +107,7 @@ def check_prepared(data_dir: str, args: argparse.Namespace) -> None:
     if not (Path(data_dir) / "meta.json").exists():
         command = ["s2moe", "prepare", *(["--config", args.config] if args.config else [])]
         command += [o for o in args.overrides if o.startswith("data.")]
-        raise ConfigError(f"no prepared data at {data_dir} (no meta.json): run `{shlex.join(command)}` first")
+        raise ConfigError(f"no prepared data at {data_dir} (missing meta.json): run `{shlex.join(command)}` first")
 
 
 def prog() -> str:
