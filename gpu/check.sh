@@ -179,9 +179,10 @@ assert (site / "stk").is_dir(), "stanford-stk did not install"
 print(f"::note:: deepspeed {deepspeed.__version__}, pydantic {pydantic.VERSION}, stanford-stk into {site}")
 EOF
   command -v deepspeed > /dev/null || { echo "the deepspeed launcher is not on PATH after the install" >&2; return 1; }
-  # on a CPU machine DeepSpeed needs its shared-memory comm op in every process: build it once here (cached
-  # in TORCH_EXTENSIONS_DIR), not in two training runs at once; nothing to build where CUDA is the accelerator
-  "$PYTHON" -c 'from s2moe_ds.distributed import prepare_comm_op; prepare_comm_op()'
+  # on a CPU machine DeepSpeed needs its shared-memory comm op in every multi-process job: build it once here
+  # (cached in TORCH_EXTENSIONS_DIR), not in two training runs at once; nothing to build where CUDA is the
+  # accelerator (world_size=2: the op is what a job of two processes loads)
+  "$PYTHON" -c 'from s2moe_ds.comm_op import prepare_comm_op; prepare_comm_op(world_size=2)'
 }
 
 # step_build NAME: build the sdist's CUDA extension into a wheel against this machine's torch and nvcc, for
