@@ -73,19 +73,37 @@ def _write(path, text: str):
     return path
 
 
-def test_reshard_writes_only_into_a_new_or_empty_folder_outside_the_source(tmp_path, pydoc_dir):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def one_step_run(pydoc_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("refusals") / "run"
     assert_ok(
         single_train([f"data.data_dir={pydoc_dir}", f"train.out_dir={run}", "train.steps=1", "train.progress=false"])
     )
+    return run
+
+
+def test_eval_names_what_it_was_given_when_it_is_no_checkpoint(one_step_run, pydoc_dir):
+    cases = [
+        (pydoc_dir, "is a prepared data folder (no checkpoints/latest, no *model_states.pt): give a run directory"),
+        (one_step_run / "checkpoints" / "latest", "is the file naming the newest checkpoint; give the run directory"),
+        (one_step_run / "config.yaml", "is a file, not a run, checkpoint or exported folder"),
+    ]
+    for path, said in cases:
+        proc = cli("eval", str(path))
+        assert proc.returncode == 2 and said in proc.stderr, (path, proc.stderr)
+        assert "never completed" not in proc.stderr
+
+
+def test_reshard_writes_only_into_a_new_or_empty_folder_outside_the_source(tmp_path, one_step_run):
+    run = one_step_run
     taken = tmp_path / "export"
     taken.mkdir()
     (taken / "config.json").write_text("{}")  # an export folder, a data folder: not a run to write into
-    before = snapshot(tmp_path)
+    before = snapshot(tmp_path), snapshot(run)
     proc = cli("reshard", str(run), str(taken))
     assert (
         proc.returncode == 2 and "already holds something (config.json); s2moe reshard writes a new run" in proc.stderr
     )
     proc = cli("reshard", str(run), str(run / "checkpoints" / "copy"))
     assert proc.returncode == 2 and "is inside the source run" in proc.stderr
-    assert snapshot(tmp_path) == before
+    assert (snapshot(tmp_path), snapshot(run)) == before

@@ -226,6 +226,19 @@ def find_checkpoint(path: str | Path) -> Path:
             return root / tag
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    if path.name == "latest" and path.is_file():
+        raise CheckpointError(
+            f"{path} is the file naming the newest checkpoint; give the run directory or its checkpoints/ "
+            f"folder (both follow it), or a tag folder such as {path.parent / path.read_text().strip()}"
+        )
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a run, checkpoint or exported folder")
+    if not any(path.glob("*model_states.pt")) and not (path / MANIFEST).exists():
+        what = "a prepared data folder" if (path / "meta.json").exists() else "a folder with no checkpoint in it"
+        raise CheckpointError(
+            f"{path} is {what} (no checkpoints/latest, no *model_states.pt): give a run directory "
+            f"(its train.out_dir), a checkpoint tag folder or an exported folder"
+        )
     return path
 
 
