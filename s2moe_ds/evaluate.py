@@ -51,6 +51,22 @@ def check_device(device: str) -> str:
     return device
 
 
+def note_other_corpus(trained_on: dict, meta: dict, data_dir: str) -> None:
+    """The vocabulary fits but the corpus is not the one the run was trained on: say so (evaluating on
+    another corpus is allowed; the numbers are that corpus's)."""
+    import sys
+
+    for key in ("dataset", "source_sha256"):
+        if trained_on.get(key) and meta.get(key) and trained_on[key] != meta[key]:
+            print(
+                f"[s2moe] note: {data_dir} is not the corpus this run was trained on ({key} {meta[key]!r}, the run's "
+                f"{trained_on[key]!r}); the vocabulary fits, so it is evaluated, and the numbers are that corpus's",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+
+
 def load_model(
     run: str, data_dir: str | None = None, device: str | None = None
 ) -> tuple[MoELanguageModel, dict | None, dict]:
@@ -84,6 +100,7 @@ def load_model(
         cfg.data.data_dir = data_dir
     meta = read_meta(cfg.data.data_dir)
     check_compatible(client, meta, str(path))
+    note_other_corpus(client.get("data") or {}, meta, cfg.data.data_dir)
     model = MoELanguageModel(cfg.model)
     model.load_state_dict(state)
     model.eval().to(device)

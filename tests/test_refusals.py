@@ -107,3 +107,15 @@ def test_reshard_writes_only_into_a_new_or_empty_folder_outside_the_source(tmp_p
     proc = cli("reshard", str(run), str(run / "checkpoints" / "copy"))
     assert proc.returncode == 2 and "is inside the source run" in proc.stderr
     assert (snapshot(tmp_path), snapshot(run)) == before
+
+
+def test_eval_on_another_corpus_with_the_same_vocabulary_says_so(one_step_run, tmp_path):
+    from pydoc_data import topics
+
+    text = tmp_path / "pydoc.txt"
+    text.write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics)))  # the same characters
+    other = tmp_path / "other"
+    prepare("text", other, source=str(text))
+    proc = cli("eval", str(one_step_run), "--data-dir", str(other), "--max-batches", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "is not the corpus this run was trained on (dataset 'text', the run's 'pydoc')" in proc.stderr

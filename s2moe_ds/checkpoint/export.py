@@ -155,7 +155,7 @@ def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
     ckpt = find_checkpoint(path)
     verify_checkpoint(ckpt)
     raw = read_state_file(model_state_file(ckpt))
-    client = {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint")}
+    client = {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint", "data")}
     if "config" not in client:
         raise CheckpointError(f"{ckpt} has no s2moe config in its client state: not written by s2moe_ds")
     return consolidated_state(ckpt, client["config"]["model"]), client, ckpt
