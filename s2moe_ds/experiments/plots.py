@@ -41,7 +41,8 @@ def plots(runs: list[Result], img_dir: Path, metric: str) -> list[str]:
     if moe_runs:
         save(expert_load(plt, moe_runs), "expert_load.png")
         save(routing_over_training(plt, moe_runs), "routing_over_training.png")
-    save(collapse(plt, runs), "collapse.png")
+    if any(r.analysis for r in runs):  # a suite with eval.analysis_tokens: 0 (a sweep) has no diagnostics
+        save(collapse(plt, runs), "collapse.png")
     return made
 
 
@@ -147,7 +148,7 @@ def collapse(plt, runs: list[Result]):
         sims = [statistics.fmean(r.analysis[i]["expert_output_similarity"] for r in rs) for i in range(n_layers)]
         axes[0].bar(np.arange(n_layers) + (j - (len(with_moe) - 1) / 2) * width, sims, width, label=v)
     axes[0].set_xticks(np.arange(n_layers))
-    for v in variants:
+    for v in (v for v in variants if any(r.analysis for r in runs_of(runs, v))):
         spec = np.mean([np.array(la["jacobian_spectrum"]) for r in runs_of(runs, v) for la in r.analysis], axis=0)
         axes[1].semilogy(np.arange(1, len(spec) + 1), spec, label=v)
     axes[0].set_xlabel("layer")

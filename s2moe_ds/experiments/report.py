@@ -199,11 +199,13 @@ def write_report(folder: Path, out: Path, command: str = "", notes_file: str = "
     if notes:
         text += ["", f"## Notes (hand-written: `{notes_file}`; every number above is computed from the runs)", ""]
         text += [notes.strip()]
-    text += ["", f"## Representation collapse (at the end of training, on {split} tokens)", ""]
-    text += [analysis_text(suite, split), "", analysis_table(runs)]
-    clean = clean_path_table(runs)
-    text += [CLEAN_TEXT, "", clean] if clean else []
-    text += [*collapse, "", "## Plots", ""]
+    if any(r.analysis for r in runs):  # none where the suite turned the diagnostics off (a sweep)
+        text += ["", f"## Representation collapse (at the end of training, on {split} tokens)", ""]
+        text += [analysis_text(suite, split), "", analysis_table(runs)]
+        clean = clean_path_table(runs)
+        text += [CLEAN_TEXT, "", clean] if clean else []
+        text += collapse
+    text += ["", "## Plots", ""]
     text += [f"![{name}]({rel(img_dir / name)})" for name in images]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(text) + "\n")

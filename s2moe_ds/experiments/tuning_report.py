@@ -26,7 +26,7 @@ def sweep_section(suite: Suite, folder) -> list[str]:
     for method, sel in chosen.items():
         best = sel.best
         for p in sel.points:
-            score = f"{p.mean:.4f} ± {p.std:.4f}" if p.scores else "–"
+            score = f"{p.mean:.4f} ± {p.std:.4f}" if len(p.scores) > 1 else f"{p.mean:.4f}" if p.scores else "–"
             mark = "**selected**" if best is not None and p.variant == best.variant else ""
             lines.append(
                 f"| {method} | {p.variant} | `{' '.join(p.overrides)}` | {score} | {len(p.scores)}/{p.seeds} | {mark} |"
