@@ -143,7 +143,7 @@ class DataConfig:
     """corpus with tokenizer=sentencepiece: MB of text (spread over the corpus) to train it on."""
 
     def validate(self) -> None:
-        from .data.prepare import DATASETS
+        from .data.datasets import DATASETS
 
         check_choice("data.dataset", self.dataset, DATASETS)
         if self.tokenizer not in ("char", "sentencepiece") and not self.tokenizer.endswith(

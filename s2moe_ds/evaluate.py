@@ -25,8 +25,9 @@ from .checkpoint.export import load_for_eval
 from .checkpoint.resume import check_compatible
 from .config import config_from_dict
 from .configtools import ConfigError
+from .data.errors import DataError
 from .data.loader import WindowSampler
-from .data.prepare import DataError, load_split, read_meta
+from .data.store import load_split, read_meta
 from .flops import flops_per_token
 from .model import MoELanguageModel
 
@@ -104,7 +105,7 @@ def load_model(
     model = MoELanguageModel(cfg.model)
     model.load_state_dict(state)
     model.eval().to(device)
-    from .data.tokenizers import load_tokenizer
+    from .data.store import load_tokenizer
 
     return (
         model,

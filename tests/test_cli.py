@@ -12,7 +12,7 @@ from s2moe_ds.checkpoint import CheckpointError
 from s2moe_ds.cli import COMMANDS, main
 from s2moe_ds.cli.errors import exit_code
 from s2moe_ds.configtools import ConfigError
-from s2moe_ds.data.prepare import DataError
+from s2moe_ds.data import DataError
 from s2moe_ds.train import NonFiniteLoss, Stopped
 
 

@@ -6,8 +6,9 @@ import zipfile
 import numpy as np
 import pytest
 
+from s2moe_ds.data import DataError, Decoder, load_split, read_meta
 from s2moe_ds.data.loader import WindowSampler
-from s2moe_ds.data.prepare import DataError, Decoder, load_split, prepare, read_meta
+from s2moe_ds.data.prepare import prepare
 
 
 def test_text8_zip_layout_splits_90_5_5(tmp_path):
@@ -80,7 +81,7 @@ def test_missing_data_says_how_to_prepare(tmp_path):
 
 def test_offline_download_error_says_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    import s2moe_ds.data.prepare as prep
+    import s2moe_ds.data.datasets as prep
 
     monkeypatch.setitem(prep.DEFAULT_SOURCES, "text8", ("raw/text8.zip", "http://127.0.0.1:9/text8.zip"))
     with pytest.raises(DataError, match=r"put it at raw/text8.zip.*data.source=PATH"):
@@ -123,7 +124,7 @@ def test_bad_archive_and_missing_split(tmp_path):
 
 
 def test_decoder_is_the_data_folders_tokenizer(tmp_path):
-    from s2moe_ds.data.tokenizers import load_tokenizer
+    from s2moe_ds.data import load_tokenizer
 
     meta = prepare("pydoc", tmp_path)
     dec, tok = Decoder(tmp_path), load_tokenizer(tmp_path, meta)

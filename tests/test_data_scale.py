@@ -16,17 +16,21 @@ import pytest
 
 from s2moe_ds.config import load_config
 from s2moe_ds.configtools import ConfigError
-from s2moe_ds.data.prepare import (
+from s2moe_ds.data import (
+    CharTokenizer,
     DataError,
     Decoder,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
     load_split,
-    prepare,
+    load_tokenizer,
     prepare_corpus,
     read_meta,
     resolve_sources,
-    split_of_documents,
 )
-from s2moe_ds.data.tokenizers import CharTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from s2moe_ds.data.prepare import prepare
+from s2moe_ds.data.splits import split_of_documents
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda", "sigma"]
@@ -445,7 +449,8 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
 
 DEAD_WORKER = """
 import os
-from s2moe_ds.data.prepare import DataError, _ordered_map
+from s2moe_ds.data import DataError
+from s2moe_ds.data.pool import ordered_map
 
 def die_on_3(task):
     if task == 3:
@@ -453,7 +458,7 @@ def die_on_3(task):
     return task
 
 try:
-    list(_ordered_map(die_on_3, range(10), 2, {}))
+    list(ordered_map(die_on_3, range(10), 2, {}))
 except DataError as e:
     print("DATAERROR", e)
 """

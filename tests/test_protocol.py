@@ -14,7 +14,7 @@ import torch
 from s2moe_ds.analysis import analyse
 from s2moe_ds.config import ModelConfig, load_config
 from s2moe_ds.configtools import ConfigError
-from s2moe_ds.data.prepare import DataError, prepare_config, read_meta
+from s2moe_ds.data import DataError, prepare_config, read_meta
 from s2moe_ds.experiments.results import code_version, record_command
 from s2moe_ds.experiments.suite import find_suite, load_suite, run_spec, suite_from_dict
 from s2moe_ds.experiments.tuning import resolve_tuned, selections

@@ -8,7 +8,8 @@ from e2e import assert_ok, cli, single_train, snapshot
 
 from s2moe_ds.config import load_config
 from s2moe_ds.configtools import ConfigError
-from s2moe_ds.data.prepare import DataError, prepare
+from s2moe_ds.data import DataError
+from s2moe_ds.data.prepare import prepare
 
 
 def test_an_empty_out_dir_is_refused_not_the_current_directory():

@@ -241,8 +241,8 @@ def write_weights(folder: Path, weights: dict, max_shard_bytes: int) -> None:
 def export_pretrained(
     run: str | Path, out_dir: str | Path, data_dir: str | None = None, max_shard_bytes: int = 5 * 2**30
 ) -> Path:
-    from ..data.prepare import DataError, read_meta
-    from ..data.tokenizers import load_tokenizer
+    from ..data.errors import DataError
+    from ..data.store import load_tokenizer, read_meta
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..data.prepare import sha256_of
+from ..data.store import sha256_of
 
 
 class CheckpointError(ValueError):

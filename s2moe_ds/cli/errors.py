@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..checkpoint.store import CheckpointError
 from ..configtools import ConfigError
-from ..data.tokenizers import DataError
+from ..data.errors import DataError
 from ..train.hooks import NonFiniteLoss, Stopped
 
 BAD_INPUT, DIVERGED, PEER_FAILED = 2, 3, 4

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .tokenizers import DataError
+from .errors import DataError
 
 
 def stream_seed(*parts: int) -> int:

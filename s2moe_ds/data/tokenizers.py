@@ -12,7 +12,8 @@ Kinds (``Tokenizer.kind``, the ``tokenizer`` field of meta.json):
 
 ``save_pretrained(dir)`` writes everything needed to rebuild a tokenizer (``s2moe_tokenizer.json`` plus
 the model file); ``Tokenizer.from_pretrained(dir)`` rebuilds it from those files alone.
-``load_tokenizer(data_dir, meta)`` gives the tokenizer of a prepared data folder.
+The tokenizer of a prepared data folder is ``store.load_tokenizer(data_dir, meta)``; this module knows
+nothing of data folders.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import DataError
+
 SPEC_FILE = "s2moe_tokenizer.json"
 SPM_FILE = "spm.model"
 HF_FILE = "tokenizer.json"
@@ -33,15 +36,6 @@ KINDS = ("char", "sentencepiece", "huggingface")
 # end-of-document tokens looked for in a Hugging Face tokenizer when data.eod_token is ''
 HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
 TOKENIZERS_PIN = "tokenizers==0.23.3"
-
-
-class DataError(ValueError):
-    """A data file is missing, corrupt or does not match; the message says what to do."""
-
-
-def token_dtype(vocab_size: int):
-    """uint16 while every id fits (vocabulary <= 65,535), else uint32."""
-    return np.uint16 if vocab_size <= 65535 else np.uint32
 
 
 def split_pieces(text: str, max_chars: int = 1 << 20) -> list[str]:
@@ -68,6 +62,24 @@ class Tokenizer:
     kind: str = ""
     vocab_size: int = 0
     eod_id: int | None = None
+
+    file_label, file_kind = "", ""  # a tokenizer kept in a model file: how its errors name that file
+
+    @classmethod
+    def from_file(cls, path: str | Path, eod_token: str = "") -> Tokenizer:
+        """A tokenizer kept in a model file (SentencePiece ``.model``, Hugging Face ``tokenizer.json``), its
+        end-of-document id the token named ``eod_token`` or (``''``) the model's own (``find_eod``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(
+                f"{cls.file_label} {str(path)!r} does not exist; data.tokenizer must name an existing {cls.file_kind}"
+            )
+        tok = cls(path.read_bytes())
+        tok.eod_id = tok.find_eod(eod_token)
+        return tok
+
+    def find_eod(self, eod_token: str = "") -> int | None:
+        raise NotImplementedError
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -234,6 +246,7 @@ class SentencePieceTokenizer(Tokenizer):
     ``</s>`` (eos) piece unless another is named."""
 
     kind = "sentencepiece"
+    file_label, file_kind = "SentencePiece model", ".model file"
 
     def __init__(self, model: bytes, eod_id: int | None = None):
         import sentencepiece as spm
@@ -249,17 +262,6 @@ class SentencePieceTokenizer(Tokenizer):
         if eod_id is not None and not 0 <= int(eod_id) < self.vocab_size:
             raise DataError(f"SentencePiece end-of-document id {eod_id} is outside the vocabulary ({self.vocab_size})")
         self.eod_id = None if eod_id is None else int(eod_id)
-
-    @classmethod
-    def from_file(cls, path: str | Path, eod_token: str = "") -> SentencePieceTokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(
-                f"SentencePiece model {str(path)!r} does not exist; data.tokenizer must name an existing .model file"
-            )
-        tok = cls(path.read_bytes())
-        tok.eod_id = tok.find_eod(eod_token)
-        return tok
 
     def find_eod(self, eod_token: str = "") -> int | None:
         """The id of piece ``eod_token``, or (``''``) the model's eos piece; None if it has none."""
@@ -322,6 +324,7 @@ class HFTokenizer(Tokenizer):
     ``HF_EOD_CANDIDATES`` in the vocabulary."""
 
     kind = "huggingface"
+    file_label, file_kind = "tokenizer file", "Hugging Face tokenizer.json"
 
     def __init__(self, data: bytes | str, eod_id: int | None = None):
         self.data = data.encode("utf-8") if isinstance(data, str) else bytes(data)
@@ -336,18 +339,6 @@ class HFTokenizer(Tokenizer):
         if eod_id is not None and not 0 <= int(eod_id) < self.vocab_size:
             raise DataError(f"tokenizer.json end-of-document id {eod_id} is outside the vocabulary ({self.vocab_size})")
         self.eod_id = None if eod_id is None else int(eod_id)
-
-    @classmethod
-    def from_file(cls, path: str | Path, eod_token: str = "") -> HFTokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(
-                f"tokenizer file {str(path)!r} does not exist; data.tokenizer must name an existing "
-                f"Hugging Face tokenizer.json"
-            )
-        tok = cls(path.read_bytes())
-        tok.eod_id = tok.find_eod(eod_token)
-        return tok
 
     def find_eod(self, eod_token: str = "") -> int | None:
         if eod_token:
@@ -393,47 +384,3 @@ class HFTokenizer(Tokenizer):
 
     def model_files(self) -> dict:
         return {HF_FILE: self.data}
-
-
-def is_tokenizer_path(spec: str) -> bool:
-    """Whether ``data.tokenizer`` names a file (a SentencePiece .model or a Hugging Face tokenizer.json)."""
-    return spec.endswith(".model") or spec.endswith("tokenizer.json")
-
-
-def user_tokenizer(path: str | Path, eod_token: str = "") -> Tokenizer:
-    """The tokenizer in a user's file: ``*.model`` (SentencePiece) or ``*tokenizer.json`` (Hugging Face)."""
-    p = str(path)
-    if p.endswith(".model"):
-        return SentencePieceTokenizer.from_file(p, eod_token)
-    if p.endswith("tokenizer.json"):
-        return HFTokenizer.from_file(p, eod_token)
-    raise DataError(
-        f"data.tokenizer {p!r}: a tokenizer file must be a SentencePiece .model or a Hugging Face tokenizer.json"
-    )
-
-
-def load_tokenizer(data_dir: str | Path, meta: dict | None = None) -> Tokenizer:
-    """The tokenizer of a prepared data folder, from its meta.json (and the model file kept beside it)."""
-    d = Path(data_dir)
-    if meta is None:
-        from .prepare import read_meta
-
-        meta = read_meta(d)
-    kind = meta.get("tokenizer")
-    if kind == "char":
-        if "symbols" not in meta:
-            raise DataError(f"{d / 'meta.json'} lacks the character vocabulary (symbols); re-run `s2moe prepare`")
-        return CharTokenizer(meta["symbols"], meta.get("unit", "char"), meta.get("eod_id"))
-    if kind in ("sentencepiece", "huggingface"):
-        name = meta.get("tokenizer_file") or meta.get("spm_model") or (SPM_FILE if kind == "sentencepiece" else HF_FILE)
-        path = d / name
-        if not path.is_file():
-            raise DataError(
-                f"{path} (the {kind} tokenizer named in {d / 'meta.json'}) is missing; re-run "
-                f"`s2moe prepare` or copy the file back"
-            )
-        cls = SentencePieceTokenizer if kind == "sentencepiece" else HFTokenizer
-        return cls(path.read_bytes(), eod_id=meta.get("eod_id"))
-    raise DataError(
-        f"{d / 'meta.json'} has unknown tokenizer {kind!r} (valid: {', '.join(KINDS)}); re-run `s2moe prepare`"
-    )

@@ -125,7 +125,7 @@ def evaluate_run(run_dir: Path, suite: Suite) -> tuple[list[dict], list[dict]]:
     """Rows (one per inference setting) and the per-layer analysis of a finished run."""
     from ..analysis import analyse
     from ..data.loader import WindowSampler
-    from ..data.prepare import load_split
+    from ..data.store import load_split
     from ..evaluate import evaluate_model, load_model
 
     torch.manual_seed(0)
@@ -158,7 +158,8 @@ def prepare_data(suite: Suite, data_source: str = "") -> None:
     """Prepare the suite's data once (skipped when ``data.data_dir`` holds it), from ``data_source`` when
     given (``--data-source``: where the corpus file sits is not part of a run's spec)."""
     from ..config import load_config
-    from ..data.prepare import DataError, prepare_config
+    from ..data.errors import DataError
+    from ..data.prepare import prepare_config
 
     extra = [f"data.source={data_source}"] if data_source else []
     cfg = load_config(suite.base or suite.variants[0].config, list(suite.overrides) + extra).data

@@ -77,16 +77,9 @@ def pathway_disagreement(clean_ids_TK: Tensor, noisy_ids_TK: Tensor) -> dict:
 
 
 class S2MoELayer(MoELayer):
-    def __init__(
-        self,
-        cfg: MoEConfig,
-        d_model: int,
-        layer_id: int = 0,
-        seed: int = 0,
-        out_init_std: float = 0.02,
-        vocab_size: int = 0,
-    ):
-        super().__init__(cfg, d_model, layer_id=layer_id, seed=seed, out_init_std=out_init_std, vocab_size=vocab_size)
+    def __init__(self, cfg: MoEConfig, d_model: int, **layer_options):
+        """``layer_options``: ``MoELayer``'s (layer_id, seed, out_init_std, vocab_size)."""
+        super().__init__(cfg, d_model, **layer_options)
         s = cfg.s2moe
         self.noise = GaussianNoise(s.sigma1, s.sigma2, d_model, learnable=s.noise == "learnable")
         self.gate = nn.Linear(d_model, 1) if s.gate == "learned" else None

@@ -21,7 +21,7 @@ from ..checkpoint.resume import resolve_resume
 from ..config import Config, validate
 from ..configtools import ConfigError
 from ..data.loader import WindowSampler, stream_seed
-from ..data.prepare import load_split, read_meta
+from ..data.store import load_split, read_meta
 from ..distributed import MasterWeights, all_reduce_mean, build_engine, device, init_distributed
 from ..evaluate import quality, summed_loss
 from ..flops import flops_per_token

@@ -41,29 +41,13 @@ def router_config(name: str, args: dict | None, prefix: str = "moe.router_args")
 
 
 def build_router(
-    name: str,
-    args: dict | RouterConfig | None,
-    d_model: int,
-    num_experts: int,
-    layer_id: int = 0,
-    seed: int = 0,
-    train_k: int | None = None,
-    eval_weights: str = "train",
-    vocab_size: int = 0,
+    name: str, args: dict | RouterConfig | None, d_model: int, num_experts: int, **router_options
 ) -> Router:
     """``args``: a typed config already checked at load (``MoEConfig.router_config()``), or a dict of the
-    router's fields, checked here."""
-    cls = router_class(name)
-    return cls(
-        args if isinstance(args, RouterConfig) else router_config(name, args),
-        d_model,
-        num_experts,
-        layer_id=layer_id,
-        seed=seed,
-        train_k=train_k,
-        eval_weights=eval_weights,
-        vocab_size=vocab_size,
-    )
+    router's fields, checked here. ``router_options``: the ``Router`` constructor's keywords (layer_id,
+    seed, train_k, eval_weights, vocab_size)."""
+    cfg = args if isinstance(args, RouterConfig) else router_config(name, args)
+    return router_class(name)(cfg, d_model, num_experts, **router_options)
 
 
 __all__ = [
