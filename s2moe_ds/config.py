@@ -36,6 +36,7 @@ DS_CONFIG_DIR = PACKAGE_DIR / "ds_configs"
 """The shipped DeepSpeed JSON configs (package data; likewise copied to the top-level ds_configs/)."""
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
+ARCHS = ("gpt2", "llama")
 
 
 @dataclass
@@ -62,8 +63,20 @@ class UniformityConfig:
 class ModelConfig:
     vocab_size: int = 0
     """Vocabulary size; 0 takes it from the prepared dataset's meta.json."""
+    arch: str = "gpt2"
+    """Block family: 'gpt2' (LayerNorm, learned positions, GELU, biases: the published experiments) or
+    'llama' (RMSNorm, rotary positions, grouped-query attention, SwiGLU dense FFN, no biases; with
+    ``moe.activation: swiglu`` and a bias-free router it exports as a stock Mixtral / Qwen3-MoE model)."""
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int = 0
+    """Key/value heads (arch 'llama': grouped-query attention; must divide n_head); 0 means n_head."""
+    rope_theta: float = 10000.0
+    """Rotary base wavelength (arch 'llama')."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon (arch 'llama')."""
+    qk_norm: bool = False
+    """RMSNorm on each head's queries and keys before the rotation (arch 'llama'; Qwen3's QK-norm)."""
     d_model: int = 128
     d_ff: int = 0
     """Dense FFN hidden width (dense layers and the dense baseline); 0 means 4 x d_model."""
@@ -89,9 +102,32 @@ class ModelConfig:
             self.moe_layers
         ]
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
     def validate(self, world_size: int | None = None) -> None:
         for name in ("n_layer", "n_head", "d_model", "context"):
             check_positive(f"model.{name}", getattr(self, name))
+        check_choice("model.arch", self.arch, ARCHS)
+        check_positive("model.n_kv_head", self.n_kv_head, allow_zero=True)
+        if self.n_head % self.kv_heads:
+            fail("model.n_kv_head", f"must divide model.n_head ({self.n_head}), got {self.n_kv_head}")
+        if self.arch == "gpt2":
+            for name, plain in (("n_kv_head", self.n_kv_head in (0, self.n_head)), ("qk_norm", not self.qk_norm)):
+                if not plain:
+                    fail(
+                        f"model.{name}",
+                        "is an option of model.arch 'llama'; the 'gpt2' block has neither GQA nor QK-norm",
+                    )
+        else:
+            check_positive("model.rope_theta", self.rope_theta)
+            check_positive("model.norm_eps", self.norm_eps)
+            if (self.d_model // self.n_head) % 2:
+                fail(
+                    "model.d_model",
+                    f"/ model.n_head must be even for rotary positions, got {self.d_model // self.n_head}",
+                )
         check_positive("model.vocab_size", self.vocab_size, allow_zero=True)
         check_positive("model.d_ff", self.d_ff, allow_zero=True)
         if self.d_model % self.n_head:

@@ -1,9 +1,10 @@
 """FLOPs per token, counted from the config (a multiply-add is 2 FLOPs; elementwise ops ignored).
 
 Per layer, forward:
-- attention: QKV ``6 d^2`` + output ``2 d^2`` + scores and weighted values ``4 n d`` over the full context
-  ``n`` (the PaLM / Chinchilla convention: an upper bound for causal attention);
-- dense FFN: ``4 d f``;
+- attention: Q and output ``4 d^2``, K and V ``4 d d_kv`` (``d_kv = d``, or ``n_kv_head x head width``
+  under grouped-query attention) + scores and weighted values ``4 n d`` over the full context ``n`` (the
+  PaLM / Chinchilla convention: an upper bound for causal attention);
+- dense FFN: ``4 d f`` (GELU), ``6 d f`` (SwiGLU, arch 'llama');
 - MoE FFN: the router's FLOPs plus (expected experts evaluated per token) x (one expert's FLOPs);
   under S2MoE in training both pathways route and run (twice the router and experts), plus the gate
   ``2 d`` and the InfoNCE negatives ``2 M d`` (M = ``num_negatives``, or every token of the micro-batch
@@ -62,11 +63,11 @@ def flops_per_token(cfg: ModelConfig, training: bool, k: int = 0, batch_tokens: 
     d, n = cfg.d_model, cfg.context
     moe_ids = set(cfg.moe_layer_ids())
     total = 0.0
+    d_kv = cfg.kv_heads * (d // cfg.n_head)
+    dense = expert_flops(d, cfg.d_ff or 4 * d, "swiglu" if cfg.arch == "llama" else "gelu")
     for i in range(cfg.n_layer):
-        total += 8 * d * d + 4 * n * d
-        total += (
-            moe_layer_flops(cfg, training, k, batch_tokens, pathways) if i in moe_ids else 4 * d * (cfg.d_ff or 4 * d)
-        )
+        total += 4 * d * d + 4 * d * d_kv + 4 * n * d
+        total += moe_layer_flops(cfg, training, k, batch_tokens, pathways) if i in moe_ids else dense
         if training and cfg.uniformity.coef > 0:
             u = cfg.uniformity
             total += info_nce_flops(d, u.num_negatives, batch_tokens, "model.uniformity.num_negatives")

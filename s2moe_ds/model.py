@@ -1,7 +1,9 @@
 """Decoder-only transformer language model whose FFN blocks are dense or MoE (any router, S2MoE on/off).
 
 Shape suffixes: B batch, L sequence length, D model width, V vocabulary.
-Pre-LayerNorm blocks; causal attention through ``F.scaled_dot_product_attention``.
+Pre-norm blocks of one family (``model.arch``): 'gpt2' (LayerNorm, learned positions, GELU, biases) or
+'llama' (``llama.py``: RMSNorm, rotary positions, grouped-query attention, SwiGLU, no biases); causal
+attention through ``F.scaled_dot_product_attention``. The MoE layer is the same in both.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .llama import LlamaAttention, RMSNorm, SwiGLUFFN
 from .moe import MoELayer, build_moe_layer
 from .moe.uncertainty import info_nce
 
@@ -55,13 +58,18 @@ class DenseFFN(nn.Module):
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
+def norm_layer(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.d_model)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, moe: bool, seed: int):
         super().__init__()
         self.checkpointing = cfg.activation_checkpointing
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        llama = cfg.arch == "llama"
+        self.ln1 = norm_layer(cfg)
+        self.attn = LlamaAttention(cfg) if llama else CausalSelfAttention(cfg)
+        self.ln2 = norm_layer(cfg)
         if moe:
             self.ffn = build_moe_layer(
                 cfg.moe,
@@ -72,7 +80,7 @@ class Block(nn.Module):
                 vocab_size=cfg.vocab_size,
             )
         else:
-            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, cfg.dropout)
+            self.ffn = (SwiGLUFFN if llama else DenseFFN)(cfg.d_model, cfg.d_ff or 4 * cfg.d_model, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
         self.uniformity = cfg.uniformity
 
@@ -127,10 +135,10 @@ class MoELanguageModel(nn.Module):
         self.cfg = cfg
         moe_ids = set(cfg.moe_layer_ids())
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.context, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.context, cfg.d_model) if cfg.arch == "gpt2" else None  # llama: rotary
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i, i in moe_ids, seed) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = norm_layer(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)
         for _, layer in self.moe_layers():  # routers whose release initialises differently
@@ -214,8 +222,10 @@ class MoELanguageModel(nn.Module):
         start = cache[0][0].shape[2] if cache and cache[0] else 0
         if start + L > self.cfg.context:
             raise ValueError(f"sequence length {start + L} exceeds model.context ({self.cfg.context})")
-        pos = torch.arange(start, start + L, device=idx_BL.device)
-        x = self.drop(self.tok_emb(idx_BL) + self.pos_emb(pos))
+        x = self.tok_emb(idx_BL)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + L, device=idx_BL.device))
+        x = self.drop(x)
         for _, layer in self.moe_layers():
             layer.router.token_ids_T = idx_BL.reshape(-1)
         aux_losses, metrics = {}, {}
