@@ -37,6 +37,9 @@ from .resume import check_compatible, vocab_fingerprint
 from .store import CheckpointError, find_checkpoint, model_state_file, read_state_file, verify_checkpoint
 
 CONFIG = "config.json"
+STOCK_CONFIG = "s2moe_config.json"  # a stock export: our config.json (the model's full config) under this name
+EXTRA = "s2moe_extra.safetensors"  # a stock export: our parameters the stock model has no place for
+FORMATS = ("auto", "stock", "s2moe")
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PREFIX = "model."
@@ -47,6 +50,10 @@ CODE = {
 
 
 def is_export(path: str | Path) -> bool:
+    """An ``s2moe export`` folder: our own architecture (config.json's model_type 's2moe') or a stock one
+    (``s2moe_config.json`` beside the stock config.json)."""
+    if (Path(path) / STOCK_CONFIG).is_file():
+        return True
     f = Path(path) / CONFIG
     if not f.is_file():
         return False
@@ -239,10 +246,21 @@ def write_weights(folder: Path, weights: dict, max_shard_bytes: int) -> None:
 
 
 def export_pretrained(
-    run: str | Path, out_dir: str | Path, data_dir: str | None = None, max_shard_bytes: int = 5 * 2**30
+    run: str | Path,
+    out_dir: str | Path,
+    data_dir: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    fmt: str = "auto",
 ) -> Path:
+    """Write the export folder. ``fmt``: 'auto' (a stock transformers architecture where the model is
+    exactly one, ``stock.py``; else ours), 'stock' (refused, saying why, when none fits) or 's2moe' (ours:
+    loads in transformers with ``trust_remote_code`` and s2moe_ds installed)."""
     from ..data.errors import DataError
+    from ..data.hf_tokenizer import write_auto_tokenizer
     from ..data.store import load_tokenizer, read_meta
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -259,18 +277,22 @@ def export_pretrained(
         ) from None
     check_compatible(client, meta, str(ckpt))
     tokenizer = load_tokenizer(data_dir, meta)
-    tied = client["config"]["model"].get("tie_embeddings", True)
-    weights = {PREFIX + k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "head.weight")}
     config = hf_config(client, meta, ckpt)
+    files = _export_files(state, config, tokenizer.eod_id, fmt)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write_weights(tmp, weights, max_shard_bytes)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
-        tokenizer.save_pretrained(tmp)
-        for name, text in CODE.items():
+        write_weights(tmp, files.pop("weights"), max_shard_bytes)
+        extra = files.pop("extra", None)
+        if extra:
+            from safetensors.torch import save_file
+
+            save_file(extra, str(tmp / EXTRA), metadata={"format": "pt"})
+        for name, text in files.items():
             (tmp / name).write_text(text)
+        tokenizer.save_pretrained(tmp)
+        write_auto_tokenizer(tokenizer, tmp, config["max_position_embeddings"])
         if out.exists():
             out.rmdir()  # the empty folder the user may have made
         tmp.rename(out)
@@ -283,7 +305,38 @@ def export_pretrained(
     return out
 
 
-def read_weights(folder: Path) -> dict:
+def _export_files(state: dict, config: dict, eos_token_id: int | None, fmt: str) -> dict:
+    """What the folder holds besides the tokenizer: {'weights': state dict, 'extra': state dict (stock),
+    file name: text}. A stock architecture where one fits (``fmt`` 'auto'/'stock'), else ours."""
+    from .stock import stock_config, stock_fit, stock_weights
+
+    model = _model_from(config["s2moe"], state)
+    model_type, why = stock_fit(model)
+    if fmt == "stock" and model_type is None:
+        raise CheckpointError(f"--format stock: no stock transformers architecture fits this model: {why}")
+    if fmt != "s2moe" and model_type is not None:
+        weights, extra = stock_weights(model, state, model_type)
+        stock = stock_config(model, model_type, eos_token_id)
+        return {"weights": weights, "extra": extra, CONFIG: json.dumps(stock, indent=1),
+                STOCK_CONFIG: json.dumps({**config, "s2moe_stock_type": model_type}, indent=1)}  # fmt: skip
+    tied = config["s2moe"].get("tie_embeddings", True)
+    weights = {PREFIX + k: v.detach().contiguous() for k, v in state.items() if not (tied and k == "head.weight")}
+    return {"weights": weights, CONFIG: json.dumps(config, indent=1), **CODE}
+
+
+def _model_from(model_cfg: dict, state: dict | None = None):
+    """Our model for an exported config (local backend, one process), in eval mode, with ``state``."""
+    from ..model import MoELanguageModel
+
+    cfg = model_config_from_dict(model_cfg, prefix="s2moe")
+    cfg.moe.backend, cfg.moe.ep_size = "local", 1
+    model = MoELanguageModel(cfg)
+    if state is not None:
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def read_weights(folder: Path, strip_prefix: bool = True) -> dict:
     from safetensors.torch import load_file
 
     index = folder / INDEX
@@ -294,6 +347,8 @@ def read_weights(folder: Path) -> dict:
         if not f.exists():
             raise CheckpointError(f"{f} is missing: the export is incomplete")
         state.update(load_file(str(f)))
+    if not strip_prefix:
+        return state
     return {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in state.items()}
 
 
@@ -308,11 +363,24 @@ def load_pretrained(folder: str | Path, device: str | torch.device | None = None
             f"{folder} is not an s2moe export (no {CONFIG} with model_type 's2moe'); make one with "
             f"`s2moe export RUN --out {folder}`"
         )
-    config = json.loads((folder / CONFIG).read_text())
+    stock = (folder / STOCK_CONFIG).is_file()
+    config = json.loads((folder / (STOCK_CONFIG if stock else CONFIG)).read_text())
     model_cfg = model_config_from_dict(config["s2moe"], prefix="s2moe")
     model_cfg.moe.backend, model_cfg.moe.ep_size = "local", 1
     model = MoELanguageModel(model_cfg)
-    state = read_weights(folder)
+    if stock:
+        from safetensors.torch import load_file
+
+        from .stock import from_stock_weights
+
+        try:
+            state = from_stock_weights(model, read_weights(folder, strip_prefix=False), config["s2moe_stock_type"])
+        except KeyError as key:
+            raise CheckpointError(f"{folder}: the weights lack {key}; the export is incomplete") from None
+        if (folder / EXTRA).is_file():
+            state.update(load_file(str(folder / EXTRA)))
+    else:
+        state = read_weights(folder)
     if model_cfg.tie_embeddings and "head.weight" not in state:
         state["head.weight"] = state["tok_emb.weight"]
     try:
