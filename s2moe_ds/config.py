@@ -265,6 +265,10 @@ class TrainConfig:
     resume: str = ""
     """'' starts fresh (refusing to overwrite a run that has checkpoints); 'auto' resumes the latest
     checkpoint in out_dir; or a checkpoint directory/tag path."""
+    init_from: str = ""
+    """Fine-tuning: start from another run's weights (a run directory, a checkpoint, an exported folder);
+    the optimizer, schedule and step start fresh, in any parallel layout. Another vocabulary or
+    architecture is refused. A run that resumes its own checkpoint ignores it."""
     max_skipped_steps: int = 10
     """With ZeRO 1/2 a step whose loss or gradient is not finite is skipped (and counted in
     TensorBoard as train/skipped_steps); this many skips in a row stop the run with a checkpoint of the

@@ -135,7 +135,10 @@ class DeepSpeedEPBackend(GlobalNaming, _moe_base()):
         return self.deepspeed_moe.gate.dropped if self.mode == "capacity" else None
 
     def local_expert_ids(self) -> range:
-        rank = dist.get_rank(self.deepspeed_moe.ep_group) if self.deepspeed_moe.ep_group is not None else 0
+        """The global experts this rank holds; before the engine creates the groups, those the experts were
+        initialised as (``set_deepspeed_parallelism`` checks the two agree)."""
+        group = self.deepspeed_moe.ep_group
+        rank = dist.get_rank(group) if group is not None else self._assumed_ep_rank
         n = self.num_local_experts
         return range(rank * n, (rank + 1) * n)
 

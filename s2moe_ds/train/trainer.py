@@ -88,6 +88,11 @@ def preflight(cfg: Config) -> None:
     check_trackers(cfg.train.trackers)
     if cfg.train.resume == "":
         resolve_resume("", cfg.train.out_dir)  # refuses a folder that holds a run
+    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
+        raise ConfigError(
+            f"config field 'train.init_from': {cfg.train.init_from!r} does not exist; give a run directory, a "
+            f"checkpoint folder or an exported folder (relative paths start at {Path.cwd()})"
+        )
 
 
 class Trainer:
@@ -118,7 +123,12 @@ class Trainer:
             self.checkpointer = Checkpointer(cfg, meta, rank)
             self.checkpointer.open()
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.model = MoELanguageModel(cfg.model, seed=t.seed).to(self.dev)
+        self.model = MoELanguageModel(cfg.model, seed=t.seed)
+        if t.init_from:  # before the engine: its fp32 masters and ZeRO partitions copy these weights
+            from ..checkpoint.init_from import init_from
+
+            self.say(init_from(self.model, t.init_from, meta))
+        self.model = self.model.to(self.dev)
         self.model.set_total_steps(t.steps, t.seed)
         optimizer, schedule = build_optimizer(self.model, cfg)
         self.engine, self.scheduler = build_engine(self.model, cfg, optimizer, schedule, ds_overrides)
