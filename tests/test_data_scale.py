@@ -205,15 +205,16 @@ def test_bad_sources_name_the_file_and_the_fix(tmp_path):
     gz.write_bytes(gz.read_bytes()[:-100])
     with pytest.raises(DataError, match="cut.jsonl.gz cannot be read as gzip.*truncated"):
         prepare("corpus", tmp_path / "o", str(gz), progress=False)
-    # failures while scanning (pass 1) leave the previous preparation as it was; failures while writing
-    # (pass 2) remove meta.json and every temporary: never new token files under an old meta.json
+    # a failure while scanning (pass 1) or writing (pass 2) leaves the previous preparation as it was and
+    # removes every temporary: the old files are replaced only at the end, meta.json last
     assert not list((tmp_path / "o").glob("*.tmp")) and read_meta(tmp_path / "o")["text_field"] == "body"
     load_split(tmp_path / "o", "train")
     symbols = sorted({ord(c) for c in '{"text": "ok"}'})
     tok = CharTokenizer(symbols, eod_id=len(symbols))
     with pytest.raises(DataError, match=r"bad.jsonl, line 2: not UTF-8"):
         prepare_corpus(tmp_path / "o", str(bad), tokenizer=tok, progress=False, workers=2)
-    assert not list((tmp_path / "o").glob("*.tmp")) and not (tmp_path / "o" / "meta.json").exists()
+    assert not list((tmp_path / "o").glob("*.tmp")) and read_meta(tmp_path / "o")["text_field"] == "body"
+    load_split(tmp_path / "o", "train")
     with pytest.raises(DataError, match="data.dataset=text reads one plain UTF-8 file.*data.dataset=corpus"):
         prepare("text", tmp_path / "o", str(tmp_path / "empty"), progress=False)
 

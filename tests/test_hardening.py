@@ -341,6 +341,9 @@ def test_disk_full_during_prepare_and_export_leaves_nothing_half_written(world, 
         proc = cli("export", str(base), "--out", str(small / "model.safetensors"))
         assert proc.returncode == 2 and "cannot write" in proc.stderr and "Traceback" not in proc.stderr
         assert not list(small.glob("*.tmp")) and not (small / "model.safetensors").exists()
+        proc = cli("export", str(base), "--out", str(small / "folder"))  # the folder export too
+        assert proc.returncode == 2 and "cannot write the export" in proc.stderr and "Traceback" not in proc.stderr
+        assert "nothing was left half-written" in proc.stderr and sorted(q.name for q in small.iterdir()) == ["pydoc"]
     finally:
         subprocess.run(["umount", str(small)])
     proc = cli("export", str(base), "--out", str(base / "config.yaml" / "model.safetensors"))

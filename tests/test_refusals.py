@@ -120,3 +120,20 @@ def test_eval_on_another_corpus_with_the_same_vocabulary_says_so(one_step_run, t
     proc = cli("eval", str(one_step_run), "--data-dir", str(other), "--max-batches", "2")
     assert proc.returncode == 0, proc.stderr
     assert "is not the corpus this run was trained on (dataset 'text', the run's 'pydoc')" in proc.stderr
+
+
+def test_prepare_never_replaces_other_prepared_data_without_force(tmp_path, shakespeare_path):
+    """A data folder runs were trained on is not replaced by another corpus (or tokenizer) silently."""
+    d = tmp_path / "data"
+    assert_ok(cli("prepare", "--config", "tiny", f"data.data_dir={d}"))
+    before = snapshot(d)
+    other = ["data.dataset=shakespeare", f"data.source={shakespeare_path}", f"data.data_dir={d}"]
+    bad = cli("prepare", "--config", "tiny", *other)
+    assert bad.returncode == 2 and "already holds other prepared data" in bad.stderr
+    assert "dataset pydoc -> shakespeare" in bad.stderr and "--force" in bad.stderr
+    assert snapshot(d) == before  # nothing changed, no temporary left
+    again = cli("prepare", "--config", "tiny", f"data.data_dir={d}")  # the same preparation: fine
+    assert_ok(again)
+    assert snapshot(d) == before
+    assert_ok(cli("prepare", "--config", "tiny", *other, "--force"))
+    assert '"dataset": "shakespeare"' in (d / "meta.json").read_text()

@@ -255,6 +255,8 @@ def export_pretrained(
     """Write the export folder. ``fmt``: 'auto' (a stock transformers architecture where the model is
     exactly one, ``stock.py``; else ours), 'stock' (refused, saying why, when none fits) or 's2moe' (ours:
     loads in transformers with ``trust_remote_code`` and s2moe_ds installed)."""
+    from safetensors import SafetensorError
+
     from ..data.errors import DataError
     from ..data.hf_tokenizer import write_auto_tokenizer
     from ..data.store import load_tokenizer, read_meta
@@ -296,11 +298,11 @@ def export_pretrained(
         if out.exists():
             out.rmdir()  # the empty folder the user may have made
         tmp.rename(out)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"cannot write the export {out} ({e.strerror or e}); nothing was left half-written: "
-            f"choose a writable --out with free space"
+            f"cannot write the export {out} ({getattr(e, 'strerror', None) or e}); nothing was left "
+            f"half-written: choose a writable --out with free space"
         ) from None
     return out
 

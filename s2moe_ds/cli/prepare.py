@@ -14,6 +14,11 @@ DESCRIPTION = (
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", help="config whose data section to use: a file, or a shipped config by name (tiny)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines on stderr")
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a data.data_dir that holds other prepared data (runs trained on it depend on it)",
+    )
     ap.add_argument("overrides", nargs="*", help="e.g. data.dataset=shakespeare data.source=PATH data.data_dir=DIR")
 
 
@@ -23,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides).data
     cfg.check_tokenizer_file()
-    meta = prepare_config(cfg, progress=not args.no_progress)
+    meta = prepare_config(cfg, progress=not args.no_progress, force=args.force)
     docs = (
         f" ({', '.join(f'{s} {n:,}' for s, n in meta['documents'].items())} documents)" if "documents" in meta else ""
     )

@@ -57,14 +57,16 @@ def prepare(
     vocab_size: int = 8000,
     *,
     eod_token: str = "",
+    force: bool = False,
     **stream_options,
 ) -> dict:
     """Build ``out_dir`` and return its metadata. Files are written to a temporary name and renamed,
-    so an interrupted run never leaves a half-written token file behind a valid meta.json.
+        so an interrupted run never leaves a half-written token file behind a valid meta.json.
 
-    ``dataset='corpus'`` streams (``prepare_corpus``; ``stream_options`` are ``StreamOptions``' fields, for
-    it alone); the other datasets are read into memory and keep their fixed splits. ``eod_token`` names
-    the end-of-document token of a user's tokenizer file, for any dataset."""
+        ``dataset='corpus'`` streams (``prepare_corpus``; ``stream_options`` are ``StreamOptions``' fields, for
+        it alone); the other datasets are read into memory and keep their fixed splits. ``eod_token`` names
+        the end-of-document token of a user's tokenizer file, for any dataset. A folder holding other prepared
+    data is replaced only with ``force`` (``publish.refuse_other_data``)."""
     opts = StreamOptions(**stream_options)
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; valid values: {', '.join(DATASETS)}")
@@ -72,7 +74,7 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     user_tok = tokenizer_from_spec(tokenizer, eod_token)
     if dataset == "corpus":
-        return prepare_corpus(out, source, user_tok or tokenizer, vocab_size, **dataclasses.asdict(opts))
+        return prepare_corpus(out, source, user_tok or tokenizer, vocab_size, force=force, **dataclasses.asdict(opts))
     if dataset == "text" and source and _needs_corpus(source):
         raise DataError(
             f"data.dataset=text reads one plain UTF-8 file, but data.source is {source!r}; for folders, "
@@ -80,10 +82,12 @@ def prepare(
         )
     if dataset == "wikitext103" and user_tok is None:
         tokenizer = "sentencepiece"
-    return _prepare_in_memory(dataset, out, source, tokenizer, user_tok, vocab_size)
+    return _prepare_in_memory(dataset, out, source, tokenizer, user_tok, vocab_size, force)
 
 
-def _prepare_in_memory(dataset: str, out: Path, source: str, tokenizer: str, user_tok, vocab_size: int) -> dict:
+def _prepare_in_memory(
+    dataset: str, out: Path, source: str, tokenizer: str, user_tok, vocab_size: int, force: bool = False
+) -> dict:
     """The fixed-split datasets: read the corpus, tokenise each split, write the token files and meta."""
     corpus = load_corpus(dataset, source)
     if user_tok is not None:
@@ -107,7 +111,7 @@ def _prepare_in_memory(dataset: str, out: Path, source: str, tokenizer: str, use
         dtype=np.dtype(dtype).name,
         splits={s: int(len(a)) for s, a in ids.items()},
     )
-    with staged(out) as staging:
+    with staged(out, force) as staging:
         for split, arr in ids.items():
             arr.tofile(staging.path(f"{split}.bin"))
         for name, data in tok.model_files().items():
@@ -116,17 +120,22 @@ def _prepare_in_memory(dataset: str, out: Path, source: str, tokenizer: str, use
     return meta
 
 
-def prepare_config(cfg, progress: bool = True) -> dict:
+def prepare_config(cfg, progress: bool = True, force: bool = False) -> dict:
     """``prepare`` with every option of a ``DataConfig`` (the ``data`` section of a config)."""
     options = {name: getattr(cfg, name) for name in CONFIG_STREAM_FIELDS}
     return prepare(
         cfg.dataset, cfg.data_dir, cfg.source, cfg.tokenizer, cfg.vocab_size, eod_token=cfg.eod_token,
-        progress=progress, **options,
+        progress=progress, force=force, **options,
     )  # fmt: skip
 
 
 def prepare_corpus(
-    out_dir: str | Path, source: str, tokenizer: str | Tokenizer = "char", vocab_size: int = 8000, **stream_options
+    out_dir: str | Path,
+    source: str,
+    tokenizer: str | Tokenizer = "char",
+    vocab_size: int = 8000,
+    force: bool = False,
+    **stream_options,
 ) -> dict:
     """Stream ``source`` (see ``stream.resolve_sources``) into ``out_dir`` in bounded memory
     (``stream_options``: ``StreamOptions``' fields).
@@ -155,7 +164,7 @@ def prepare_corpus(
     tok, tok_source = corpus_tokenizer(files, source, tokenizer, vocab_size, use_eod, opts, workers)
     names = ["train", "val"] + (["test"] if opts.test_fraction > 0 else [])
     label = "pass 2/2: tokenize" if tokenizer in ("char", "sentencepiece") else "tokenize"
-    with staged(out) as staging:
+    with staged(out, force) as staging:
         writer, hasher = tokenize_corpus(files, staging, names, tok, use_eod, opts, workers, label)
         _check_every_split(source, writer, names)
         for name, data in tok.model_files().items():

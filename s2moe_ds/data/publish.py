@@ -1,6 +1,11 @@
 """Publishing a data folder: every file is written as ``NAME.tmp`` beside its final name and renamed into
 place at the end, meta.json last, so a reader sees the old folder, no folder (no meta.json), or the new
-one; never a new token file under an old meta.json."""
+one; never a new token file under an old meta.json.
+
+A folder that already holds *other* prepared data (another corpus, tokenizer, vocabulary or split) is
+not replaced unless asked (``force``): runs trained on it read their text through it. The same
+preparation again (the same content; only the time taken, the path it was read from or the worker
+count differ) replaces it silently."""
 
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ class Staging:
     """The files of one preparation, written as ``NAME.tmp`` in the output folder and renamed into place
     by ``commit`` (meta.json last); ``abort`` removes them."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, force: bool = False):
         self.out = out
+        self.force = force
         self.tmps: dict[str, Path] = {}
         self.handles: dict[str, object] = {}
 
@@ -43,6 +49,9 @@ class Staging:
 
     def commit(self, meta: dict) -> None:
         self._close()
+        if not self.force:
+            refuse_other_data(self.out, meta)
+        (self.out / "meta.json").unlink(missing_ok=True)  # from here until the last rename: "not prepared"
         self.path("meta.json").write_text(json.dumps(meta, indent=1))
         for name, tmp in self.tmps.items():
             if name != "meta.json":
@@ -57,14 +66,45 @@ class Staging:
             tmp.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def staged(out: Path) -> Iterator[Staging]:
-    """Stage the output in ``out``. meta.json goes first and comes back last: a folder caught half-way holds
-    no meta.json, which every reader reports as "not prepared", never a new token file under an old
-    meta.json. A failed write removes every temporary and says how much space is free."""
-    staging = Staging(out)
+def content(meta: dict) -> dict:
+    """What a prepared folder holds, without what may differ between two preparations of the same data."""
+    trained = meta.get("tokenizer") == "sentencepiece" and str(meta.get("tokenizer_source", "trained")).startswith(
+        "trained"
+    )
+    volatile = ("prepare_seconds", "source", "workers") + (("tokenizer_sha256",) if trained else ())
+    return {k: v for k, v in meta.items() if k not in volatile}
+
+
+def refuse_other_data(out: Path, meta: dict) -> None:
+    """DataError when ``out`` holds a prepared folder whose content is not ``meta``'s (nothing is changed)."""
     try:
-        (out / "meta.json").unlink(missing_ok=True)
+        old = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return  # nothing prepared there (or unreadable: nothing a run could use)
+    if not isinstance(old, dict):
+        return
+    a, b = content(old), content(meta)
+    if a == b:
+        return
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    shown = ", ".join(
+        f"{k} {a.get(k)} -> {b.get(k)}" if k in ("dataset", "tokenizer", "vocab_size") else k for k in changed[:6]
+    )
+    raise DataError(
+        f"data.data_dir {out} already holds other prepared data ({old.get('dataset')} from {old.get('source')}; "
+        f"this preparation differs in {shown}); runs trained on it read their text through it: prepare into "
+        f"another data.data_dir, or pass --force (`s2moe prepare --force`) to replace it"
+    )
+
+
+@contextlib.contextmanager
+def staged(out: Path, force: bool = False) -> Iterator[Staging]:
+    """Stage the output in ``out``. meta.json goes last: a folder caught half-way through the renames holds
+    no meta.json, which every reader reports as "not prepared", never a new token file under an old
+    meta.json; before that the old folder is untouched. A failed write removes every temporary and says
+    how much space is free."""
+    staging = Staging(out, force)
+    try:
         yield staging
     except OSError as e:
         staging.abort()
