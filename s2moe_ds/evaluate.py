@@ -12,7 +12,6 @@ scored once, each with between 1 and ``context`` tokens of history).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint.export import load_for_eval
+from .checkpoint.export import export_config, load_for_eval, run_tokenizer
 from .checkpoint.resume import check_compatible
 from .config import config_from_dict
 from .configtools import ConfigError
@@ -79,7 +78,7 @@ def load_model(
     device = check_device(device or default_device())
     if is_export(run):
         model, tokenizer = load_pretrained(run, device)
-        config = json.loads((Path(run) / "config.json").read_text())
+        config = export_config(run)
         meta = None
         if data_dir:
             meta = read_meta(data_dir)
@@ -97,16 +96,14 @@ def load_model(
     cfg = config_from_dict(client["config"])
     # evaluation runs in one process: experts of any expert-parallel layout are loaded stacked, locally
     cfg.model.moe.backend, cfg.model.moe.ep_size = "local", 1
+    tokenizer, meta = run_tokenizer(client, data_dir, path)
     if data_dir:
         cfg.data.data_dir = data_dir
-    meta = read_meta(cfg.data.data_dir)
-    check_compatible(client, meta, str(path))
-    note_other_corpus(client.get("data") or {}, meta, cfg.data.data_dir)
+    if meta is not None:
+        note_other_corpus(client.get("data") or {}, meta, cfg.data.data_dir)
     model = MoELanguageModel(cfg.model)
     model.load_state_dict(state)
     model.eval().to(device)
-    from .data.store import load_tokenizer
-
     return (
         model,
         meta,
@@ -114,9 +111,9 @@ def load_model(
             "checkpoint": str(path),
             "step": client.get("step"),
             "config": cfg,
-            "tokenizer": load_tokenizer(cfg.data.data_dir, meta),
-            "tokenizer_kind": meta["tokenizer"],
-            "data_dir": cfg.data.data_dir,
+            "tokenizer": tokenizer,
+            "tokenizer_kind": tokenizer.kind,
+            "data_dir": cfg.data.data_dir if meta is not None else None,
         },
     )
 
@@ -232,9 +229,10 @@ def evaluate_checkpoint(
         tokens = np.asarray(info["tokenizer"].encode(content), dtype=np.int64)
         label = f"text {text}"
     elif meta is None:
+        what = "an exported model" if info["config"] is None else "a run whose prepared data folder is not there"
         raise DataError(
-            f"{run} is an exported model: evaluate it on a text file (--text FILE) or a prepared "
-            f"data folder with its vocabulary (--data-dir DIR)"
+            f"{run} is {what}: evaluate it on a text file (--text FILE) or a prepared data folder with its "
+            f"vocabulary (--data-dir DIR)"
         )
     res = evaluate_model(
         model,

@@ -137,3 +137,23 @@ def test_prepare_never_replaces_other_prepared_data_without_force(tmp_path, shak
     assert snapshot(d) == before
     assert_ok(cli("prepare", "--config", "tiny", *other, "--force"))
     assert '"dataset": "shakespeare"' in (d / "meta.json").read_text()
+
+
+def test_a_run_stands_on_its_own_without_its_data_folder(tmp_path):
+    """Every checkpoint keeps its tokenizer: with the data folder moved away a run samples, evaluates text
+    and exports; only its own splits need the folder, and the message says so."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert_ok(cli("prepare", "--config", "tiny", f"data.data_dir={data}"))
+    assert_ok(single_train([f"data.data_dir={data}", f"train.out_dir={run}", "train.steps=1", "train.progress=false"]))
+    data.rename(tmp_path / "moved")
+    text = _write(tmp_path / "held.txt", "def f(x):\n    return x + 1\n" * 20)
+    sample = cli("sample", str(run), "--prompt", "def ", "--tokens", "10", "--device", "cpu")
+    assert_ok(sample)
+    assert sample.stdout.startswith("def ") and "using the tokenizer kept in" in sample.stderr
+    assert_ok(cli("eval", str(run), "--text", str(text), "--device", "cpu"))
+    assert_ok(cli("export", str(run), "--out", str(tmp_path / "export")))
+    assert (tmp_path / "export" / "tokenizer.json").exists()
+    splits = cli("eval", str(run), "--device", "cpu")
+    assert splits.returncode == 2 and "whose prepared data folder is not there" in splits.stderr
+    assert "--data-dir" in splits.stderr and "Traceback" not in splits.stderr
+    assert_ok(cli("eval", str(run), "--data-dir", str(tmp_path / "moved"), "--max-batches", "2", "--device", "cpu"))

@@ -63,6 +63,12 @@ def is_export(path: str | Path) -> bool:
         return False
 
 
+def export_config(folder: str | Path) -> dict:
+    """Our config.json of an export folder (a stock export keeps it as ``s2moe_config.json``)."""
+    folder = Path(folder)
+    return json.loads((folder / (STOCK_CONFIG if (folder / STOCK_CONFIG).is_file() else CONFIG)).read_text())
+
+
 def consolidated_state(ckpt_dir: Path, model_cfg: dict) -> dict:
     """The model's full state dict in the *local* backend's layout (experts stacked ``[E, ...]``),
     whatever expert-parallel layout wrote the checkpoint: DeepSpeed keeps expert weights out of
@@ -162,10 +168,37 @@ def load_for_eval(path: str | Path) -> tuple[dict, dict, Path]:
     ckpt = find_checkpoint(path)
     verify_checkpoint(ckpt)
     raw = read_state_file(model_state_file(ckpt))
-    client = {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint", "data")}
+    client = {k: v for k, v in raw.items() if k in ("step", "config", "vocab_fingerprint", "data", "tokenizer")}
     if "config" not in client:
         raise CheckpointError(f"{ckpt} has no s2moe config in its client state: not written by s2moe_ds")
     return consolidated_state(ckpt, client["config"]["model"]), client, ckpt
+
+
+def run_tokenizer(client: dict, data_dir: str | None, source: Path):
+    """(tokenizer, the data's meta.json or None) of a checkpoint: from its prepared data folder when that is
+    there (``data_dir``, else the run's own; checked against the checkpoint), else the tokenizer the
+    checkpoint carries (every checkpoint since 2026-12-07), saying so. A ``data_dir`` named by the user
+    must exist."""
+    import sys
+
+    from ..data.errors import DataError
+    from ..data.store import load_tokenizer, read_meta
+    from ..data.tokenizers import Tokenizer
+
+    folder = data_dir or config_from_dict(client["config"]).data.data_dir
+    try:
+        meta = read_meta(folder)
+    except DataError:
+        if data_dir or "tokenizer" not in client:
+            raise
+        print(
+            f"[s2moe] the run's data folder {folder} is not there; using the tokenizer kept in {source} "
+            f"(text works, the run's own splits need the folder: --data-dir)",
+            file=sys.stderr,
+        )
+        return Tokenizer.from_saved(client["tokenizer"], f"checkpoint {source}"), None
+    check_compatible(client, meta, str(source))
+    return load_tokenizer(folder, meta), meta
 
 
 def parse_size(text: str) -> int:
@@ -203,7 +236,7 @@ def shard(state: dict, max_bytes: int) -> list[dict]:
     return shards
 
 
-def hf_config(client: dict, meta: dict, ckpt: Path) -> dict:
+def hf_config(client: dict, tokenizer_kind: str, fingerprint: str, ckpt: Path) -> dict:
     """config.json of an export: the Hugging Face keys, the auto classes, and our model section."""
     model_cfg = client["config"]["model"]
     tied = model_cfg.get("tie_embeddings", True)
@@ -223,8 +256,8 @@ def hf_config(client: dict, meta: dict, ckpt: Path) -> dict:
         "torch_dtype": "float32",
         "s2moe": model_cfg,
         "s2moe_step": client.get("step"),
-        "s2moe_tokenizer": meta["tokenizer"],
-        "s2moe_vocab_fingerprint": vocab_fingerprint(meta),
+        "s2moe_tokenizer": tokenizer_kind,
+        "s2moe_vocab_fingerprint": fingerprint,
         "s2moe_source": str(ckpt),
     }
 
@@ -259,7 +292,6 @@ def export_pretrained(
 
     from ..data.errors import DataError
     from ..data.hf_tokenizer import write_auto_tokenizer
-    from ..data.store import load_tokenizer, read_meta
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -268,18 +300,15 @@ def export_pretrained(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not an empty folder; export into a new folder")
     state, client, ckpt = load_for_eval(run)
-    cfg = config_from_dict(client["config"])
-    data_dir = data_dir or cfg.data.data_dir
     try:
-        meta = read_meta(data_dir)
+        tokenizer, meta = run_tokenizer(client, data_dir, ckpt)
     except DataError as e:
         raise DataError(
-            f"the export carries the run's tokenizer, read from its prepared data folder: {e}; pass "
-            f"--data-dir with the folder the run was trained on"
+            f"the export carries the run's tokenizer, read from its prepared data folder (this checkpoint "
+            f"keeps none of its own): {e}; pass --data-dir with the folder the run was trained on"
         ) from None
-    check_compatible(client, meta, str(ckpt))
-    tokenizer = load_tokenizer(data_dir, meta)
-    config = hf_config(client, meta, ckpt)
+    fingerprint = vocab_fingerprint(meta) if meta else client.get("vocab_fingerprint", "")
+    config = hf_config(client, tokenizer.kind, fingerprint, ckpt)
     files = _export_files(state, config, tokenizer.eod_id, fmt)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
@@ -366,7 +395,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device | None = None
             f"`s2moe export RUN --out {folder}`"
         )
     stock = (folder / STOCK_CONFIG).is_file()
-    config = json.loads((folder / (STOCK_CONFIG if stock else CONFIG)).read_text())
+    config = export_config(folder)
     model_cfg = model_config_from_dict(config["s2moe"], prefix="s2moe")
     model_cfg.moe.backend, model_cfg.moe.ep_size = "local", 1
     model = MoELanguageModel(model_cfg)

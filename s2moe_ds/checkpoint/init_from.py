@@ -13,13 +13,12 @@ losses) may change.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from .export import STOCK_CONFIG, is_export, load_for_eval, load_pretrained
+from .export import export_config, is_export, load_for_eval, load_pretrained
 from .portable import portable_keys
 from .resume import vocab_fingerprint
 from .store import CheckpointError
@@ -31,9 +30,7 @@ def read_source(path: str) -> tuple[dict, str, str]:
     """(state dict in the local layout, its vocabulary fingerprint or '', what was read) of ``path``."""
     if is_export(path):
         folder = Path(path)
-        config = json.loads(
-            (folder / (STOCK_CONFIG if (folder / STOCK_CONFIG).is_file() else "config.json")).read_text()
-        )
+        config = export_config(folder)
         model, _ = load_pretrained(folder)
         return model.state_dict(), config.get("s2moe_vocab_fingerprint", ""), f"the export {folder}"
     state, client, source = load_for_eval(path)

@@ -144,18 +144,45 @@ class Tokenizer:
             )
         try:
             spec = json.loads(spec_path.read_text())
-            kind = spec["kind"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{spec_path} is corrupt ({e!r}); write it again with Tokenizer.save_pretrained") from None
+
+        def read(name: str) -> bytes:
+            if not (d / name).exists():
+                raise DataError(f"{spec_path} names {name}, which is missing from {d}; copy it there")
+            return (d / name).read_bytes()
+
+        return Tokenizer.from_spec(spec, read, str(spec_path))
+
+    def saved(self) -> dict:
+        """Everything that rebuilds this tokenizer, in one picklable dict (kept in every checkpoint):
+        ``{'spec': spec(), 'files': model_files()}``; ``Tokenizer.from_saved`` reads it."""
+        return {"spec": self.spec(), "files": dict(self.model_files())}
+
+    @staticmethod
+    def from_saved(saved: dict, where: str = "the checkpoint") -> Tokenizer:
+        files = saved.get("files") or {}
+
+        def read(name: str) -> bytes:
+            if name not in files:
+                raise DataError(f"{where} keeps no {name} for its tokenizer; it is incomplete")
+            return files[name]
+
+        return Tokenizer.from_spec(saved.get("spec") or {}, read, where)
+
+    @staticmethod
+    def from_spec(spec: dict, read, where: str) -> Tokenizer:
+        """The tokenizer a ``spec()`` describes, its model file (if any) from ``read(name) -> bytes``."""
+        kind = spec.get("kind") if isinstance(spec, dict) else None
         if kind == "char":
+            if "symbols" not in spec:
+                raise DataError(f"{where} is corrupt (a character tokenizer without its symbols)")
             return CharTokenizer(spec["symbols"], spec.get("unit", "char"), spec.get("eod_id"))
         if kind in ("sentencepiece", "huggingface"):
-            path = d / spec.get("file", SPM_FILE if kind == "sentencepiece" else HF_FILE)
-            if not path.exists():
-                raise DataError(f"{spec_path} names {path.name}, which is missing from {d}; copy it there")
+            data = read(spec.get("file", SPM_FILE if kind == "sentencepiece" else HF_FILE))
             cls = SentencePieceTokenizer if kind == "sentencepiece" else HFTokenizer
-            return cls(path.read_bytes(), eod_id=spec.get("eod_id"))
-        raise DataError(f"{spec_path} has unknown kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+            return cls(data, eod_id=spec.get("eod_id"))
+        raise DataError(f"{where} has unknown tokenizer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
 
 
 class CharTokenizer(Tokenizer):

@@ -28,6 +28,7 @@ from ..checkpoint.store import (
 )
 from ..config import Config
 from ..configtools import ConfigError
+from ..data.store import load_tokenizer
 from ..distributed import broadcast_str
 from ..runlock import lock_run_dir
 from .hooks import NonFiniteLoss
@@ -120,6 +121,8 @@ class Checkpointer:
         self.out_dir = Path(cfg.train.out_dir)
         self.root = self.out_dir / "checkpoints"
         self.data_id = {"dataset": meta.get("dataset"), "source_sha256": meta.get("source_sha256")}
+        # every checkpoint carries its tokenizer: a run samples, evaluates text and exports without its data
+        self.tokenizer = load_tokenizer(cfg.data.data_dir, meta).saved()
         self.resume: tuple[Path, str] | None = None
         self.run_id = ""
         self.resolved: dict = {}
@@ -229,6 +232,7 @@ class Checkpointer:
             "layout": self.layout.to_dict(),
             "run_id": self.run_id,
             "data": self.data_id,
+            "tokenizer": self.tokenizer,
         }
         try:
             self.engine.save_checkpoint(str(self.root), tag=partial, client_state=client, save_latest=False)
