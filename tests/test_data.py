@@ -130,5 +130,5 @@ def test_decoder_is_the_data_folders_tokenizer(tmp_path):
     dec, tok = Decoder(tmp_path), load_tokenizer(tmp_path, meta)
     assert meta["eod_id"] is None and tok.vocab_size == meta["vocab_size"] and meta["dtype"] == "uint16"
     assert dec.encode("def f():") == tok.encode("def f():") and dec.decode(tok.encode("def f():")) == "def f():"
-    with pytest.raises(DataError, match="prompt has symbols outside the vocabulary"):
+    with pytest.raises(DataError, match="the text has 1 character outside the model's vocabulary"):
         dec.encode("def \ue000")

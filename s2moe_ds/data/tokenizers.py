@@ -221,7 +221,12 @@ class CharTokenizer(Tokenizer):
 
     def _unknown_error(self, units) -> DataError:
         unknown = sorted({chr(u) if self.unit == "char" else u for u in map(int, units) if u not in self.index})
-        return DataError(f"prompt has symbols outside the vocabulary: {unknown[:10]}")
+        what = "character" if self.unit == "char" else "byte"
+        n = len(unknown)
+        return DataError(
+            f"the text has {n} {what}{'s' if n > 1 else ''} outside the model's vocabulary (the {len(self.symbols)} "
+            f"its training data held): {unknown[:10]}; give text made of those {what}s"
+        )
 
     def encode(self, text: str) -> list[int]:
         units = text.encode("utf-8") if self.unit == "byte" else [ord(c) for c in text]
