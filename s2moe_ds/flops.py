@@ -5,7 +5,8 @@ Per layer, forward:
   under grouped-query attention) + scores and weighted values ``4 n d`` over the full context ``n`` (the
   PaLM / Chinchilla convention: an upper bound for causal attention);
 - dense FFN: ``4 d f`` (GELU), ``6 d f`` (SwiGLU, arch 'llama');
-- MoE FFN: the router's FLOPs plus (expected experts evaluated per token) x (one expert's FLOPs);
+- MoE FFN: the router's FLOPs plus (expected experts evaluated per token + shared experts) x (one expert's
+  FLOPs);
   under S2MoE in training both pathways route and run (twice the router and experts), plus the gate
   ``2 d`` and the InfoNCE negatives ``2 M d`` (M = ``num_negatives``, or every token of the micro-batch
   when it is 0: ``batch_tokens``); at inference with the clean pathway only, one pass;
@@ -31,9 +32,8 @@ def moe_layer_flops(cfg: ModelConfig, training: bool, k: int = 0, batch_tokens: 
     d, E = cfg.d_model, m.num_experts
     k = k or (m.k if training else m.inference_k)
     pathways = pathways or m.s2moe.inference
-    per_pass = cls.flops_per_token(rcfg, d, E) + cls.expected_slots(rcfg, k, E, training) * expert_flops(
-        d, m.d_ff or 4 * d, m.activation
-    )
+    one = expert_flops(d, m.d_ff or 4 * d, m.activation)
+    per_pass = cls.flops_per_token(rcfg, d, E) + (cls.expected_slots(rcfg, k, E, training) + m.num_shared_experts) * one
     if not m.s2moe.enabled or (not training and pathways == "clean"):
         return per_pass
     extra = 2 * d

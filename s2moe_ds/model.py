@@ -147,7 +147,7 @@ class MoELanguageModel(nn.Module):
             self.head.weight = self.tok_emb.weight
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("ffn.proj.weight"):
+            if name.endswith(("attn.proj.weight", "ffn.proj.weight", "ffn.shared.proj.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod

@@ -96,8 +96,10 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_expert_parallel_llama_trains_as_data_parallel_and_resumes_exactly(tmp_path, data_dir):
+    """With a shared expert too: replicated on both ranks beside the sharded routed experts."""
     args = [f"data.data_dir={data_dir}", "train.steps=6", "train.save_interval=3", "train.eval_interval=3",
-            "train.log_interval=1", "train.eval_iters=1", "train.progress=false"]  # fmt: skip
+            "train.log_interval=1", "train.eval_iters=1", "train.progress=false",
+            "model.moe.num_shared_experts=1"]  # fmt: skip
     ep = ["model.moe.backend=deepspeed", "model.moe.ep_size=2"]
     cfg = "configs/tiny_llama.yaml"
     assert_ok(deepspeed_train(2, args + [f"train.out_dir={tmp_path / 'dp'}"], config=cfg))

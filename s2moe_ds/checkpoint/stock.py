@@ -40,6 +40,8 @@ def stock_fit(model: MoELanguageModel) -> tuple[str | None, str]:
         return None, "the router has a bias (router_args.bias or bias_update_rate); stock routers have none"
     if m.activation != "swiglu":
         return None, f"moe.activation is {m.activation!r}; stock experts are SwiGLU"
+    if m.num_shared_experts:
+        return None, "the layers have shared experts; the stock architectures here have none (Qwen2-MoE gates its)"
     k, pathways = model.inference()
     if m.s2moe.enabled and pathways != "clean":
         return None, "S2MoE evaluates both pathways (s2moe.inference 'both'); a stock model runs one"

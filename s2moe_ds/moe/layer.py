@@ -101,6 +101,11 @@ class MoEConfig:
     """Expert hidden width; 0 means 4 x d_model."""
     activation: str = "gelu"
     """Expert activation: 'gelu' (2 matrices) or 'swiglu' (3 matrices)."""
+    num_shared_experts: int = 0
+    """Always-on experts beside the routed ones (DeepSeekMoE): every token goes through them and their output
+    is added to the routed experts'; held as one bias-free FFN of ``num_shared_experts x d_ff`` width with the
+    experts' activation, replicated on every rank. Under S2MoE both pathways run them (they are part of the
+    SMoE f)."""
     expert_init: str = "dense"
     """Expert weights at initialisation: 'dense' (as the dense FFN: std 0.02 in, 0.02/sqrt(2 n_layer) out)
     or 'fan_in' (std 1/sqrt(fan_in) for every matrix: the rule before commit 5a0b4d4, kept for the tuning
@@ -159,6 +164,7 @@ class MoEConfig:
                     f"must be between {1 if name == 'k' else 0} and num_experts ({self.num_experts}), got {value}",
                 )
         check_positive(f"{prefix}.d_ff", self.d_ff, allow_zero=True)
+        check_positive(f"{prefix}.num_shared_experts", self.num_shared_experts, allow_zero=True)
         check_choice(f"{prefix}.eval_weights", self.eval_weights, EVAL_WEIGHTS)
         check_choice(f"{prefix}.router", self.router, ROUTERS)
         self.router_config(f"{prefix}.router_args").validate(f"{prefix}.router_args")
@@ -167,6 +173,21 @@ class MoEConfig:
         check_choice(f"{prefix}.activation", self.activation, ACTIVATIONS)
         check_choice(f"{prefix}.expert_init", self.expert_init, EXPERT_INITS)
         self.s2moe.validate(f"{prefix}.s2moe")
+
+
+class SharedExperts(nn.Module):
+    """The shared experts as one FFN: ``proj(act(fc(x)))``, SwiGLU ``proj(silu(fc(x)) * up(x))``; no biases."""
+
+    def __init__(self, d_model: int, width: int, activation: str):
+        super().__init__()
+        self.fc = nn.Linear(d_model, width, bias=False)
+        self.up = nn.Linear(d_model, width, bias=False) if activation == "swiglu" else None
+        self.proj = nn.Linear(width, d_model, bias=False)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        h = self.fc(x_TD)
+        h = torch.nn.functional.gelu(h) if self.up is None else torch.nn.functional.silu(h) * self.up(x_TD)
+        return self.proj(h)
 
 
 @dataclass
@@ -217,6 +238,8 @@ class MoELayer(nn.Module):
             init=cfg.expert_init,
         )
         self.experts = build_backend(cfg.backend, spec, cfg.backend_config())
+        width = cfg.num_shared_experts * spec.d_ff
+        self.shared = SharedExperts(d_model, width, cfg.activation) if width else None
 
     def set_inference(self, k: int | None = None, pathways: str | None = None, weights: str | None = None) -> None:
         """This layer's evaluation top-k, S2MoE pathways ('clean'/'both') and combine-weight convention
@@ -240,11 +263,17 @@ class MoELayer(nn.Module):
 
     def dispatch(self, x_TD: Tensor, route: RouterOutput) -> Tensor:
         if route.precomputed_TD is not None:
-            return route.precomputed_TD
+            return self.with_shared(x_TD, route.precomputed_TD)
         if route.expert_ids_TK.shape[1] == 0:
-            return route.extra_TD
+            return self.with_shared(x_TD, route.extra_TD)
         y_TD = self.experts(x_TD, route.expert_ids_TK, route.weights_TK)
-        return y_TD if route.extra_TD is None else y_TD + route.extra_TD
+        if route.extra_TD is not None:
+            y_TD = y_TD + route.extra_TD
+        return self.with_shared(x_TD, y_TD)
+
+    def with_shared(self, x_TD: Tensor, y_TD: Tensor) -> Tensor:
+        """The routed output plus the shared experts' (when there are any)."""
+        return y_TD if self.shared is None else y_TD + self.shared(x_TD)
 
     def backend_metrics(self) -> dict:
         """What the expert backend reports about the last dispatch: slots dropped by capacity."""

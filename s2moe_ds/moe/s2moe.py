@@ -144,6 +144,9 @@ class S2MoELayer(MoELayer):
         if route.extra_TD is not None:  # the router's own term (VQMoE's discrete branch), gated alike
             e = route.extra_TD
             y_TD = y_TD + g_T1.to(e.dtype) * e[:T] + (1 - g_T1.to(e.dtype)) * e[T:]
+        if self.shared is not None:  # the shared experts, on both pathways, gated alike
+            s = self.shared(xx)
+            y_TD = y_TD + g_T1.to(s.dtype) * s[:T] + (1 - g_T1.to(s.dtype)) * s[T:]
         return y_TD, dict(route.aux_losses), metrics
 
     def forward(self, x: Tensor) -> MoEOutput:
