@@ -11,7 +11,17 @@ setup(
     package_data={"s2moe_ds": ["configs/*.yaml", "ds_configs/*.json"]},
     python_requires=">=3.10",
     # versions are pinned in requirements.txt (what CI and the images install); ranges here
-    install_requires=["torch>=2.4", "deepspeed>=0.19.4", "tensorboard", "sentencepiece", "numpy", "PyYAML", "tqdm"],
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.19.4",
+        "tensorboard",
+        "sentencepiece",
+        "tokenizers",
+        "numpy",
+        "PyYAML",
+        "tqdm",
+        "safetensors",
+    ],
     # megablocks: the backend calls grouped_gemm (MegaBlocks' grouped GEMM kernels, built against the
     # installed torch: `pip install --no-build-isolation -e .[megablocks]` on a CUDA machine). MegaBlocks
     # itself pins torch 2.7.0; requirements-megablocks.txt installs it with --no-deps instead.

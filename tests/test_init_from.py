@@ -80,3 +80,33 @@ def test_another_architecture_or_vocabulary_is_refused_with_the_difference(sourc
                             f"train.init_from={tmp_path / 'nowhere'}", *COMMON], config=CFG)  # fmt: skip
     assert missing.returncode == 2 and "'train.init_from'" in missing.stderr and "does not exist" in missing.stderr
     assert not (tmp_path / "m").exists()  # refused before anything is written
+
+
+def test_another_corpus_prepared_with_the_exports_tokenizer_fine_tunes_and_resumes(source, tmp_path, shakespeare_path):
+    """The documented path to fine-tune on other text: prepare it with the source export's tokenizer.json
+    (the same ids); a resume of the fine-tuning run needs the source no more."""
+    root, data, run, export = source
+    other = tmp_path / "shakespeare"
+    assert_ok(cli("prepare", "--config", CFG, "data.dataset=shakespeare", f"data.source={shakespeare_path}",
+                  f"data.tokenizer={export / 'tokenizer.json'}", f"data.data_dir={other}"))  # fmt: skip
+    out = tmp_path / "ft"
+    args = [f"data.data_dir={other}", f"train.out_dir={out}", "train.steps=4", "train.log_interval=1",
+            "train.eval_iters=1", "train.progress=false", "train.eval_interval=2", "train.save_interval=2"]  # fmt: skip
+    first = single_train([*args, f"train.init_from={run}", "train.stop_at_step=2"], config=CFG)
+    assert_ok(first)
+    assert "weights from checkpoint" in first.stdout
+    moved = tmp_path / "source-moved"
+    run.rename(moved)
+    try:
+        resumed = single_train([*args, f"train.init_from={run}", "train.resume=auto"], config=CFG)
+        assert_ok(resumed)  # the source is gone: a resume continues its own checkpoint and ignores init_from
+        assert "weights from" not in resumed.stdout and "steps 2->4" in resumed.stdout
+    finally:
+        moved.rename(run)
+
+
+def test_a_tied_model_refuses_a_source_with_its_own_output_head(source, tmp_path):
+    root, data, run, _ = source  # tiny_llama: tie_embeddings false
+    tied = single_train([f"data.data_dir={data}", f"train.out_dir={tmp_path / 't'}", f"train.init_from={run}",
+                         "model.tie_embeddings=true", *COMMON], config=CFG)  # fmt: skip
+    assert tied.returncode == 2 and "an output head of its own" in tied.stderr

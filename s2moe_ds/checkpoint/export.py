@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -188,16 +189,17 @@ def run_tokenizer(client: dict, data_dir: str | None, source: Path):
     folder = data_dir or config_from_dict(client["config"]).data.data_dir
     try:
         meta = read_meta(folder)
-    except DataError:
+        check_compatible(client, meta, str(source))
+    except (DataError, CheckpointError) as e:
         if data_dir or "tokenizer" not in client:
             raise
+        why = "is not there" if isinstance(e, DataError) else "now holds other data"
         print(
-            f"[s2moe] the run's data folder {folder} is not there; using the tokenizer kept in {source} "
-            f"(text works, the run's own splits need the folder: --data-dir)",
+            f"[s2moe] the run's data folder {folder} {why}; using the tokenizer kept in {source} "
+            f"(text works, the run's own splits need its data: --data-dir)",
             file=sys.stderr,
         )
         return Tokenizer.from_saved(client["tokenizer"], f"checkpoint {source}"), None
-    check_compatible(client, meta, str(source))
     return load_tokenizer(folder, meta), meta
 
 
@@ -303,6 +305,8 @@ def export_pretrained(
     try:
         tokenizer, meta = run_tokenizer(client, data_dir, ckpt)
     except DataError as e:
+        if data_dir or "tokenizer" in client:
+            raise
         raise DataError(
             f"the export carries the run's tokenizer, read from its prepared data folder (this checkpoint "
             f"keeps none of its own): {e}; pass --data-dir with the folder the run was trained on"
@@ -323,7 +327,10 @@ def export_pretrained(
         for name, text in files.items():
             (tmp / name).write_text(text)
         tokenizer.save_pretrained(tmp)
-        write_auto_tokenizer(tokenizer, tmp, config["max_position_embeddings"])
+        try:
+            write_auto_tokenizer(tokenizer, tmp, config["max_position_embeddings"])
+        except DataError as e:
+            print(f"[s2moe export] note: {e}", file=sys.stderr)
         if out.exists():
             out.rmdir()  # the empty folder the user may have made
         tmp.rename(out)
@@ -333,6 +340,9 @@ def export_pretrained(
             f"cannot write the export {out} ({getattr(e, 'strerror', None) or e}); nothing was left "
             f"half-written: choose a writable --out with free space"
         ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..data.store import load_tokenizer
+from ..data.tokenizers import Tokenizer
 from .export import export_config, is_export, load_for_eval, load_pretrained
 from .portable import portable_keys
 from .resume import vocab_fingerprint
@@ -26,15 +28,40 @@ from .store import CheckpointError
 STACKED = re.compile(r"^(blocks\.\d+\.ffn\.experts)\.([^.]+)$")  # a stacked expert matrix [E, ...], local layout
 
 
-def read_source(path: str) -> tuple[dict, str, str]:
-    """(state dict in the local layout, its vocabulary fingerprint or '', what was read) of ``path``."""
+def read_source(path: str) -> tuple[dict, str, Tokenizer | None, str]:
+    """(state dict in the local layout, its vocabulary fingerprint or '', its tokenizer when it keeps one,
+    what was read) of ``path``."""
     if is_export(path):
         folder = Path(path)
         config = export_config(folder)
-        model, _ = load_pretrained(folder)
-        return model.state_dict(), config.get("s2moe_vocab_fingerprint", ""), f"the export {folder}"
+        model, tokenizer = load_pretrained(folder)
+        return model.state_dict(), config.get("s2moe_vocab_fingerprint", ""), tokenizer, f"the export {folder}"
     state, client, source = load_for_eval(path)
-    return state, client.get("vocab_fingerprint", ""), f"checkpoint {source}"
+    saved = client.get("tokenizer")
+    tokenizer = Tokenizer.from_saved(saved, f"checkpoint {source}") if saved else None
+    return state, client.get("vocab_fingerprint", ""), tokenizer, f"checkpoint {source}"
+
+
+def check_vocabulary(path: str, what: str, fingerprint: str, source_tok, data_dir: str, meta: dict) -> None:
+    """Refuse data whose token ids mean other tokens than the source's: compared token by token when the
+    source keeps its tokenizer (then the same tokenizer file prepared over another corpus passes), else by
+    the data's vocabulary fingerprint."""
+    if source_tok is not None:
+        mine = load_tokenizer(data_dir, meta)
+        a, b = source_tok.id_table(), mine.id_table()
+        if a == b:
+            return
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        detail = f"{len(a)} tokens in the source, {len(b)} here; the first to differ is id {first}"
+    elif not fingerprint or fingerprint == vocab_fingerprint(meta):
+        return
+    else:
+        detail = f"fingerprint {fingerprint}, this run's data {vocab_fingerprint(meta)}"
+    raise CheckpointError(
+        f"train.init_from {path}: {what} was trained on another vocabulary ({detail}); fine-tuning keeps the "
+        f"token ids: prepare the new data with the source's tokenizer (data.tokenizer=EXPORT/tokenizer.json "
+        f"of its `s2moe export`, which keeps the same ids) or train from scratch"
+    )
 
 
 def portable_state(state: dict) -> dict:
@@ -49,20 +76,17 @@ def portable_state(state: dict) -> dict:
     return out
 
 
-def init_from(model, path: str, meta: dict) -> str:
+def init_from(model, path: str, meta: dict, data_dir: str) -> str:
     """Set ``model``'s weights (and buffers) from ``path``; returns a line saying what was loaded."""
-    state, fingerprint, what = read_source(path)
-    mine = vocab_fingerprint(meta)
-    if fingerprint and fingerprint != mine:
-        raise CheckpointError(
-            f"train.init_from {path}: {what} was trained on another vocabulary (fingerprint {fingerprint}, this "
-            f"run's data {mine}); fine-tuning keeps the token ids: prepare the new data with that run's "
-            f"tokenizer (data.tokenizer=PATH of its tokenizer file) or train from scratch"
-        )
+    state, fingerprint, source_tok, what = read_source(path)
+    check_vocabulary(path, what, fingerprint, source_tok, data_dir, meta)
     source = portable_state(state)
+    tied_source = "head.weight" not in source or torch.equal(source["head.weight"], source.get("tok_emb.weight"))
     if model.cfg.tie_embeddings:
         source.pop("head.weight", None)  # the tied head is the embedding
     values, problems = _match(model, source)
+    if model.cfg.tie_embeddings and not tied_source:
+        problems.insert(0, "the source has an output head of its own (tie_embeddings false), this model ties it")
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise CheckpointError(

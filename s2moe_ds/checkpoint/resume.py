@@ -114,6 +114,10 @@ def check_compatible(client_state: dict, meta: dict, source: str) -> None:
 # Resuming with another value of these cannot be right: the weights or the data do not fit.
 SHAPE_FIELDS = (
     "model.vocab_size",
+    "model.arch",
+    "model.n_kv_head",
+    "model.qk_norm",
+    "model.moe.num_shared_experts",
     "model.n_layer",
     "model.n_head",
     "model.d_model",
@@ -147,6 +151,11 @@ SILENT_FIELDS = (
 )
 
 
+# fields added after checkpoints were written, with the value every older checkpoint ran with
+ADDED_FIELDS = {"model.arch": "gpt2", "model.n_kv_head": 0, "model.qk_norm": False, "model.rope_theta": 10000.0,
+                "model.norm_eps": 1e-5, "model.moe.num_shared_experts": 0, "train.init_from": ""}  # fmt: skip
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -166,6 +175,8 @@ def check_resume_config(client_state: dict, cfg, data_id: dict, source: str, own
     if not saved:
         return []
     old, new = _flatten(saved), _flatten(cfg.to_dict())
+    for key, default in ADDED_FIELDS.items():  # a checkpoint older than a field ran with its default
+        old.setdefault(key, default)
     if cfg.model.vocab_size and saved["model"].get("vocab_size", 0) == 0:
         old["model.vocab_size"] = new["model.vocab_size"]  # saved before the data filled it in
     shape = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in SHAPE_FIELDS if old.get(k) != new.get(k)]

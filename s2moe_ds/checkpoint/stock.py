@@ -14,7 +14,8 @@ Anything else (the GPT-2 block, cosine or codebook routers, a router bias) is no
 the export is this package's own folder.
 
 The weights are written in the names and per-expert layout the models are published in on the Hub
-(what ``save_pretrained`` writes), which transformers 4.x and 5.x and the serving stacks all read.
+(what transformers 5.x's ``save_pretrained`` writes); config.json carries 4.x's names too (``rope_theta``,
+Qwen3-MoE's ``num_experts``, ``torch_dtype``). Tested with transformers 5.17 only.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def stock_config(model: MoELanguageModel, model_type: str, eos_token_id: int | N
         "max_position_embeddings": cfg.context,
         "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta,  # transformers 4.x reads this name (and defaults Mixtral's to 1e6)
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": 0.0,
         "num_local_experts": cfg.moe.num_experts,
@@ -80,6 +82,7 @@ def stock_config(model: MoELanguageModel, model_type: str, eos_token_id: int | N
         "output_router_logits": False,
         "use_cache": True,
         "dtype": "float32",
+        "torch_dtype": "float32",  # the 4.x name
         "eos_token_id": eos_token_id,
         "bos_token_id": None,
         "pad_token_id": None,
@@ -92,6 +95,7 @@ def stock_config(model: MoELanguageModel, model_type: str, eos_token_id: int | N
         config.update(
             intermediate_size=cfg.d_ff or 4 * cfg.d_model,
             moe_intermediate_size=expert_width,
+            num_experts=cfg.moe.num_experts,  # Qwen3-MoE's own name (5.x maps it to num_local_experts)
             norm_topk_prob=layer.router.weight_rule(k) == "renorm",
             decoder_sparse_step=1,
             mlp_only_layers=[i for i in range(cfg.n_layer) if i not in moe_ids],

@@ -49,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.out.rstrip("/"):
         raise ConfigError(f"--out must name a folder to write, e.g. tiny-export; got {args.out!r}")
     if args.out.endswith(".safetensors"):
+        if args.format == "stock":
+            raise ConfigError(
+                "--format stock writes a folder (config.json, weights, tokenizer); a single .safetensors file is "
+                "this package's own format: give --out a folder name"
+            )
         print(
             "[s2moe export] warning: a single .safetensors file is deprecated and will be removed in the next "
             "release: it holds no tokenizer; export into a folder instead (--out DIR)",

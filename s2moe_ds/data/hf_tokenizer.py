@@ -19,9 +19,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from .tokenizers import HF_FILE, CharTokenizer, SentencePieceTokenizer, Tokenizer
+from .errors import DataError
+from .text import byte_chars
+from .tokenizers import EOD_TOKEN, HF_FILE, CharTokenizer, SentencePieceTokenizer, Tokenizer
 
-EOD_TOKEN = "<|endoftext|>"
 CONFIG_FILE = "tokenizer_config.json"
 
 
@@ -42,14 +43,6 @@ def _char_tokenizer(tok: CharTokenizer):
     return hf
 
 
-def byte_chars() -> dict[int, str]:
-    """The character ``ByteLevel`` stands each byte for (GPT-2's table): printable bytes stand for
-    themselves, the other bytes, in order, for the characters from U+0100 on."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
-
-
 def _sentencepiece_tokenizer(tok: SentencePieceTokenizer):
     import sys
 
@@ -58,6 +51,15 @@ def _sentencepiece_tokenizer(tok: SentencePieceTokenizer):
 
     # from_spm reads the model with a module of this top-level name; sentencepiece ships it
     sys.modules.setdefault("sentencepiece_model_pb2", sentencepiece_model_pb2)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.model)
+    norm = proto.normalizer_spec
+    if proto.trainer_spec.model_type != 1 or not norm.add_dummy_prefix or not norm.remove_extra_whitespaces:
+        raise DataError(
+            "the SentencePiece model is not a unigram model with SentencePiece's default whitespace handling, "
+            "which is what tokenizers' converter writes; no tokenizer.json for AutoTokenizer (s2moe_ds reads "
+            "the export's spm.model as before)"
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spm.model"
@@ -68,7 +70,11 @@ def _sentencepiece_tokenizer(tok: SentencePieceTokenizer):
 def auto_tokenizer_files(tok: Tokenizer, max_length: int) -> dict[str, str]:
     """{file name: text} of ``tokenizer.json`` and ``tokenizer_config.json`` for ``tok``."""
     if tok.kind == "huggingface":
-        text = tok.data.decode("utf-8")
+        # ours encodes without special tokens: drop the post-processor (a BOS/CLS template) so AutoTokenizer
+        # gives the same ids by default
+        spec = json.loads(tok.data.decode("utf-8"))
+        spec["post_processor"] = None
+        text = json.dumps(spec, ensure_ascii=False)
     else:
         hf = _char_tokenizer(tok) if tok.kind == "char" else _sentencepiece_tokenizer(tok)
         text = hf.to_str()

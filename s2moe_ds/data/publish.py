@@ -51,8 +51,8 @@ class Staging:
         self._close()
         if not self.force:
             refuse_other_data(self.out, meta)
+        self.path("meta.json").write_text(json.dumps(meta, indent=1))  # a full disk fails here: old folder intact
         (self.out / "meta.json").unlink(missing_ok=True)  # from here until the last rename: "not prepared"
-        self.path("meta.json").write_text(json.dumps(meta, indent=1))
         for name, tmp in self.tmps.items():
             if name != "meta.json":
                 os.replace(tmp, self.out / name)
@@ -71,7 +71,8 @@ def content(meta: dict) -> dict:
     trained = meta.get("tokenizer") == "sentencepiece" and str(meta.get("tokenizer_source", "trained")).startswith(
         "trained"
     )
-    volatile = ("prepare_seconds", "source", "workers") + (("tokenizer_sha256",) if trained else ())
+    # the paths data and a brought tokenizer were read from do not matter: their hashes do
+    volatile = ("prepare_seconds", "source", "workers", "tokenizer_source") + (("tokenizer_sha256",) if trained else ())
     return {k: v for k, v in meta.items() if k not in volatile}
 
 

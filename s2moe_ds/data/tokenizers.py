@@ -7,8 +7,7 @@ Kinds (``Tokenizer.kind``, the ``tokenizer`` field of meta.json):
   end-of-document id;
 - ``sentencepiece``: a SentencePiece model, trained by ``s2moe prepare`` or brought by the user
   (``data.tokenizer=PATH.model``);
-- ``huggingface``: a Hugging Face ``tokenizer.json`` (``data.tokenizer=PATH/tokenizer.json``; needs the
-  ``tokenizers`` package).
+- ``huggingface``: a Hugging Face ``tokenizer.json`` (``data.tokenizer=PATH/tokenizer.json``).
 
 ``save_pretrained(dir)`` writes everything needed to rebuild a tokenizer (``s2moe_tokenizer.json`` plus
 the model file); ``Tokenizer.from_pretrained(dir)`` rebuilds it from those files alone.
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .text import byte_chars, split_pieces
 
 SPEC_FILE = "s2moe_tokenizer.json"
 SPM_FILE = "spm.model"
@@ -35,25 +35,7 @@ HF_FILE = "tokenizer.json"
 KINDS = ("char", "sentencepiece", "huggingface")
 # end-of-document tokens looked for in a Hugging Face tokenizer when data.eod_token is ''
 HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
-TOKENIZERS_PIN = "tokenizers==0.23.3"
-
-
-def split_pieces(text: str, max_chars: int = 1 << 20) -> list[str]:
-    """``text`` cut into pieces of about ``max_chars`` characters, each ending at a line end (a line
-    longer than that stays whole), so encoding piece by piece matches encoding line by line."""
-    if len(text) <= max_chars:
-        return [text]
-    pieces, start = [], 0
-    while start < len(text):
-        end = start + max_chars
-        if end < len(text):
-            nl = text.rfind("\n", start, end)
-            if nl < start:
-                nl = text.find("\n", end)
-            end = len(text) if nl < 0 else nl + 1
-        pieces.append(text[start:end])
-        start = end
-    return pieces
+EOD_TOKEN = "<|endoftext|>"  # the character tokenizer's end-of-document token, where it needs a name
 
 
 class Tokenizer:
@@ -154,6 +136,18 @@ class Tokenizer:
 
         return Tokenizer.from_spec(spec, read, str(spec_path))
 
+    def id_table(self) -> list[str]:
+        """Every id's token, as text: what the ids mean (characters; a byte as ``ByteLevel``'s character for
+        it; SentencePiece pieces; tokenizer.json tokens), whichever tokenizer kind holds them."""
+        raise NotImplementedError
+
+    def vocab_identity(self) -> str:
+        """A hash of ``id_table()``: equal for two tokenizers whose ids mean the same tokens."""
+        return hashlib.sha256(json.dumps(self.id_table()).encode()).hexdigest()[:16]
+
+    def __reduce__(self):  # pickled (to worker processes, in checkpoints) as what rebuilds it
+        return Tokenizer.from_saved, (self.saved(),)
+
     def saved(self) -> dict:
         """Everything that rebuilds this tokenizer, in one picklable dict (kept in every checkpoint):
         ``{'spec': spec(), 'files': model_files()}``; ``Tokenizer.from_saved`` reads it."""
@@ -206,12 +200,6 @@ class CharTokenizer(Tokenizer):
         self.index = {s: i for i, s in enumerate(self.symbols)}
         self._lut = None
 
-    def __getstate__(self):
-        return {"symbols": self.symbols, "unit": self.unit, "eod_id": self.eod_id}
-
-    def __setstate__(self, state):
-        self.__init__(state["symbols"], state["unit"], state["eod_id"])
-
     def _units(self, text) -> np.ndarray:
         if isinstance(text, (bytes, bytearray)):
             return np.frombuffer(text, dtype=np.uint8).astype(np.uint32)
@@ -252,6 +240,11 @@ class CharTokenizer(Tokenizer):
         if self.unit == "byte":
             return super().encode_documents(texts, dtype)
         return self.encode_array("".join(texts), dtype), lengths
+
+    def id_table(self) -> list[str]:
+        chars = byte_chars() if self.unit == "byte" else None
+        table = [chars[s] if chars else chr(s) for s in self.symbols]
+        return table + ([EOD_TOKEN] if self.eod_id is not None else [])
 
     def decode(self, ids) -> str:
         values = [self.symbols[int(i)] for i in ids if self.eod_id is None or int(i) != self.eod_id]
@@ -309,12 +302,6 @@ class SentencePieceTokenizer(Tokenizer):
         eos = self.sp.eos_id()
         return int(eos) if eos >= 0 else None
 
-    def __getstate__(self):
-        return {"model": self.model, "eod_id": self.eod_id}
-
-    def __setstate__(self, state):
-        self.__init__(state["model"], state["eod_id"])
-
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
@@ -325,6 +312,9 @@ class SentencePieceTokenizer(Tokenizer):
             for piece in split_pieces(text)
         ]
         return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
+
+    def id_table(self) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids if self.eod_id is None or int(i) != self.eod_id])
@@ -340,16 +330,6 @@ class SentencePieceTokenizer(Tokenizer):
         return {SPM_FILE: self.model}
 
 
-def _hf():
-    try:
-        import tokenizers
-    except ImportError:
-        raise DataError(
-            f"a Hugging Face tokenizer.json needs the `tokenizers` package: pip install {TOKENIZERS_PIN}"
-        ) from None
-    return tokenizers
-
-
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers`` tokenizer (the ``tokenizer.json`` text). Encoding adds no special
     tokens (no BOS/CLS templates); the end-of-document id is the named token, else the first of
@@ -361,7 +341,9 @@ class HFTokenizer(Tokenizer):
     def __init__(self, data: bytes | str, eod_id: int | None = None):
         self.data = data.encode("utf-8") if isinstance(data, str) else bytes(data)
         try:
-            self.tok = _hf().Tokenizer.from_str(self.data.decode("utf-8"))
+            from tokenizers import Tokenizer as Backend  # a dependency of the package (requirements.txt)
+
+            self.tok = Backend.from_str(self.data.decode("utf-8"))
         except Exception as e:  # the Rust side raises plain Exception subclasses
             raise DataError(
                 f"not a valid Hugging Face tokenizer.json ({e}); give the tokenizer.json a "
@@ -387,12 +369,6 @@ class HFTokenizer(Tokenizer):
                 return int(i)
         return None
 
-    def __getstate__(self):
-        return {"data": self.data, "eod_id": self.eod_id}
-
-    def __setstate__(self, state):
-        self.__init__(state["data"], state["eod_id"])
-
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
@@ -403,6 +379,9 @@ class HFTokenizer(Tokenizer):
             itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype, count=int(lengths.sum())
         )
         return ids, lengths
+
+    def id_table(self) -> list[str]:
+        return [self.tok.id_to_token(i) for i in range(self.vocab_size)]
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids if self.eod_id is None or int(i) != self.eod_id])

@@ -88,7 +88,7 @@ def preflight(cfg: Config) -> None:
     check_trackers(cfg.train.trackers)
     if cfg.train.resume == "":
         resolve_resume("", cfg.train.out_dir)  # refuses a folder that holds a run
-    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
+    if cfg.train.init_from and cfg.train.resume == "" and not Path(cfg.train.init_from).exists():
         raise ConfigError(
             f"config field 'train.init_from': {cfg.train.init_from!r} does not exist; give a run directory, a "
             f"checkpoint folder or an exported folder (relative paths start at {Path.cwd()})"
@@ -124,10 +124,11 @@ class Trainer:
             self.checkpointer.open()
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = MoELanguageModel(cfg.model, seed=t.seed)
-        if t.init_from:  # before the engine: its fp32 masters and ZeRO partitions copy these weights
+        resuming = self.checkpointer is not None and self.checkpointer.resume is not None
+        if t.init_from and not resuming:  # before the engine: its fp32 masters and ZeRO partitions copy these
             from ..checkpoint.init_from import init_from
 
-            self.say(init_from(self.model, t.init_from, meta))
+            self.say(init_from(self.model, t.init_from, meta, cfg.data.data_dir))
         self.model = self.model.to(self.dev)
         self.model.set_total_steps(t.steps, t.seed)
         optimizer, schedule = build_optimizer(self.model, cfg)
